@@ -1,0 +1,13 @@
+"""Graph and weight passes, in the order the build applies them (each one switchable in the recipe)."""
+
+from compiler.passes.fusion import fuse_act_mul, fuse_add_rmsnorm, fuse_gate_up, fuse_qkv
+
+# (recipe switch name, pass). Order matters: act-mul needs the fused gate/up projection.
+PASSES = (
+    ("fuse_qkv", fuse_qkv),
+    ("fuse_gate_up", fuse_gate_up),
+    ("fuse_act_mul", fuse_act_mul),
+    ("fuse_add_rmsnorm", fuse_add_rmsnorm),
+)
+
+__all__ = ["PASSES", "fuse_act_mul", "fuse_add_rmsnorm", "fuse_gate_up", "fuse_qkv"]

@@ -1,0 +1,15 @@
+"""Spanda's op library. Importing this package registers every ``torch.ops.spanda.*`` op.
+
+Each op is a triplet (DESIGN.md): a plain-PyTorch reference (used on CPU), a fast GPU implementation
+registered for CUDA where one exists, and a fake implementation for ``torch.export``.
+"""
+
+from runtime.ops import activation, attention, norm, rotary  # noqa: F401  (registration side effects)
+
+OPS = (
+    "spanda::rms_norm",
+    "spanda::fused_add_rms_norm",
+    "spanda::silu_and_mul",
+    "spanda::rotary_embedding",
+    "spanda::paged_attention",
+)

@@ -1,0 +1,197 @@
+"""``spanda build``: recipe + Hugging Face checkpoint -> engine artifact (written atomically).
+
+load -> capture graph (meta device) -> passes (graph + weight plan) -> re-export -> write weights
+(streamed, sharded) -> tokenizer files -> manifest with hashes and provenance -> atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from artifacts.manifest import SCHEMA_VERSION
+from artifacts.store import ArtifactWriter, sha256_file
+from compiler import capture
+from compiler.hf_loader import HFCheckpoint
+from compiler.models import build_meta_model, parse_hf_config, rope_cos_sin_cache
+from compiler.models.config import ModelConfig, UnsupportedModelError
+from compiler.passes import PASSES
+from compiler.recipe import Recipe
+from compiler.weights import WeightPlan, write_weights
+
+log = logging.getLogger("spanda.compiler")
+
+GRAPH_FILE = "graph.pt2"
+SPANDA_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    manifest: dict[str, Any]
+    seconds: float
+
+
+def _model_config(recipe: Recipe, ckpt: HFCheckpoint) -> ModelConfig:
+    cfg = parse_hf_config(ckpt.config, recipe.model.dtype, recipe.model.options.model_dump())
+    if recipe.model.family not in ("auto", cfg.family):
+        raise UnsupportedModelError(
+            f"recipe model.family is {recipe.model.family!r} but the checkpoint's model_type is {cfg.family!r}"
+        )
+    if recipe.target.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"recipe target.max_seq_len ({recipe.target.max_seq_len}) exceeds the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings}); lower it or set "
+            "model.options.max_position_embeddings"
+        )
+    return cfg
+
+
+def plan_and_capture(recipe: Recipe, cfg: ModelConfig) -> tuple[torch.export.ExportedProgram, WeightPlan,
+                                                                 list[str]]:
+    """Export the unfused model, run the enabled passes, re-export. Returns (program, plan, passes run)."""
+    t = recipe.target
+    model = build_meta_model(cfg, t.max_seq_len)
+    ep = capture.export_model(model, t.max_num_batched_tokens, t.max_batch)
+    gm = ep.module()
+    plan = WeightPlan()
+    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name == "model.rope_cos_sin":
+            plan.set_computed(name, rope_cos_sin_cache(cfg, t.max_seq_len))
+        else:
+            plan.copy(name, name)
+    applied = []
+    enabled = set(recipe.passes.enabled())
+    for name, run in PASSES:
+        if name in enabled:
+            n = run(gm, plan)
+            log.info("pass %s: %d rewrites", name, n)
+            if n:
+                applied.append(name)
+    ep = capture.export_model(gm, t.max_num_batched_tokens, t.max_batch)
+    names = list(ep.state_dict)
+    plan.restrict(names)
+    return ep, plan, applied
+
+
+def _meta_state(ep: torch.export.ExportedProgram) -> tuple[dict[str, torch.dtype], dict[str, int]]:
+    dtypes = {n: t.dtype for n, t in ep.state_dict.items()}
+    sizes = {n: t.numel() * t.element_size() for n, t in ep.state_dict.items()}
+    return dtypes, sizes
+
+
+def _envelope(device: str) -> dict[str, Any]:
+    import importlib.util
+
+    triton = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton as _t
+
+        triton = _t.__version__
+    arch = None
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+    return {
+        "device": device,
+        "gpu_arch": arch,
+        "torch": torch.__version__.split("+")[0],
+        "triton": triton,
+        "cuda": torch.version.cuda if device == "cuda" else None,
+        "python": platform.python_version(),
+    }
+
+
+def _tokenizer_record(ckpt: HFCheckpoint, files: list[Path]) -> dict[str, Any]:
+    tcfg: dict[str, Any] = {}
+    if (ckpt.path / "tokenizer_config.json").exists():
+        tcfg = json.loads((ckpt.path / "tokenizer_config.json").read_text())
+    template = tcfg.get("chat_template")
+    if (ckpt.path / "chat_template.jinja").exists():
+        template = (ckpt.path / "chat_template.jinja").read_text()
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return {
+        "files": [f.name for f in files],
+        "chat_template": template,
+        "bos_token_id": ckpt.generation_config.get("bos_token_id", ckpt.config.get("bos_token_id")),
+        "eos_token_ids": ckpt.eos_token_ids(),
+        "pad_token_id": ckpt.generation_config.get("pad_token_id", ckpt.config.get("pad_token_id")),
+    }
+
+
+def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> BuildResult:
+    """Build an artifact into ``out_dir``. On any error nothing is left at ``out_dir`` (or the old one stays)."""
+    t0 = time.perf_counter()
+    if recipe.model.source is None:
+        raise ValueError("no checkpoint: set model.source in the recipe or pass --model DIR")
+    out_dir = Path(out_dir)
+    ckpt = HFCheckpoint.open(recipe.model.source)
+    cfg = _model_config(recipe, ckpt)
+    tok_files = ckpt.tokenizer_files()
+    device = recipe.target.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with ArtifactWriter(out_dir, overwrite=overwrite) as writer:
+        ep, plan, applied = plan_and_capture(recipe, cfg)
+        torch.export.save(ep, str(writer.path / GRAPH_FILE))
+        dtypes, sizes = _meta_state(ep)
+        with tqdm(total=len(plan.entries), desc="writing weights", unit="tensor", disable=None) as bar:
+            shards = write_weights(plan, ckpt.read, dtypes, sizes, writer.path, bar.update)
+        for f in tok_files:
+            writer.copy_file(f, f.name)
+        log.info("hashing source checkpoint files for provenance")
+        sources = {p.name: sha256_file(p) for p in ckpt.source_files()}
+        t = recipe.target
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "model": {"family": cfg.family, "architecture": cfg.architecture, "config": cfg.to_dict()},
+            "tokenizer": _tokenizer_record(ckpt, tok_files),
+            "quantization": {"method": recipe.quantization.method},
+            "passes": applied,
+            "graph": {
+                "file": GRAPH_FILE,
+                "input_names": list(capture.INPUT_NAMES),
+                "output_names": list(capture.OUTPUT_NAMES),
+                "dynamic_dims": capture.dynamic_dims_record(t.max_num_batched_tokens, t.max_batch),
+            },
+            "weights": {"files": shards, "dtype": cfg.dtype},
+            "envelope": _envelope(device),
+            "limits": {
+                "max_seq_len": t.max_seq_len,
+                "max_batch": t.max_batch,
+                "max_num_batched_tokens": t.max_num_batched_tokens,
+                "batch_buckets": list(t.batch_buckets),
+                "kv_page_size": t.kv_page_size,
+                "kv_dtype": cfg.dtype if t.kv_dtype == "auto" else t.kv_dtype,
+                "kv_cache_blocks": t.kv_cache_blocks,
+                "enable_prefix_caching": t.enable_prefix_caching,
+            },
+            "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1},
+            "provenance": {
+                "recipe_sha256": recipe.sha256(),
+                "recipe": recipe.to_dict(),
+                "source_files": sources,
+                "calibration_sha256": None,
+                "spanda_version": SPANDA_VERSION,
+                "build_host": socket.gethostname(),
+                "build_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "build_seconds": round(time.perf_counter() - t0, 3),
+            },
+            "eval": None,
+        }
+        writer.commit(manifest)
+    ckpt.close()
+    seconds = time.perf_counter() - t0
+    log.info("artifact written to %s in %.1f s", out_dir, seconds)
+    return BuildResult(out_dir, manifest, seconds)

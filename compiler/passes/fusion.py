@@ -1,0 +1,143 @@
+"""Fusion passes over the exported graph, each rewriting the graph and the weight plan together.
+
+- ``fuse_qkv`` / ``fuse_gate_up``: sibling projections reading the same input become one GEMM over
+  concatenated weights, followed by a split.
+- ``fuse_act_mul``: ``silu(gate) * up`` over the two halves of one fused projection -> spanda::silu_and_mul.
+- ``fuse_add_rmsnorm``: ``s = a + b; rms_norm(s)`` -> spanda::fused_add_rms_norm returning (normed, s).
+Each pass returns how many sites it rewrote; the build records the passes that applied.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+from torch import fx
+
+from compiler.passes.graph_utils import aten, attr_tensor, finalize, getitem, is_call, set_parameter
+from compiler.weights import WeightPlan
+
+spanda = torch.ops.spanda
+
+
+def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    return x, w, b
+
+
+def fuse_sibling_linears(gm: fx.GraphModule, plan: WeightPlan, members: tuple[str, ...], fused: str) -> int:
+    """Fuse linears named ``<prefix>.<member>.weight`` that share an input into ``<prefix>.<fused>``."""
+    groups: dict[tuple[fx.Node, str], dict[str, fx.Node]] = defaultdict(dict)
+    for node in gm.graph.nodes:
+        if not is_call(node, aten.linear.default):
+            continue
+        x, w, _ = _linear_parts(node)
+        if w.op != "get_attr":
+            continue
+        prefix, _, tail = str(w.target).rpartition(".")[0].rpartition(".")
+        if tail in members and tail not in groups[(x, prefix)]:
+            groups[(x, prefix)][tail] = node
+    count = 0
+    for (x, prefix), found in groups.items():
+        if set(found) != set(members):
+            continue
+        nodes = [found[m] for m in members]
+        biases = [_linear_parts(n)[2] for n in nodes]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            continue
+        weights = [_linear_parts(n)[1] for n in nodes]
+        sizes = [attr_tensor(gm, w).shape[0] for w in weights]
+        w_name = f"{prefix}.{fused}.weight"
+        set_parameter(gm, w_name, torch.empty(sum(sizes), *attr_tensor(gm, weights[0]).shape[1:],
+                                              dtype=attr_tensor(gm, weights[0]).dtype, device="meta"))
+        plan.fuse(w_name, [str(w.target) for w in weights])
+        args = [x]
+        graph = gm.graph
+        first = min(nodes, key=lambda n: list(graph.nodes).index(n))
+        with graph.inserting_before(first):
+            args.append(graph.get_attr(w_name))
+            if biases[0] is not None:
+                b_name = f"{prefix}.{fused}.bias"
+                set_parameter(gm, b_name, torch.empty(sum(sizes), dtype=attr_tensor(gm, biases[0]).dtype,
+                                                      device="meta"))
+                plan.fuse(b_name, [str(b.target) for b in biases])
+                args.append(graph.get_attr(b_name))
+            out = graph.call_function(aten.linear.default, tuple(args))
+            parts = graph.call_function(aten.split_with_sizes.default, (out, sizes, -1))
+            for i, n in enumerate(nodes):
+                n.replace_all_uses_with(getitem(graph, parts, i))
+        for n in nodes:
+            graph.erase_node(n)
+        count += 1
+    finalize(gm)
+    return count
+
+
+def fuse_qkv(gm: fx.GraphModule, plan: WeightPlan) -> int:
+    return fuse_sibling_linears(gm, plan, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+
+
+def fuse_gate_up(gm: fx.GraphModule, plan: WeightPlan) -> int:
+    return fuse_sibling_linears(gm, plan, ("gate_proj", "up_proj"), "gate_up_proj")
+
+
+def _split_half(node: fx.Node, index: int) -> fx.Node | None:
+    """If node is getitem(split_with_sizes(y, [n, n]), index), return y."""
+    if not (is_call(node, operator.getitem) and node.args[1] == index):
+        return None
+    split = node.args[0]
+    if not is_call(split, aten.split_with_sizes.default):
+        return None
+    sizes = split.args[1]
+    if len(sizes) != 2 or sizes[0] != sizes[1] or split.args[2] not in (-1, 1):
+        return None
+    return split.args[0]
+
+
+def fuse_act_mul(gm: fx.GraphModule, plan: WeightPlan) -> int:
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not is_call(node, aten.mul.Tensor):
+            continue
+        act, up = node.args
+        if not (isinstance(act, fx.Node) and is_call(act, aten.silu.default)):
+            continue
+        src = _split_half(act.args[0], 0)
+        if src is None or src is not _split_half(up, 1):
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(spanda.silu_and_mul.default, (src,))
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        count += 1
+    finalize(gm)
+    return count
+
+
+def fuse_add_rmsnorm(gm: fx.GraphModule, plan: WeightPlan) -> int:
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not is_call(node, spanda.rms_norm.default):
+            continue
+        s = node.args[0]
+        if not (isinstance(s, fx.Node) and is_call(s, aten.add.Tensor)):
+            continue
+        a, b = s.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        _, weight, eps = node.args
+        # Insert right after the add, so every other user of the sum still comes after its replacement.
+        with graph.inserting_before(s.next):
+            fused = graph.call_function(spanda.fused_add_rms_norm.default, (b, a, weight, eps))
+            normed, total = getitem(graph, fused, 0), getitem(graph, fused, 1)
+        node.replace_all_uses_with(normed)
+        s.replace_all_uses_with(total)
+        graph.erase_node(node)
+        graph.erase_node(s)
+        count += 1
+    finalize(gm)
+    return count

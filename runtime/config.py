@@ -1,0 +1,52 @@
+"""Engine configuration: the artifact's limits, with the overrides a deployment may set (typed, frozen)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("spanda.runtime")
+
+DEFAULT_CPU_KV_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a user may override at load time. ``None`` keeps the artifact's value.
+
+    device: "cpu", "cuda", "cuda:N" or None (CUDA if available, else CPU; env SPANDA_DEVICE).
+    kv_cache_blocks: number of KV blocks; None = the artifact's, else sized from memory.
+    gpu_memory_utilization: fraction of free GPU memory the KV cache may take when sizing it.
+    verify: check every artifact file's sha256 at load (size is always checked).
+    allow_envelope_mismatch: run on a torch/GPU the artifact was not built for (with a warning).
+    """
+
+    device: str | None = None
+    kv_cache_blocks: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None
+    gpu_memory_utilization: float = 0.85
+    verify: bool = True
+    allow_envelope_mismatch: bool = False
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    name = requested or os.environ.get("SPANDA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def size_kv_cache(bytes_per_block: int, device: torch.device, utilization: float, max_blocks: int) -> int:
+    """Blocks that fit: a fraction of free GPU memory, or a fixed host budget on CPU; at most max_blocks."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * utilization)
+    else:
+        budget = DEFAULT_CPU_KV_BYTES
+    return max(1, min(max_blocks, budget // bytes_per_block))

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints of each family, and artifacts built from them.
+
+Checkpoints are made with ``transformers`` (the reference; a test dependency only) and a byte-level BPE
+tokenizer trained in-process, so no test touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tokenizer_fixture import train_tokenizer
+
+VOCAB = 512
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny-llama.yaml"
+
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+)
+
+# name -> (transformers config class name, model class name, extra config)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama3-scaled-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+    # head_dim != hidden/heads, and a sliding window shorter than the longer test prompts.
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=24,
+                                                            head_dim=32)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+}
+
+
+def make_hf_checkpoint(family: str, out: Path, seed: int = 0, shards: bool = False, **overrides) -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` (a FAMILIES key) with a trained tokenizer."""
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="100KB" if shards else "2GB")
+    train_tokenizer(out, vocab_size=VOCAB)
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(d, vocab_size=VOCAB)
+    return d
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {name: make_hf_checkpoint(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory, checkpoints) -> dict[str, Path]:
+    """One artifact per family, built with the tiny recipe (all passes on)."""
+    from compiler.build import build
+    from compiler.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("artifacts")
+    recipe = load_recipe(TINY_RECIPE)
+    return {name: build(recipe.with_model_source(ckpt), root / name).path for name, ckpt in checkpoints.items()}
+
+
+def load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
