@@ -99,7 +99,9 @@ def write_weights(
             tensors[n] = plan.materialize(n, read, dtypes[n])
             if progress:
                 progress(1)
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt", "producer": "spanda"})
+        # One metadata key only: safetensors orders metadata keys by a hash map, which would make the
+        # header (and so the file's sha256) differ between otherwise identical builds.
+        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
         log.info("wrote %s (%d tensors)", fname, len(names))
         files.append(fname)
         del tensors

@@ -15,12 +15,12 @@ import torch
 
 from artifacts.store import check_envelope, open_artifact
 from runtime.config import EngineOptions, resolve_device, size_kv_cache
-from runtime.detokenizer import IncrementalDetokenizer, StopChecker
 from runtime.forward_context import AttentionMetadata
 from runtime.kv_cache import KVCacheManager
 from runtime.model_runner import KVCacheSpec, ModelRunner
-from runtime.request import CompletionOutput, Request, RequestOutput, RequestStatus
-from runtime.sampler import Sampler, SamplingRow
+from runtime.output_processor import SequenceGroup, SequenceState, check_stop
+from runtime.request import Request, RequestOutput, RequestStatus
+from runtime.sampler import Sampler, SamplingRow, make_generator
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler, SchedulerConfig
 from runtime.tokenizer import Tokenizer
@@ -28,14 +28,18 @@ from runtime.tokenizer import Tokenizer
 log = logging.getLogger("spanda.runtime")
 
 
-@dataclass
-class _Tracked:
-    """Engine-side state of one request besides what the scheduler needs."""
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics. Token counts are cumulative since load."""
 
-    request: Request
-    detok: IncrementalDetokenizer
-    stop: StopChecker
-    text: str = ""
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_computed: int
+    generation_tokens: int
 
 
 class LLMEngine:
@@ -73,19 +77,29 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids))
-        self._tracked: dict[str, _Tracked] = {}
+        self._groups: dict[str, SequenceGroup] = {}
+        self._seq_of: dict[str, tuple[SequenceGroup, SequenceState]] = {}  # scheduler request id -> its group
         self.num_steps = 0
+        self.num_generated = 0
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
                     ) -> Request:
+        """Queue a request (``params.n`` completions). Raises ValueError for a bad prompt or a reused id."""
         params = params or SamplingParams()
-        if params.n != 1:
-            raise ValueError(f"n={params.n}: parallel sampling is not supported by this engine yet (n must be 1)")
-        if request_id in self._tracked:
+        if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._check_prompt(ids)
+        group = SequenceGroup(request_id, text, ids, params.n)
+        req = Request(f"{request_id}#0", ids, params, prompt=text, reserved_seats=params.n)
+        self._seq_of[req.request_id] = (group, group.new_sequence(self.tokenizer, req, 0))
+        self._groups[request_id] = group
+        self.scheduler.add(req)
+        return req
+
+    def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("the prompt is empty: it must hold at least one token")
         if len(ids) >= self.config.max_model_len:
@@ -97,26 +111,34 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        req = Request(request_id, ids, params, prompt=text)
-        self._tracked[request_id] = _Tracked(
-            req, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-            StopChecker(params.stop, params.include_stop_str_in_output),
-        )
-        self.scheduler.add(req)
-        return req
 
     def abort_request(self, request_id: str) -> bool:
-        tr = self._tracked.pop(request_id, None)
-        if tr is None:
+        """Finish every completion of the request now and free its KV blocks. False if unknown."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
             return False
-        self.scheduler.finish(tr.request, RequestStatus.FINISHED_ABORTED)
+        for seq in group.seqs:
+            self._seq_of.pop(seq.request.request_id, None)
+            if not seq.request.status.finished:
+                self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
         return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        s = self.kv.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage, prefix_cache_queries=s.queries, prefix_cache_hits=s.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_computed=self.runner.num_tokens_computed - self.num_generated,
+            generation_tokens=self.num_generated,
+        )
+
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return an output for every request with a new token (or finished)."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -124,60 +146,69 @@ class LLMEngine:
         logits = self.runner.execute(out, tables)
         self.scheduler.advance(out)
         self.num_steps += 1
-        sampled = [i for i, c in enumerate(out.chunks) if c.samples]
-        if not sampled:
+        rows_idx: list[int] = []
+        seqs: list[tuple[SequenceGroup, SequenceState]] = []
+        for i, c in enumerate(out.chunks):
+            if not c.samples:
+                continue
+            group, seq = self._seq_of[c.request.request_id]
+            for s in [seq, *self._fork(group, seq)]:
+                rows_idx.append(i)
+                seqs.append((group, s))
+        if not seqs:
             return []
-        reqs = [out.chunks[i].request for i in sampled]
-        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids) for r in reqs]
-        result = self.sampler(logits[sampled], rows)
-        tokens = result.token_ids.tolist()
-        outputs = []
+        rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids,
+                            self._generator(s)) for _, s in seqs]
+        result = self.sampler(logits[rows_idx], rows)
+        self.num_generated += len(seqs)
+        advanced: dict[str, list[SequenceState]] = {}
         now = time.monotonic()
-        for req, tok, lp in zip(reqs, tokens, result.logprobs):
+        for (group, seq), tok, lp in zip(seqs, result.token_ids.tolist(), result.logprobs):
+            req = seq.request
             req.output_token_ids.append(tok)
             if lp is not None:
                 req.logprobs.append(lp)
-            if req.first_token_time is None:
-                req.first_token_time = now
-            self._check_stop(req, tok)
-            outputs.append(self._output(req))
-        return outputs
+            req.first_token_time = req.first_token_time or now
+            status = check_stop(seq, tok, self.eos_token_ids, self.config.max_model_len)
+            if status is not None:
+                self.scheduler.finish(req, status)
+            advanced.setdefault(group.request_id, []).append(seq)
+        return [self._emit(self._groups[rid], seqs_) for rid, seqs_ in advanced.items()]
 
-    def _check_stop(self, req: Request, tok: int) -> None:
-        """Detokenize the new token and finish the request if it hit EOS, a stop id/string or a limit."""
-        tr = self._tracked[req.request_id]
-        p = req.params
-        delta = tr.detok.add_tokens([tok])
-        tr.text = tr.detok.output_text
-        status = None
-        if len(req.output_token_ids) >= p.min_tokens:
-            if tok in self.eos_token_ids and not p.ignore_eos:
-                status = RequestStatus.FINISHED_STOPPED
-            elif tok in p.stop_token_ids:
-                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok
-            elif (hit := tr.stop.check(tr.text, len(delta))) is not None:
-                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, hit.stop_string
-                tr.text = hit.text
-        if status is None and (len(req.output_token_ids) >= p.max_tokens
-                               or req.num_tokens >= self.config.max_model_len):
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            if not isinstance(req.stop_reason, str):
-                tr.text += tr.detok.flush()  # an incomplete character left at the very end
-            self.scheduler.finish(req, status)
+    def _fork(self, group: SequenceGroup, parent: SequenceState) -> list[SequenceState]:
+        """On a group's first sample: n - 1 more sequences sharing the prompt's KV blocks (copy-on-fork of
+        the partial last block). If the pool cannot give the copies, the rest queue and reuse the prefix cache."""
+        if group.forked:
+            return []
+        preq = parent.request
+        preq.reserved_seats = 1
+        children = []
+        for i in range(1, group.n):
+            req = Request(f"{group.request_id}#{i}", preq.prompt_token_ids, preq.params, prompt=preq.prompt)
+            seq = group.new_sequence(self.tokenizer, req, i)
+            self._seq_of[req.request_id] = (group, seq)
+            copies = self.kv.fork(preq.request_id, req.request_id, preq.num_computed_tokens)
+            if copies is None:
+                self.scheduler.add(req)
+                continue
+            self.runner.copy_blocks(copies)
+            self.scheduler.add_running(req, preq.num_computed_tokens)
+            children.append(seq)
+        return children
 
-    def _output(self, req: Request) -> RequestOutput:
-        tr = self._tracked[req.request_id]
-        finished = req.status.finished
-        if finished:
-            del self._tracked[req.request_id]
-        comp = CompletionOutput(
-            index=0, text=tr.text, token_ids=list(req.output_token_ids),
-            finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason,
-            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
-        )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [comp], finished,
-                             num_cached_tokens=req.num_cached_tokens)
+    def _generator(self, seq: SequenceState) -> torch.Generator | None:
+        seed = seq.request.params.seed
+        if seed is None or seq.index == 0:
+            return None  # the sampler derives index 0's generator from the seed itself
+        return make_generator(seed, len(seq.request.output_token_ids), self.device, index=seq.index)
+
+    def _emit(self, group: SequenceGroup, advanced: list[SequenceState]) -> RequestOutput:
+        out = group.output(advanced)
+        if out.finished:
+            del self._groups[group.request_id]
+            for s in group.seqs:
+                self._seq_of.pop(s.request.request_id, None)
+        return out
 
     # -- scoring (perplexity, tests) ---------------------------------------------------------------
     def compute_logits(self, token_ids: Sequence[int]) -> torch.Tensor:

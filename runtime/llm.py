@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from runtime.config import EngineOptions
 from runtime.engine import LLMEngine
-from runtime.request import RequestOutput
+from runtime.request import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -46,10 +46,14 @@ class LLM:
             self.engine.add_request(rid, prompt, p)
             order.append(rid)
         done: dict[str, RequestOutput] = {}
+        latest: dict[str, dict[int, CompletionOutput]] = {r: {} for r in order}
         with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
+                    latest[out.request_id].update({c.index: c for c in out.outputs})
                     if out.finished:
+                        comps = latest.pop(out.request_id)
+                        out.outputs = [comps[i] for i in sorted(comps)]
                         done[out.request_id] = out
                         bar.update(1)
         return [done[r] for r in order]

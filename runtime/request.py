@@ -42,6 +42,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (latest) admission
     num_preemptions: int = 0
+    reserved_seats: int = 1  # batch slots to reserve at admission: n for a request that will fork n ways
     stop_reason: int | str | None = None
     logprobs: list[Any] = field(default_factory=list)
     first_token_time: float | None = None

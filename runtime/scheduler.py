@@ -71,6 +71,12 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
+    def add_running(self, request: Request, num_computed_tokens: int) -> None:
+        """A forked sequence whose KV blocks are already allocated (shared with its parent)."""
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_computed_tokens
+        self.running.append(request)
+
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Mark finished and release its KV blocks (cached full blocks stay reusable)."""
         if request in self.running:
@@ -116,8 +122,10 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0:
             req = self.waiting[0]
+            if len(self.running) + req.reserved_seats > self.config.max_num_seqs:
+                break
             prefix = self.kv.match_prefix(req.all_token_ids)
             computed = prefix.num_computed_tokens
             n = self._chunk_size(req, computed, budget)

@@ -108,3 +108,54 @@ def test_seeded_sampling_is_reproducible_across_batches(artifacts_dir):
     assert alone == batched
     other = llm.generate([p[0]], SamplingParams(temperature=0.9, max_tokens=12, seed=99, ignore_eos=True))
     assert other[0].outputs[0].token_ids != alone
+
+
+def test_parallel_sampling_shares_the_prompt(artifacts_dir):
+    """n=3: three completions from one prefill (the prompt's KV blocks are forked, not recomputed)."""
+    llm = LLM(artifacts_dir["llama"], device="cpu")
+    prompt = _prompts(1, seed=6, lo=40, hi=41)[0]  # 40 tokens: 2 full blocks + a partial one
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
+    before = llm.engine.runner.num_tokens_computed
+    out = llm.generate([prompt], params)[0]
+    computed = llm.engine.runner.num_tokens_computed - before
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    seqs = [tuple(c.token_ids) for c in out.outputs]
+    assert len(set(seqs)) == 3 and all(len(s) == 10 for s in seqs)
+    # One prefill of 40 tokens, then 9 decode steps for each of the 3 sequences.
+    assert computed == 40 + 3 * 9
+    again = llm.generate([prompt], params)[0]
+    assert [tuple(c.token_ids) for c in again.outputs] == seqs  # seeded: reproducible
+    llm.engine.kv.check_integrity()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_stop_strings_and_stop_tokens(artifacts_dir):
+    llm = LLM(artifacts_dir["llama"], device="cpu")
+    prompt = _prompts(1, seed=8)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop.strip(), "the reference completion should have some text to stop on"
+    cut = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop]))
+    c = cut[0].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == free.text[: free.text.index(stop)]
+    kept = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop],
+                                                 include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == free.text[: free.text.index(stop) + len(stop)]
+    tok = free.token_ids[5]
+    by_id = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                                                  stop_token_ids=[tok]))[0].outputs[0]
+    assert by_id.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == tok
+
+
+def test_chat_applies_the_checkpoint_template(artifacts_dir, checkpoints):
+    from transformers import AutoTokenizer
+
+    llm = LLM(artifacts_dir["llama"], device="cpu")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=5))[0]
+    ref = AutoTokenizer.from_pretrained(checkpoints["llama"]).apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True)
+    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+    assert out.prompt_token_ids == list(ref)
