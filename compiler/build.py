@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from artifacts.manifest import SCHEMA_VERSION
-from artifacts.store import ArtifactWriter, sha256_file
+from artifacts.manifest import SCHEMA_VERSION, parse_manifest
+from artifacts.store import Artifact, ArtifactWriter, hash_tree, sha256_file
 from compiler import capture
 from compiler.hf_loader import HFCheckpoint
 from compiler.models import build_meta_model, parse_hf_config, rope_cos_sin_cache
@@ -130,6 +130,20 @@ def _tokenizer_record(ckpt: HFCheckpoint, files: list[Path]) -> dict[str, Any]:
     }
 
 
+def _evaluate(writer: ArtifactWriter, manifest: dict[str, Any], recipe: Recipe, device: str) -> dict[str, Any]:
+    """Run the artifact being written (not yet published) over the recipe's eval data; write eval.json."""
+    from runtime.config import EngineOptions
+    from runtime.engine import LLMEngine
+    from runtime.evaluate import evaluate, load_eval_data
+
+    provisional = parse_manifest({**manifest, "files": hash_tree(writer.path)})
+    engine = LLMEngine(Artifact(writer.path, provisional), EngineOptions(device=device, verify=False))
+    seqs = load_eval_data(recipe.eval.data, engine.tokenizer.encode, recipe.eval.max_sequences)
+    result = evaluate(engine, seqs, recipe.eval.data).to_dict()
+    writer.write_json("eval.json", result)
+    return result
+
+
 def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> BuildResult:
     """Build an artifact into ``out_dir``. On any error nothing is left at ``out_dir`` (or the old one stays)."""
     t0 = time.perf_counter()
@@ -190,6 +204,8 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             },
             "eval": None,
         }
+        if recipe.eval.data:
+            manifest["eval"] = _evaluate(writer, manifest, recipe, device)
         writer.commit(manifest)
     ckpt.close()
     seconds = time.perf_counter() - t0

@@ -162,6 +162,15 @@ class QuantizationSection(_Section):
         return v
 
 
+class EvalSection(_Section):
+    """Accuracy measured by the build and recorded in the artifact's eval.json (see runtime/evaluate.py)."""
+
+    data: str | None = Field(default=None, min_length=1)
+    """JSON-lines file of {"token_ids": [...]} or {"text": "..."}; null = no evaluation at build time."""
+    max_sequences: int | None = Field(default=None, ge=1)
+    """Evaluate at most this many sequences of the file (None = all)."""
+
+
 class Recipe(_Section):
     """A validated recipe. Frozen: derive variants with `model_copy(update=...)`/`with_model_source`."""
 
@@ -170,6 +179,7 @@ class Recipe(_Section):
     passes: PassesSection = PassesSection()
     target: TargetSection = TargetSection()
     quantization: QuantizationSection = QuantizationSection()
+    eval: EvalSection = EvalSection()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); what the manifest's provenance.recipe stores."""

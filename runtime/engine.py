@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from artifacts.store import check_envelope, open_artifact
+from artifacts.store import Artifact, check_envelope, open_artifact
 from runtime.config import EngineOptions, resolve_device, size_kv_cache
 from runtime.forward_context import AttentionMetadata
 from runtime.kv_cache import KVCacheManager
@@ -43,10 +43,13 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, artifact_path: str | Path, options: EngineOptions | None = None):
+    def __init__(self, artifact: str | Path | Artifact, options: EngineOptions | None = None):
+        """``artifact``: a directory (opened and verified here) or an already opened Artifact."""
         opts = options or EngineOptions()
         self.device = resolve_device(opts.device)
-        self.artifact = open_artifact(artifact_path, verify=opts.verify)
+        if not isinstance(artifact, Artifact):
+            artifact = open_artifact(artifact, verify=opts.verify)
+        self.artifact = artifact
         m = self.artifact.manifest
         check_envelope(
             m, device=self.device.type, gpu_arch=_gpu_arch(self.device),

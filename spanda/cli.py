@@ -105,5 +105,9 @@ def generate(artifact: str, prompt: str, max_tokens: int, temperature: float, to
     )
 
 
+from spanda.eval_cmd import eval_command  # noqa: E402
+
+main.add_command(eval_command)
+
 if __name__ == "__main__":
     main()
