@@ -144,6 +144,11 @@ class LLMEngine:
         """Run one scheduled step; return an output for every request with a new token (or finished)."""
         out = self.scheduler.schedule()
         if out.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError(
+                    f"the scheduler cannot admit request {self.scheduler.waiting[0].request_id!r} with every KV "
+                    f"block free ({self.kv.num_blocks} blocks of {self.kv.block_size}): this is a bug"
+                )
             return []
         tables = [self.kv.block_table(c.request.request_id) for c in out.chunks]
         logits = self.runner.execute(out, tables)

@@ -1,0 +1,46 @@
+"""GPU path (run on a CUDA machine with `python -m pytest -m gpu`): the same artifacts on the GPU give
+transformers' tokens and logits on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import LLM, SamplingParams
+from tests.conftest import FAMILIES, load_hf
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)"),
+]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gpu_greedy_and_logits_match_transformers(family, artifacts_dir, checkpoints):
+    hf = load_hf(checkpoints[family]).cuda()
+    hf.generation_config.eos_token_id = None
+    llm = LLM(artifacts_dir[family], device="cuda")
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 47, 30)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False,
+                              pad_token_id=0)
+            ref_logits = hf(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
+        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist()
+        torch.testing.assert_close(llm.engine.compute_logits(ids), ref_logits, atol=1e-3, rtol=1e-3)
+    assert llm.engine.runner.kv_caches[0].is_cuda
+
+
+def test_gpu_batch_with_preemption_matches_alone(artifacts_dir):
+    path = artifacts_dir["qwen2"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in range(10, 90, 8)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    alone = LLM(path, device="cuda")
+    expected = [alone.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    tight = LLM(path, device="cuda", kv_cache_blocks=14, max_num_batched_tokens=32)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.engine.scheduler.num_preemptions > 0
