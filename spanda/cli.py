@@ -109,5 +109,9 @@ from spanda.eval_cmd import eval_command  # noqa: E402
 
 main.add_command(eval_command)
 
+from spanda.serve_cmd import serve  # noqa: E402
+
+main.add_command(serve)
+
 if __name__ == "__main__":
     main()
