@@ -84,6 +84,7 @@ class LLMEngine:
         self._seq_of: dict[str, tuple[SequenceGroup, SequenceState]] = {}  # scheduler request id -> its group
         self.num_steps = 0
         self.num_generated = 0
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (prefix-cache hits excluded)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
@@ -135,7 +136,7 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.kv.usage, prefix_cache_queries=s.queries, prefix_cache_hits=s.hits,
             num_preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_computed=self.runner.num_tokens_computed - self.num_generated,
+            prompt_tokens_computed=self.num_prompt_tokens_computed,
             generation_tokens=self.num_generated,
         )
 
@@ -154,6 +155,9 @@ class LLMEngine:
         logits = self.runner.execute(out, tables)
         self.scheduler.advance(out)
         self.num_steps += 1
+        self.num_prompt_tokens_computed += sum(
+            max(0, min(c.end, c.request.num_prompt_tokens) - c.start) for c in out.chunks
+        )
         rows_idx: list[int] = []
         seqs: list[tuple[SequenceGroup, SequenceState]] = []
         for i, c in enumerate(out.chunks):
