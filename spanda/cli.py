@@ -108,6 +108,10 @@ from spanda.eval_cmd import eval_command  # noqa: E402
 
 main.add_command(eval_command)
 
+from spanda.bench_cmd import bench  # noqa: E402
+
+main.add_command(bench)
+
 from spanda.serve_cmd import serve  # noqa: E402
 
 main.add_command(serve)
