@@ -139,7 +139,9 @@ def format_table(results: list[dict]) -> str:
            f"{'TPOT p99':>9} {'ITL p50':>8}"
     rows = [head]
     for r in results:
-        ms = lambda k, p: 1000 * r[k].get(p, float("nan"))  # noqa: E731
+        def ms(key: str, pct: str, r: dict = r) -> float:
+            return 1000 * r[key].get(pct, float("nan"))
+
         rows.append(f"{str(r.get('max_concurrency') or r.get('request_rate') or 'all'):>11} {r['num_requests']:>5} "
                     f"{r['output_tokens_per_s']:>10.1f} {ms('ttft_s', 'p50'):>8.1f}m {ms('ttft_s', 'p99'):>8.1f}m "
                     f"{ms('tpot_s', 'p50'):>8.2f}m {ms('tpot_s', 'p99'):>8.2f}m {ms('itl_s', 'p50'):>7.2f}m")

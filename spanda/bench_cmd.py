@@ -58,8 +58,8 @@ def bench(artifact, url, model_name, api_key, workload, num_requests, input_len,
     if url and not model_name:
         import httpx
 
-        model_name = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=30,
-                               headers={"Authorization": f"Bearer {api_key}"} if api_key else {}).json()["data"][0]["id"]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        model_name = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=30, headers=headers).json()["data"][0]["id"]
     results = []
     for c in _levels(concurrency):
         for rate in (_levels(request_rate) if url else [None]):
