@@ -22,6 +22,7 @@ class EngineOptions:
     gpu_memory_utilization: fraction of free GPU memory the KV cache may take when sizing it.
     verify: check every artifact file's sha256 at load (size is always checked).
     allow_envelope_mismatch: run on a torch/GPU the artifact was not built for (with a warning).
+    cuda_graphs: capture decode steps per batch bucket on CUDA (False = always eager, for debugging).
     """
 
     device: str | None = None
@@ -32,6 +33,7 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.85
     verify: bool = True
     allow_envelope_mismatch: bool = False
+    cuda_graphs: bool = True
 
 
 def resolve_device(requested: str | None) -> torch.device:

@@ -65,6 +65,8 @@ class LLMEngine:
             max_blocks = -(-lim.max_seq_len // page) * lim.max_batch
             num_blocks = size_kv_cache(spec.bytes_per_block, self.device, opts.gpu_memory_utilization, max_blocks)
         self.runner = ModelRunner(self.artifact, self.device, spec, num_blocks)
+        if opts.cuda_graphs and self.device.type == "cuda":
+            self.runner.enable_cuda_graphs(list(lim.batch_buckets), lim.max_seq_len)
         prefix = lim.enable_prefix_caching if opts.enable_prefix_caching is None else opts.enable_prefix_caching
         self.kv = KVCacheManager(num_blocks, page, enable_prefix_caching=prefix)
         max_len = lim.max_seq_len

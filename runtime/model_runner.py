@@ -67,6 +67,7 @@ class ModelRunner:
         self.graph = load_graph_module(artifact, device)
         self.kv_spec = s = kv_spec
         self.num_tokens_computed = 0  # tokens run through the model since load (metrics, tests)
+        self.graphs = None  # runtime.cuda_graphs.DecodeGraphs once captured
         self.kv_caches = [
             torch.zeros(2, num_kv_blocks, s.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device)
             for _ in range(s.num_layers)
@@ -84,38 +85,71 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput, block_tables: list[list[int]]) -> tuple[tuple[torch.Tensor, ...],
                                                                                  AttentionMetadata]:
+        """Flat inputs and attention metadata of a step, built host-side as lists, then one copy each."""
         page = self.kv_spec.page_size
-        ids, pos, slots, qsl, lens, last = [], [], [], [0], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl, lens, last = [0], [], []
         for c, table in zip(out.chunks, block_tables):
-            p = torch.arange(c.start, c.end)
-            ids.append(torch.tensor(c.request.all_token_ids[c.start:c.end]))
-            pos.append(p)
-            slots.append(torch.tensor(table)[p // page] * page + p % page)
+            ids += c.request.token_slice(c.start, c.end)
+            span = range(c.start, c.end)
+            pos += span
+            slots += [table[p // page] * page + p % page for p in span]
             qsl.append(qsl[-1] + c.num_tokens)
             lens.append(c.end)
             last.append(qsl[-1] - 1)
         width = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
             query_start_loc_host=qsl,
             seq_lens_host=lens,
         )
-        inputs = (torch.cat(ids).to(dev), torch.cat(pos).to(dev), torch.tensor(last, device=dev))
+        inputs = (torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+                  torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
+                  torch.tensor(last, dtype=torch.long).to(dev, non_blocking=True))
         return inputs, meta
+
+    def enable_cuda_graphs(self, buckets: list[int], max_seq_len: int) -> bool:
+        """Capture decode graphs per batch bucket if every op has a capturable CUDA path; else stay eager."""
+        from runtime.ops import triton_attention
+
+        if self.device.type != "cuda" or not triton_attention.AVAILABLE:
+            log.info("CUDA graphs off: %s", "not a CUDA device" if self.device.type != "cuda" else "no Triton")
+            return False
+        if self.kv_spec.dtype not in triton_attention.FAST_DTYPES:
+            log.info("CUDA graphs off: the %s attention path is the host-driven reference", self.kv_spec.dtype)
+            return False
+        from runtime.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.graph, self.kv_caches, buckets, max_seq_len, self.kv_spec.page_size,
+                                   self.device)
+        self.graphs.capture()
+        return True
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: list[list[int]]) -> torch.Tensor:
         """Run one step; returns logits [num_chunks, vocab] (last token of each chunk)."""
         self.copy_blocks(out.block_copies)
+        if self.graphs is not None and all(c.num_tokens == 1 for c in out.chunks):
+            bucket = self.graphs.bucket_for(len(out.chunks))
+            if bucket is not None:
+                return self._replay(bucket, out, block_tables)
         inputs, meta = self.prepare(out, block_tables)
         return self.run_tokens(inputs, meta)
+
+    def _replay(self, bucket, out: SchedulerOutput, block_tables: list[list[int]]) -> torch.Tensor:
+        page = self.kv_spec.page_size
+        pos = [c.start for c in out.chunks]
+        ids = [c.request.token_slice(c.start, c.end)[0] for c in out.chunks]
+        slots = [t[p // page] * page + p % page for t, p in zip(block_tables, pos)]
+        self.num_tokens_computed += len(ids)
+        return self.graphs.replay(bucket, ids, pos, slots, [p + 1 for p in pos], block_tables)
 
     @torch.inference_mode()
     def run_tokens(self, inputs: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:

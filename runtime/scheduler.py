@@ -151,6 +151,8 @@ class Scheduler:
 
     def advance(self, output: SchedulerOutput) -> None:
         """After the step ran: the chunks' KV is in the cache; register newly full blocks for reuse."""
+        page = self.kv.block_size
         for c in output.chunks:
             c.request.num_computed_tokens = c.end
-            self.kv.cache_blocks(c.request.request_id, c.request.all_token_ids, c.end)
+            if c.end // page > c.start // page:  # a block filled up: hash it (and any not hashed yet)
+                self.kv.cache_blocks(c.request.request_id, c.request.all_token_ids, c.end)
