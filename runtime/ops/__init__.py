@@ -13,3 +13,4 @@ OPS = (
     "spanda::rotary_embedding",
     "spanda::paged_attention",
 )
+from runtime.ops import triton_attention  # noqa: E402,F401,I001  (CUDA paged attention; inert without triton)

@@ -1,0 +1,218 @@
+"""Flash-decoding over the paged KV cache: one query token per sequence, GQA-aware, split context.
+
+Work split (grid ``(Hkv, B, S)``, S = number of splits)::
+
+    sequence b, KV head h: context positions [lo, seq_len)          lo = max(0, seq_len - window) or 0
+        split s covers [lo + s*per, lo + (s+1)*per) ∩ [lo, seq_len),  per = ceil(ceil(span / S) / BLOCK_N) * BLOCK_N
+        one program = (h, b, s): the G = Hq/Hkv query heads of h as the rows of a [G_PAD, D] tile,
+        so each K/V page of (b, h) is read once for all its query heads.
+
+    a tile of BLOCK_N context positions gathers its pages through the block table:
+        pos -> block_tables[b, pos // page] * page + pos % page   (a KV "slot"; page < BLOCK_N reads
+        several pages per tile, page > BLOCK_N reads part of one)
+
+Each split keeps a running (max m, sum l, unnormalised acc) in float32 with base-2 exponents; with S > 1
+it writes them to partial buffers and ``_decode_reduce_kernel`` merges them:
+``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``. With S == 1 the split writes ``out`` itself.
+The split boundaries are computed on the device from ``seq_lens``, so S is the only host decision and a
+captured CUDA graph stays correct as contexts grow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """block_n: context positions per tile; programs_per_sm: the split count aims at
+    ``programs_per_sm * SMs`` programs (capped so each split has >= min_split tiles of work)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 16
+    min_split: int = 4
+
+
+DEFAULT = DecodeConfig()
+# The grid a build-time tuner sweeps (see triton_attention.tune); the winners are pinned per key.
+# num_stages: the block-table load takes a pipeline stage of its own before the K/V loads; triton 3.6 for
+# sm_90 gave one K/V buffer at num_stages 3 and 4 and two at 5 (39 KB vs 72 KB shared at block_n 64).
+CONFIGS = [DecodeConfig(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (3, 5)] + [
+    DecodeConfig(programs_per_sm=pps) for pps in (2, 4, 8, 32)] + [DecodeConfig(min_split=ms) for ms in (2, 8)]
+PINNED: dict[tuple, DecodeConfig] = {}
+MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_PAD] float32
+
+
+def _pow2_bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def decode_key(num_seqs: int, max_ctx: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int,
+               dtype: torch.dtype) -> tuple:
+    """Tuning key: the static shape plus power-of-two buckets of batch and longest context."""
+    return ("decode", num_heads, num_kv_heads, head_dim, page, str(dtype).removeprefix("torch."),
+            _pow2_bucket(num_seqs), _pow2_bucket(max_ctx))
+
+
+def select_config(key: tuple) -> DecodeConfig:
+    """The pinned config for ``key``, else the nearest pinned one of the same static shape, else DEFAULT."""
+    if key in PINNED:
+        return PINNED[key]
+    same = [k for k in PINNED if k[:6] == key[:6]]
+    if same:
+        best = min(same, key=lambda k: abs(k[6].bit_length() - key[6].bit_length())
+                   + abs(k[7].bit_length() - key[7].bit_length()))
+        return PINNED[best]
+    return DEFAULT
+
+
+def num_splits(cfg: DecodeConfig, num_seqs: int, num_kv_heads: int, max_ctx: int, num_sms: int) -> int:
+    """Splits per (sequence, KV head): enough programs to fill the chip, each with >= min_split tiles."""
+    want = triton.cdiv(cfg.programs_per_sm * num_sms, max(1, num_seqs * num_kv_heads))
+    cap = max(1, triton.cdiv(max_ctx, cfg.block_n * cfg.min_split))
+    return int(max(1, min(want, cap, MAX_SPLITS)))
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    stride_qt, stride_qh, stride_cslot, stride_bt, stride_ot, stride_oh,
+    page, group, head_dim, window, n_splits, scale_log2,
+    G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.program_id(2)
+    tok = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == tok:  # no query token for this sequence this step
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    per = tl.cdiv(tl.cdiv(seq_len - lo, n_splits), BLOCK_N) * BLOCK_N
+    s_lo = lo + s * per
+    s_hi = tl.minimum(s_lo + per, seq_len)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    g_mask = g < group
+    d_mask = d < head_dim
+    head = h * group + g
+    q = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    kv_col = h * head_dim + d
+    for start in range(s_lo, s_hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < s_hi
+        blk = tl.load(bt_row + pos // page, mask=valid, other=0)
+        slot = blk.to(tl.int64) * page + pos % page
+        offs = slot[:, None] * stride_cslot + kv_col[None, :]
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if SPLIT:
+        row = (b * n_splits + s) * (tl.num_programs(0) * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
+        tl.store(part_m_ptr + row, m_i)
+        tl.store(part_l_ptr + row, l_i)
+        tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, out_ptr,
+    stride_ot, stride_oh, group, head_dim, n_splits, num_kv_heads,
+    G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """Grid (Hq, B): merges the S partial (m, l, acc) of one query head, all splits loaded at once."""
+    hq = tl.program_id(0)
+    b = tl.program_id(1)
+    tok = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == tok:
+        return
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    s_mask = s < n_splits
+    row = (b * n_splits + s) * (num_kv_heads * G_PAD) + (hq // group) * G_PAD + hq % group  # [S_PAD]
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights 0, output 0
+    w = tl.math.exp2(m - m_max)  # an empty split has m = -inf: weight 0
+    denom = tl.sum(w * l_s, 0)
+    acc = tl.load(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], mask=s_mask[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < head_dim)
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     query_start_loc: torch.Tensor, max_ctx: int, scale: float, sliding_window: int | None,
+                     out: torch.Tensor, cfg: DecodeConfig | None = None, num_sms: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] (last dim contiguous), kv_cache: [2, NB, page, Hkv, D] contiguous,
+    block_tables: [B, W] int32, seq_lens: [B] int32, query_start_loc: [B+1] int32 with every query length
+    in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only). Writes out: [T, Hq, D]."""
+    _, num_heads, head_dim = q.shape
+    _, _, page, num_kv_heads, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if cfg is None:
+        cfg = select_config(decode_key(num_seqs, max_ctx, num_heads, num_kv_heads, head_dim, page, q.dtype))
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    eff_ctx = min(max_ctx, sliding_window) if sliding_window else max_ctx
+    n_splits = num_splits(cfg, num_seqs, num_kv_heads, max(1, eff_ctx), num_sms)
+    g_pad = max(16, triton.next_power_of_2(group))
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    split = n_splits > 1
+    if split:
+        rows = num_seqs * n_splits * num_kv_heads * g_pad
+        part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
+        part_l = torch.empty(rows, dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(rows, d_pad, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    log2e = 1.4426950408889634
+    _decode_split_kernel[(num_kv_heads, num_seqs, n_splits)](
+        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
+        out, part_m, part_l, part_acc,
+        q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        page, group, head_dim, sliding_window or 0, n_splits, scale * log2e,
+        G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        s_pad = max(2, triton.next_power_of_2(n_splits))
+        _decode_reduce_kernel[(num_heads, num_seqs)](
+            part_m, part_l, part_acc, query_start_loc, out,
+            out.stride(0), out.stride(1), group, head_dim, n_splits, num_kv_heads,
+            G_PAD=g_pad, D_PAD=d_pad, S_PAD=s_pad, num_warps=8 if s_pad * d_pad >= 8192 else 4,
+        )
+    return out
