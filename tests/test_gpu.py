@@ -44,3 +44,28 @@ def test_gpu_batch_with_preemption_matches_alone(artifacts_dir):
     tight = LLM(path, device="cuda", kv_cache_blocks=14, max_num_batched_tokens=32)
     assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == expected
     assert tight.engine.scheduler.num_preemptions > 0
+
+
+@pytest.fixture(scope="module")
+def bf16_artifact(checkpoints, tmp_path_factory):
+    from compiler.build import build
+    from compiler.recipe import load_recipe
+    from tests.conftest import TINY_RECIPE
+
+    recipe = load_recipe(TINY_RECIPE).with_model_source(checkpoints["llama"])
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    return build(recipe, tmp_path_factory.mktemp("bf16") / "art").path
+
+
+def test_cuda_graph_replay_gives_the_eager_tokens(bf16_artifact):
+    g = torch.Generator().manual_seed(2)
+    prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 33, 64, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    eager = LLM(bf16_artifact, device="cuda", cuda_graphs=False)
+    graphed = LLM(bf16_artifact, device="cuda")
+    assert graphed.engine.runner.graphs is not None
+    for batch in (prompts[:1], prompts[:3], prompts):  # buckets 1, 4 (padded) and 8 (padded)
+        want = [o.outputs[0].token_ids for o in eager.generate(batch, params)]
+        got = [o.outputs[0].token_ids for o in graphed.generate(batch, params)]
+        assert got == want
+    assert graphed.engine.runner.graphs.num_replays > 0

@@ -1,0 +1,131 @@
+"""Engine benchmark on the GPU with random-weight Llama shapes (weights do not change speed).
+
+Builds an artifact from a random Hugging Face checkpoint of the 1B (Llama-3.2-1B) shape, then measures
+batch-1 decode tokens/s with and without CUDA graphs, and the peer workload of ../shared/bench (256
+requests, prompts 64-512 tokens, 128 new tokens, seed 0) through the engine's continuous batching.
+Prints a table; writes JSON with --out. Roofline = weight bytes / measured copy bandwidth.
+
+    python bench/engine.py --out bench/results/engine-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
+               rope_theta=500000.0),
+}
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t)
+
+
+def make_checkpoint(shape: str, out: Path) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tokenizer_fixture import train_tokenizer
+
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    train_tokenizer(out, vocab_size=512)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return n_bytes
+
+
+def build(ckpt: Path, out: Path, max_batch: int):
+    from compiler.build import build as run_build
+    from compiler.recipe import recipe_from_dict
+
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch] + [max_batch]
+    recipe = recipe_from_dict({
+        "name": "bench", "model": {"source": str(ckpt), "dtype": "bfloat16"},
+        "target": {"device": "cuda", "max_seq_len": 2048, "max_batch": max_batch, "max_num_batched_tokens": 8192,
+                   "batch_buckets": buckets, "kv_page_size": 16},
+    })
+    return run_build(recipe, out).path
+
+
+def decode_tps(llm, new: int = 256, prompt: int = 128) -> float:
+    from runtime import SamplingParams
+
+    ids = torch.randint(100, 1000, (prompt,)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate([ids], params)
+    torch.cuda.synchronize()
+    return new / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1b", choices=list(SHAPES))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--max-batch", type=int, default=256)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from runtime import LLM
+    from spanda import bench as B
+
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape}
+    res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        n_bytes = make_checkpoint(args.shape, tmp / "hf")
+        res["weight_GB"] = round(n_bytes / 1e9, 3)
+        res["roofline_bs1_tok_s"] = round(res["copy_bw_TBps"] * 1e12 / n_bytes, 1)
+        art = build(tmp / "hf", tmp / "art", args.max_batch)
+        res["checkpoint_and_build_s"] = round(time.perf_counter() - t, 1)
+        eager = LLM(art, cuda_graphs=False, gpu_memory_utilization=0.3)
+        res["bs1_eager_tok_s"] = round(decode_tps(eager), 1)
+        del eager
+        torch.cuda.empty_cache()
+        t = time.perf_counter()
+        llm = LLM(art, gpu_memory_utilization=0.8)
+        res["load_with_graph_capture_s"] = round(time.perf_counter() - t, 1)
+        res["bs1_graphs_tok_s"] = round(decode_tps(llm), 1)
+        res["bs1_graphs_pct_roofline"] = round(100 * res["bs1_graphs_tok_s"] / res["roofline_bs1_tok_s"], 1)
+        reqs = B.synthetic_workload()
+        B.run_offline(llm.engine, reqs[:16])  # warm up prefill shapes
+        r = B.run_offline(llm.engine, reqs)
+        res["workload_256req"] = r
+        res["workload_out_tok_s"] = round(r["output_tokens_per_s"], 1)
+    rows = [("copy bandwidth TB/s", res["copy_bw_TBps"]), ("roofline bs1 tok/s", res["roofline_bs1_tok_s"]),
+            ("bs1 eager tok/s", res["bs1_eager_tok_s"]), ("bs1 CUDA graphs tok/s", res["bs1_graphs_tok_s"]),
+            ("bs1 % of roofline", res["bs1_graphs_pct_roofline"]),
+            ("256-req workload out tok/s", res["workload_out_tok_s"]),
+            ("TTFT p50 s", round(r["ttft_s"]["p50"], 3)), ("TPOT p50 ms", round(1000 * r["tpot_s"]["p50"], 2))]
+    print(f"\n{res['device']}, {args.shape} shape, bf16")
+    for k, v in rows:
+        print(f"{k:>28}  {v}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
