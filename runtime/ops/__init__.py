@@ -14,3 +14,4 @@ OPS = (
     "spanda::paged_attention",
 )
 from runtime.ops import triton_attention  # noqa: E402,F401,I001  (CUDA paged attention; inert without triton)
+from runtime.ops import triton_elementwise  # noqa: E402,F401  (CUDA fast paths of the elementwise ops; inert without triton)
