@@ -137,6 +137,18 @@ class Provenance(_Section):
     build_seconds: float
 
 
+class KernelsInfo(_Section):
+    """Compile-time GPU work shipped in the artifact (absent for CPU builds)."""
+
+    tuning_file: str | None = None
+    """JSON of the autotuned kernel configs (runtime.ops.triton_attention.pinned() form)."""
+    cache_dir: str | None = None
+    """Triton cache directory holding every kernel compiled for `envelope.gpu_arch` during the build."""
+    num_kernels: int = 0
+    tuning_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+
+
 class Manifest(_Section):
     """The whole manifest. Invariant: every file it references (graph, shards, tokenizer) is in `files`."""
 
@@ -151,6 +163,7 @@ class Manifest(_Section):
     envelope: Envelope
     limits: Limits
     parallel: Parallel = Parallel()
+    kernels: KernelsInfo | None = None
     files: dict[str, FileEntry]
     """Relative posix path -> size and sha256, for every file in the artifact but manifest.json."""
     provenance: Provenance
@@ -247,6 +260,10 @@ class Manifest(_Section):
             f" {len(prov.source_files)} source files, calibration "
             + (f"sha256:{prov.calibration_sha256[:16]}" if prov.calibration_sha256 else "-"),
         ]
+        if self.kernels:
+            k = self.kernels
+            lines.append(f"kernels: {k.num_kernels} compiled for {self.envelope.gpu_arch} in {k.cache_dir}/, "
+                         f"tuning {k.tuning_file} ({k.tuning_seconds:.1f} s tuning, {k.warmup_seconds:.1f} s warm-up)")
         if self.eval:
             lines.append("eval: " + ", ".join(f"{k}={v}" for k, v in sorted(self.eval.items())))
         return lines

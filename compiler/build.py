@@ -23,6 +23,7 @@ from artifacts.manifest import SCHEMA_VERSION, parse_manifest
 from artifacts.store import Artifact, ArtifactWriter, hash_tree, sha256_file
 from compiler import capture
 from compiler.hf_loader import HFCheckpoint
+from compiler.kernels import compile_kernels
 from compiler.models import build_meta_model, parse_hf_config, rope_cos_sin_cache
 from compiler.models.config import ModelConfig, UnsupportedModelError
 from compiler.passes import PASSES
@@ -130,14 +131,30 @@ def _tokenizer_record(ckpt: HFCheckpoint, files: list[Path]) -> dict[str, Any]:
     }
 
 
-def _evaluate(writer: ArtifactWriter, manifest: dict[str, Any], recipe: Recipe, device: str) -> dict[str, Any]:
-    """Run the artifact being written (not yet published) over the recipe's eval data; write eval.json."""
+def _provisional_engine(writer: ArtifactWriter, manifest: dict[str, Any], device: str):
+    """An engine over the artifact being written (not yet published), for evaluation and kernel warm-up."""
     from runtime.config import EngineOptions
     from runtime.engine import LLMEngine
-    from runtime.evaluate import evaluate, load_eval_data
 
     provisional = parse_manifest({**manifest, "files": hash_tree(writer.path)})
-    engine = LLMEngine(Artifact(writer.path, provisional), EngineOptions(device=device, verify=False))
+    return LLMEngine(Artifact(writer.path, provisional),
+                     EngineOptions(device=device, verify=False, gpu_memory_utilization=0.5, allow_jit=True))
+
+
+def _gpu_kernels_available(device: str, kv_dtype: str) -> bool:
+    """Triton kernels (and so tuning and a kernel cache) exist for CUDA in bf16/fp16."""
+    if device != "cuda" or kv_dtype not in ("bfloat16", "float16"):
+        return False
+    from runtime.ops import triton_attention
+
+    return triton_attention.AVAILABLE
+
+
+def _evaluate(writer: ArtifactWriter, manifest: dict[str, Any], recipe: Recipe, device: str) -> dict[str, Any]:
+    """Run the artifact being written over the recipe's eval data; write eval.json."""
+    from runtime.evaluate import evaluate, load_eval_data
+
+    engine = _provisional_engine(writer, manifest, device)
     seqs = load_eval_data(recipe.eval.data, engine.tokenizer.encode, recipe.eval.max_sequences)
     result = evaluate(engine, seqs, recipe.eval.data).to_dict()
     writer.write_json("eval.json", result)
@@ -204,6 +221,9 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             },
             "eval": None,
         }
+        if _gpu_kernels_available(device, manifest["limits"]["kv_dtype"]):
+            manifest["kernels"] = compile_kernels(writer.path, lambda: _provisional_engine(writer, manifest, device),
+                                                  cfg.to_dict(), manifest["limits"])
         if recipe.eval.data:
             manifest["eval"] = _evaluate(writer, manifest, recipe, device)
         writer.commit(manifest)

@@ -23,6 +23,8 @@ class EngineOptions:
     verify: check every artifact file's sha256 at load (size is always checked).
     allow_envelope_mismatch: run on a torch/GPU the artifact was not built for (with a warning).
     cuda_graphs: capture decode steps per batch bucket on CUDA (False = always eager, for debugging).
+    allow_jit: on a GPU other than the one the artifact's kernels were compiled for, recompile them
+        (with a warning) instead of refusing to load.
     """
 
     device: str | None = None
@@ -34,6 +36,7 @@ class EngineOptions:
     verify: bool = True
     allow_envelope_mismatch: bool = False
     cuda_graphs: bool = True
+    allow_jit: bool = False
 
 
 def resolve_device(requested: str | None) -> torch.device:

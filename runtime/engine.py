@@ -16,6 +16,7 @@ import torch
 from artifacts.store import Artifact, check_envelope, open_artifact
 from runtime.config import EngineOptions, resolve_device, size_kv_cache
 from runtime.forward_context import AttentionMetadata
+from runtime.kernel_cache import KernelCache
 from runtime.kv_cache import KVCacheManager
 from runtime.model_runner import KVCacheSpec, ModelRunner
 from runtime.output_processor import SequenceGroup, SequenceState, check_stop
@@ -64,6 +65,8 @@ class LLMEngine:
         if num_blocks is None:
             max_blocks = -(-lim.max_seq_len // page) * lim.max_batch
             num_blocks = size_kv_cache(spec.bytes_per_block, self.device, opts.gpu_memory_utilization, max_blocks)
+        on_gpu = self.device.type == "cuda"
+        self.kernels = KernelCache(self.artifact, _gpu_arch(self.device), opts.allow_jit) if on_gpu else None
         self.runner = ModelRunner(self.artifact, self.device, spec, num_blocks)
         if opts.cuda_graphs and self.device.type == "cuda":
             self.runner.enable_cuda_graphs(list(lim.batch_buckets), lim.max_seq_len)

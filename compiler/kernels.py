@@ -1,0 +1,83 @@
+"""Compile-time GPU work of a build: autotune the Triton kernels for the artifact's shapes on this GPU
+(``tuning.json``) and compile every kernel the engine will launch into the artifact (``kernels/``).
+
+The warm-up runs the artifact being built through the real engine: CUDA-graph capture of every decode
+bucket, then prefill, chunked-prefill and prefix-cached extend steps over a spread of lengths, so the
+kernel specializations a server meets are all in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("spanda.compiler")
+
+TUNING_FILE = "tuning.json"
+CACHE_DIR = "kernels"
+
+
+def _tuning_shapes(cfg: dict[str, Any], limits: dict[str, Any], dtype: torch.dtype) -> list[dict]:
+    common = dict(num_heads=cfg["num_heads"], num_kv_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"],
+                  page=limits["kv_page_size"], dtype=dtype)
+    ctxs = sorted({min(1024, limits["max_seq_len"]), limits["max_seq_len"]})
+    shapes = [dict(num_seqs=b, ctx=c, q_len=1, **common) for b in limits["batch_buckets"] for c in ctxs]
+    prefill = min(limits["max_num_batched_tokens"], limits["max_seq_len"])
+    shapes.append(dict(num_seqs=1, ctx=prefill, q_len=prefill, **common))
+    return shapes
+
+
+def _warm_up(engine, limits: dict[str, Any]) -> None:
+    from runtime.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.artifact.manifest.model.config["vocab_size"]
+    top = min(limits["max_seq_len"] - 8, limits["max_num_batched_tokens"] * 2)
+    lengths = sorted({n for n in (1, 2, 7, 16, 33, 100, 257, top) if n <= top})
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    for i, p in enumerate(prompts):  # one at a time, then all together (mixed batches), then prefix hits
+        engine.add_request(f"warm-{i}", p, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    for round_ in ("batch", "prefix"):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"warm-{round_}-{i}", p + [1] if round_ == "prefix" else p, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
+def compile_kernels(out: Path, make_engine, cfg: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """Tune, then warm up an engine made by ``make_engine()`` with Triton's cache pointed into ``out``.
+    Writes out/tuning.json and out/kernels/; returns the manifest's ``kernels`` record."""
+    import triton
+
+    from runtime.kernel_cache import count_kernels
+    from runtime.ops import triton_attention
+
+    cache = out / CACHE_DIR
+    cache.mkdir()
+    previous = triton.knobs.cache.dir
+    triton.knobs.cache.dir = str(cache)
+    try:
+        t0 = time.perf_counter()
+        shapes = _tuning_shapes(cfg, limits, getattr(torch, limits["kv_dtype"]))
+        log.info("autotuning attention kernels over %d shapes", len(shapes))
+        triton_attention.tune(shapes)
+        (out / TUNING_FILE).write_text(json.dumps({"attention": triton_attention.pinned()}, indent=1) + "\n")
+        t1 = time.perf_counter()
+        log.info("compiling kernels: engine warm-up (graph capture, prefill, extend)")
+        _warm_up(make_engine(), limits)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    finally:
+        triton.knobs.cache.dir = previous
+    n = count_kernels(cache)
+    log.info("kernel cache: %d compiled kernels (tuning %.1f s, warm-up %.1f s)", n, t1 - t0, t2 - t1)
+    return {"tuning_file": TUNING_FILE, "cache_dir": CACHE_DIR, "num_kernels": n,
+            "tuning_seconds": round(t1 - t0, 2), "warmup_seconds": round(t2 - t1, 2)}
