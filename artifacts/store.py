@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -309,22 +310,27 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
 
 
 def verify_files(root: Path, manifest: Manifest, *, check_hashes: bool = True) -> None:
-    """Check that every listed file exists with its size (and sha256); warn about unlisted files."""
-    n = len(manifest.files)
-    for i, (name, entry) in enumerate(sorted(manifest.files.items()), 1):
+    """Check that every listed file exists with its size (and sha256); warn about unlisted files.
+
+    Hashes are computed on a thread pool (hashlib releases the GIL), so a sharded 16 GB model verifies in
+    the time of its largest shard rather than of the whole model. Errors name the first bad file in order.
+    """
+    items = sorted(manifest.files.items())
+    for name, entry in items:
         p = root / name
         if not p.is_file():
             raise ArtifactCorruptError(root, name, "presence", "a regular file", "nothing")
         size = p.stat().st_size
         if size != entry.size:
             raise ArtifactCorruptError(root, name, "size", f"{entry.size} bytes", f"{size} bytes")
-        if check_hashes:
-            digest = sha256_file(p)
-            if digest != entry.sha256:
-                raise ArtifactCorruptError(root, name, "sha256", entry.sha256, digest)
-        log.info(
-            "verified %s (%s%s) [%d/%d]", name, format_size(size), ", sha256 ok" if check_hashes else "", i, n
-        )
+    if check_hashes:
+        workers = min(16, os.cpu_count() or 1, len(items)) or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = pool.map(lambda item: sha256_file(root / item[0]), items)
+            for i, ((name, entry), digest) in enumerate(zip(items, digests), 1):
+                if digest != entry.sha256:
+                    raise ArtifactCorruptError(root, name, "sha256", entry.sha256, digest)
+                log.info("verified %s (%s, sha256 ok) [%d/%d]", name, format_size(entry.size), i, len(items))
     extras = sorted(set(list_files(root)) - set(manifest.files))
     if extras:
         log.warning(

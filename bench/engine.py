@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True,
                rope_theta=500000.0),
@@ -81,11 +83,36 @@ def decode_tps(llm, new: int = 256, prompt: int = 128) -> float:
     return new / (time.perf_counter() - t)
 
 
+COLD_START = """
+import sys, time
+t0 = float(sys.argv[1])
+from runtime import LLM, SamplingParams
+llm = LLM(sys.argv[2])
+out = llm.generate([list(range(100, 228))], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+print("FIRST_TOKEN_S", time.time() - t0, "NEW_KERNELS", llm.engine.kernels.new_compilations())
+"""
+
+
+def cold_start(art: Path) -> dict:
+    """Process start to first generated token in a fresh interpreter, and its Triton compilations."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", COLD_START, repr(time.time()), str(art)], capture_output=True,
+                       text=True, timeout=300)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("FIRST_TOKEN_S"))
+    _, secs, _, n = line.split()
+    return {"cold_start_to_first_token_s": round(float(secs), 2), "cold_start_new_kernels": int(n)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b", choices=list(SHAPES))
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--skip-eager", action="store_true", help="skip the (slow) no-graph batch-1 figure")
+    ap.add_argument("--maxload", type=int, default=0,
+                    help="also run N requests of 128 in / 128 out all at once (TensorRT-LLM's max-load shape)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from runtime import LLM
@@ -101,10 +128,12 @@ def main() -> None:
         res["roofline_bs1_tok_s"] = round(res["copy_bw_TBps"] * 1e12 / n_bytes, 1)
         art = build(tmp / "hf", tmp / "art", args.max_batch)
         res["checkpoint_and_build_s"] = round(time.perf_counter() - t, 1)
-        eager = LLM(art, cuda_graphs=False, gpu_memory_utilization=0.3)
-        res["bs1_eager_tok_s"] = round(decode_tps(eager), 1)
-        del eager
-        torch.cuda.empty_cache()
+        res.update(cold_start(art))
+        if not args.skip_eager:
+            eager = LLM(art, cuda_graphs=False, gpu_memory_utilization=0.3)
+            res["bs1_eager_tok_s"] = round(decode_tps(eager), 1)
+            del eager
+            torch.cuda.empty_cache()
         t = time.perf_counter()
         llm = LLM(art, gpu_memory_utilization=0.8)
         res["load_with_graph_capture_s"] = round(time.perf_counter() - t, 1)
@@ -115,8 +144,15 @@ def main() -> None:
         r = B.run_offline(llm.engine, reqs)
         res["workload_256req"] = r
         res["workload_out_tok_s"] = round(r["output_tokens_per_s"], 1)
+        if args.maxload:
+            ml = B.run_offline(llm.engine, B.synthetic_workload(args.maxload, (128, 129), 128))
+            res["maxload_128_128"] = ml
+            res["maxload_out_tok_s"] = round(ml["output_tokens_per_s"], 1)
     rows = [("copy bandwidth TB/s", res["copy_bw_TBps"]), ("roofline bs1 tok/s", res["roofline_bs1_tok_s"]),
-            ("bs1 eager tok/s", res["bs1_eager_tok_s"]), ("bs1 CUDA graphs tok/s", res["bs1_graphs_tok_s"]),
+            ("bs1 eager tok/s", res.get("bs1_eager_tok_s")), ("bs1 CUDA graphs tok/s", res["bs1_graphs_tok_s"]),
+            ("cold start to 1st token s", res["cold_start_to_first_token_s"]),
+            ("cold start JIT compilations", res["cold_start_new_kernels"]),
+            ("max-load 128/128 out tok/s", res.get("maxload_out_tok_s")),
             ("bs1 % of roofline", res["bs1_graphs_pct_roofline"]),
             ("256-req workload out tok/s", res["workload_out_tok_s"]),
             ("TTFT p50 s", round(r["ttft_s"]["p50"], 3)), ("TPOT p50 ms", round(1000 * r["tpot_s"]["p50"], 2))]
