@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed here")
+
 import json
 
 import torch

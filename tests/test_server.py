@@ -4,6 +4,10 @@ concurrency, 429 on a full queue, the bad-input table, disconnects freeing KV bl
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed here")
+
 import asyncio
 import json
 import signal
@@ -11,7 +15,6 @@ import threading
 
 import httpx
 import openai
-import pytest
 
 from runtime import LLM, SamplingParams
 from runtime.config import EngineOptions
