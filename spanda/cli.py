@@ -77,9 +77,11 @@ def inspect(artifact: str, no_verify: bool) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to the prompt (as a user message).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available).")
+@click.option("--allow-jit", is_flag=True,
+              help="On a GPU the artifact's kernels were not compiled for, recompile them instead of refusing.")
 def generate(artifact: str, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
              min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], chat: bool,
-             device: str | None) -> None:
+             device: str | None, allow_jit: bool) -> None:
     """Generate a completion for PROMPT and print it."""
     from artifacts.store import ArtifactError
     from runtime import LLM, SamplingParams
@@ -89,7 +91,7 @@ def generate(artifact: str, prompt: str, max_tokens: int, temperature: float, to
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop) or None,
         )
-        llm = LLM(artifact, device=device)
+        llm = LLM(artifact, device=device, allow_jit=allow_jit)
         if chat:
             out = llm.chat([{"role": "user", "content": prompt}], params)[0]
         else:
