@@ -68,7 +68,7 @@ class LLMEngine:
         on_gpu = self.device.type == "cuda"
         self.kernels = KernelCache(self.artifact, _gpu_arch(self.device), opts.allow_jit) if on_gpu else None
         self.runner = ModelRunner(self.artifact, self.device, spec, num_blocks)
-        if opts.cuda_graphs and self.device.type == "cuda":
+        if opts.cuda_graphs and on_gpu:
             self.runner.enable_cuda_graphs(list(lim.batch_buckets), lim.max_seq_len)
         prefix = lim.enable_prefix_caching if opts.enable_prefix_caching is None else opts.enable_prefix_caching
         self.kv = KVCacheManager(num_blocks, page, enable_prefix_caching=prefix)
