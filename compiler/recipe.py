@@ -69,6 +69,8 @@ class PassesSection(_Section):
     fuse_gate_up: bool = True
     fuse_add_rmsnorm: bool = True
     fuse_act_mul: bool = True
+    fuse_rope_kv_write: bool = True
+    """RoPE and the KV-cache write in one kernel (spanda::rope_and_cache), attention reads the cache."""
 
     def enabled(self) -> list[str]:
         """Names of enabled passes, in declaration (= application) order."""

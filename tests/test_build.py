@@ -43,7 +43,7 @@ def test_two_builds_give_identical_weights(recipe, checkpoints, tmp_path):
 
 def test_manifest_records_passes_and_fused_weights(artifacts_dir):
     m = open_artifact(artifacts_dir["qwen2"]).manifest
-    assert m.passes == ["fuse_qkv", "fuse_gate_up", "fuse_act_mul", "fuse_add_rmsnorm"]
+    assert m.passes == ["fuse_qkv", "fuse_gate_up", "fuse_act_mul", "fuse_add_rmsnorm", "fuse_rope_kv_write"]
     from safetensors import safe_open
 
     with safe_open(str(artifacts_dir["qwen2"] / m.weights.files[0]), "pt") as f:
@@ -57,9 +57,11 @@ def test_manifest_records_passes_and_fused_weights(artifacts_dir):
 
 def test_passes_can_be_switched_off(recipe, checkpoints, tmp_path):
     r = recipe.model_copy(update={"passes": recipe.passes.model_copy(
-        update={"fuse_qkv": False, "fuse_add_rmsnorm": False})})
+        update={"fuse_qkv": False, "fuse_add_rmsnorm": False, "fuse_rope_kv_write": False})})
     res = build(r.with_model_source(checkpoints["llama"]), tmp_path / "a")
     assert res.manifest["passes"] == ["fuse_gate_up", "fuse_act_mul"]
+    graph = (res.path / "graph.pt2").read_bytes()
+    assert b"rope_and_cache" not in graph and b"rotary_embedding" in graph
 
 
 def test_sharded_checkpoint_builds(recipe, tmp_path):

@@ -141,3 +141,40 @@ def test_opcheck_fake_implementations():
     cache = torch.randn(64, 16)
     torch.library.opcheck(spanda.rotary_embedding, (torch.arange(5), x, x[:, :16].clone(), cache, 16))
     assert math.isfinite(float(spanda.rms_norm(x, w, 1e-6).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_equals_rotary_then_attention_write(dtype):
+    """The fused op rotates q, writes rotated k and v at the slots (skipping slot -1), and attention over the
+    written cache equals the unfused paged_attention."""
+    from compiler.models import parse_hf_config, rope_cos_sin_cache
+
+    heads, kv_heads, head_dim, page = 8, 2, 16, 8
+    cfg = parse_hf_config({"model_type": "llama", "hidden_size": 128, "num_attention_heads": heads,
+                           "num_key_value_heads": kv_heads, "num_hidden_layers": 1, "intermediate_size": 8,
+                           "vocab_size": 8}, "float32")
+    cs = rope_cos_sin_cache(cfg, 128)
+    seq_lens, query_lens = [9, 30, 1], [9, 4, 1]
+    cache, q, ks, vs, meta = _paged_case(seq_lens, query_lens, heads, kv_heads, head_dim, page, dtype, 3)
+    qf = torch.cat(q).flatten(1)
+    kf = torch.cat([k[-ql:] for k, ql in zip(ks, query_lens)]).flatten(1)
+    vf = torch.cat([v[-ql:] for v, ql in zip(vs, query_lens)]).flatten(1)
+    pos = torch.cat([torch.arange(s - ql, s) for s, ql in zip(seq_lens, query_lens)])
+    unfused_cache = cache.clone()
+    with set_forward_context(ForwardContext([unfused_cache], meta)):
+        qr, kr = spanda.rotary_embedding(pos, qf, kf, cs, head_dim)
+        want = spanda.paged_attention(qr, kr, vf, 0, heads, kv_heads, head_dim, head_dim**-0.5, None)
+    with set_forward_context(ForwardContext([cache], meta)):
+        q_rot = spanda.rope_and_cache(pos, qf, kf, vf, cs, 0, head_dim, kv_heads)
+        got = spanda.paged_attention_cached(q_rot, 0, heads, kv_heads, head_dim, head_dim**-0.5, None)
+    torch.testing.assert_close(q_rot, qr)
+    torch.testing.assert_close(cache, unfused_cache)
+    torch.testing.assert_close(got, want)
+    meta.slot_mapping[0] = -1  # a padding token writes nothing
+    before = cache.clone()
+    with set_forward_context(ForwardContext([cache], meta)):
+        spanda.rope_and_cache(pos, qf, kf * 2, vf, cs, 0, head_dim, kv_heads)
+    flat_before, flat = before.view(2, -1, kv_heads, head_dim), cache.view(2, -1, kv_heads, head_dim)
+    assert not torch.equal(flat, flat_before)
+    first_slot = int(_paged_case(seq_lens, query_lens, heads, kv_heads, head_dim, page, dtype, 3)[4].slot_mapping[0])
+    torch.testing.assert_close(flat[:, first_slot], flat_before[:, first_slot])

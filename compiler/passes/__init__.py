@@ -1,6 +1,6 @@
 """Graph and weight passes, in the order the build applies them (each one switchable in the recipe)."""
 
-from compiler.passes.fusion import fuse_act_mul, fuse_add_rmsnorm, fuse_gate_up, fuse_qkv
+from compiler.passes.fusion import fuse_act_mul, fuse_add_rmsnorm, fuse_gate_up, fuse_qkv, fuse_rope_kv_write
 
 # (recipe switch name, pass). Order matters: act-mul needs the fused gate/up projection.
 PASSES = (
@@ -8,6 +8,7 @@ PASSES = (
     ("fuse_gate_up", fuse_gate_up),
     ("fuse_act_mul", fuse_act_mul),
     ("fuse_add_rmsnorm", fuse_add_rmsnorm),
+    ("fuse_rope_kv_write", fuse_rope_kv_write),
 )
 
-__all__ = ["PASSES", "fuse_act_mul", "fuse_add_rmsnorm", "fuse_gate_up", "fuse_qkv"]
+__all__ = ["PASSES", "fuse_act_mul", "fuse_add_rmsnorm", "fuse_gate_up", "fuse_qkv", "fuse_rope_kv_write"]

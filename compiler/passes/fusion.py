@@ -141,3 +141,31 @@ def fuse_add_rmsnorm(gm: fx.GraphModule, plan: WeightPlan) -> int:
         count += 1
     finalize(gm)
     return count
+
+
+def fuse_rope_kv_write(gm: fx.GraphModule, plan: WeightPlan) -> int:
+    """rotary_embedding(pos, q, k) feeding paged_attention(q', k', v) -> rope_and_cache(pos, q, k, v) (rotate
+    and write the cache in one kernel) followed by paged_attention_cached(q')."""
+    count = 0
+    graph = gm.graph
+    for attn in list(graph.nodes):
+        if not is_call(attn, spanda.paged_attention.default):
+            continue
+        q, k, v, layer, n_heads, n_kv, head_dim, scale, window = attn.args
+        if not (is_call(q, operator.getitem) and is_call(k, operator.getitem)):
+            continue
+        rot = q.args[0]
+        if not (is_call(rot, spanda.rotary_embedding.default) and k.args[0] is rot
+                and (q.args[1], k.args[1]) == (0, 1) and len(k.users) == 1):
+            continue
+        positions, q_in, k_in, cos_sin, _ = rot.args
+        with graph.inserting_before(attn):
+            q_rot = graph.call_function(spanda.rope_and_cache.default,
+                                        (positions, q_in, k_in, v, cos_sin, layer, head_dim, n_kv))
+            out = graph.call_function(spanda.paged_attention_cached.default,
+                                      (q_rot, layer, n_heads, n_kv, head_dim, scale, window))
+        attn.replace_all_uses_with(out)
+        graph.erase_node(attn)
+        count += 1
+    finalize(gm)
+    return count

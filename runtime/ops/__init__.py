@@ -4,7 +4,7 @@ Each op is a triplet (DESIGN.md): a plain-PyTorch reference (used on CPU), a fas
 registered for CUDA where one exists, and a fake implementation for ``torch.export``.
 """
 
-from runtime.ops import activation, attention, norm, rotary  # noqa: F401  (registration side effects)
+from runtime.ops import activation, attention, norm, rope_cache, rotary  # noqa: F401  (registration side effects)
 
 OPS = (
     "spanda::rms_norm",
@@ -12,6 +12,9 @@ OPS = (
     "spanda::silu_and_mul",
     "spanda::rotary_embedding",
     "spanda::paged_attention",
+    "spanda::rope_and_cache",
+    "spanda::paged_attention_cached",
 )
 from runtime.ops import triton_attention  # noqa: E402,F401,I001  (CUDA paged attention; inert without triton)
 from runtime.ops import triton_elementwise  # noqa: E402,F401  (CUDA fast paths of the elementwise ops; inert without triton)
+from runtime.ops import triton_rope_cache  # noqa: E402,F401  (CUDA RoPE + KV write; inert without triton)
