@@ -84,11 +84,19 @@ def decode_tps(llm, new: int = 256, prompt: int = 128) -> float:
 
 
 COLD_START = """
-import sys, time
+import json, sys, time
 t0 = float(sys.argv[1])
+import torch
+t_import = time.time() - t0
 from runtime import LLM, SamplingParams
+t1 = time.time()
 llm = LLM(sys.argv[2], gpu_memory_utilization=0.6)
+t2 = time.time()
 out = llm.generate([list(range(100, 228))], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+t3 = time.time()
+phases = {"python_and_torch_import": t_import, "runtime_import": t1 - t0 - t_import, **llm.engine.load_seconds,
+          "first_request": t3 - t2}
+print("PHASES", json.dumps({k: round(v, 3) for k, v in phases.items()}))
 print("FIRST_TOKEN_S", time.time() - t0, "NEW_KERNELS", llm.engine.kernels.new_compilations())
 """
 
@@ -108,7 +116,9 @@ def cold_start(art: Path) -> dict:
         print(r.stderr[-4000:])
         return {"cold_start_error": r.stderr[-2000:]}
     _, secs, _, n = line.split()
-    return {"cold_start_to_first_token_s": round(float(secs), 2), "cold_start_new_kernels": int(n)}
+    phases = next(x for x in r.stdout.splitlines() if x.startswith("PHASES"))[len("PHASES "):]
+    return {"cold_start_to_first_token_s": round(float(secs), 2), "cold_start_new_kernels": int(n),
+            "cold_start_phases_s": json.loads(phases)}
 
 
 def main() -> None:
@@ -162,7 +172,7 @@ def main() -> None:
             ("bs1 % of roofline", res["bs1_graphs_pct_roofline"]),
             ("256-req workload out tok/s", res["workload_out_tok_s"]),
             ("TTFT p50 s", round(r["ttft_s"]["p50"], 3)), ("TPOT p50 ms", round(1000 * r["tpot_s"]["p50"], 2))]
-    print(f"\n{res['device']}, {args.shape} shape, bf16")
+    print(f"\n{res['device']}, {args.shape} shape, bf16; cold-start phases: {res.get('cold_start_phases_s')}")
     for k, v in rows:
         print(f"{k:>28}  {v}")
     if args.out:

@@ -48,9 +48,12 @@ class LLMEngine:
         """``artifact``: a directory (opened and verified here) or an already opened Artifact."""
         opts = options or EngineOptions()
         self.device = resolve_device(opts.device)
+        self.load_seconds: dict[str, float] = {}  # phase -> seconds, for cold-start profiles
+        t = time.perf_counter()
         if not isinstance(artifact, Artifact):
             artifact = open_artifact(artifact, verify=opts.verify)
         self.artifact = artifact
+        self.load_seconds["open_and_verify"] = time.perf_counter() - t
         m = self.artifact.manifest
         check_envelope(
             m, device=self.device.type, gpu_arch=_gpu_arch(self.device),
@@ -66,10 +69,16 @@ class LLMEngine:
             max_blocks = -(-lim.max_seq_len // page) * lim.max_batch
             num_blocks = size_kv_cache(spec.bytes_per_block, self.device, opts.gpu_memory_utilization, max_blocks)
         on_gpu = self.device.type == "cuda"
+        t = time.perf_counter()
         self.kernels = KernelCache(self.artifact, _gpu_arch(self.device), opts.allow_jit) if on_gpu else None
+        self.load_seconds["kernel_cache"] = time.perf_counter() - t
+        t = time.perf_counter()
         self.runner = ModelRunner(self.artifact, self.device, spec, num_blocks)
+        self.load_seconds["graph_weights_kv"] = time.perf_counter() - t
+        t = time.perf_counter()
         if opts.cuda_graphs and on_gpu:
             self.runner.enable_cuda_graphs(list(lim.batch_buckets), lim.max_seq_len)
+        self.load_seconds["cuda_graphs"] = time.perf_counter() - t
         prefix = lim.enable_prefix_caching if opts.enable_prefix_caching is None else opts.enable_prefix_caching
         self.kv = KVCacheManager(num_blocks, page, enable_prefix_caching=prefix)
         max_len = lim.max_seq_len
