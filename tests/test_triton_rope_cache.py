@@ -1,6 +1,13 @@
-"""GPU: the Triton RoPE + KV-cache write kernel against the reference op, on fresh random inputs."""
+"""The Triton RoPE + KV-cache write kernel against the reference op, on fresh random inputs: on the GPU
+(`pytest -m gpu`), and on the CPU under ``TRITON_INTERPRET=1`` (float16, tiny shapes)."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +16,12 @@ import runtime.ops  # noqa: F401
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.ops.rope_cache import rope_and_cache_ref
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)"),
-]
+gpu = [pytest.mark.gpu,
+       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)")]
 
 
+@gpu[0]
+@gpu[1]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 2, 64), (6, 1, 96), (4, 4, 32)])
 @pytest.mark.parametrize("t", [1, 7, 300])
@@ -48,3 +55,41 @@ def test_rope_and_cache_matches_reference(dtype, heads, kv_heads, head_dim, t):
     written = ~torch.isnan(ref_cache)
     assert torch.equal(written, ~torch.isnan(cache)), "the kernel wrote a different set of cache slots"
     torch.testing.assert_close(cache[written], ref_cache[written], atol=2e-2, rtol=2e-2)
+
+
+def _interpreter_main() -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1 (CPU tensors), float16, strided q/k/v, a padding slot."""
+    from runtime.ops.triton_rope_cache import rope_and_cache_cuda
+
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, head_dim, t in ((4, 2, 16, 5), (3, 1, 8, 2)):
+        ang = torch.rand(64, head_dim // 2, generator=g)
+        cs = torch.cat((ang.cos(), ang.sin()), -1)
+        qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).half()
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        pos = torch.randint(0, 64, (t,), generator=g)
+        slots = torch.randperm(4 * 8, generator=g)[:t]
+        slots[0] = -1
+        meta = AttentionMetadata(slots, torch.tensor([0, t], dtype=torch.int32), torch.tensor([t], dtype=torch.int32),
+                                 torch.zeros(1, 1, dtype=torch.int32), [0, t], [t])
+        cache = torch.full((2, 4, 8, kv_heads, head_dim), float("nan")).half()
+        ref_cache = cache.clone()
+        want = rope_and_cache_ref(pos, q, k, v, cs, ref_cache, slots, head_dim, kv_heads)
+        with set_forward_context(ForwardContext([cache], meta)):
+            got = rope_and_cache_cuda(pos, q, k, v, cs, 0, head_dim, kv_heads)
+        assert torch.allclose(got.float(), want.float(), atol=1e-2), (got - want).abs().max()
+        written = ~torch.isnan(ref_cache)
+        assert torch.equal(written, ~torch.isnan(cache))
+        assert torch.allclose(cache[written].float(), ref_cache[written].float(), atol=1e-2)
+    print("interpreter ok")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is not installed (pip install triton) so the interpreter is absent")
+def test_rope_and_cache_kernel_under_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = "from tests.test_triton_rope_cache import _interpreter_main as m; m()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
