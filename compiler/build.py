@@ -226,6 +226,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
                                                   cfg.to_dict(), manifest["limits"])
         if recipe.eval.data:
             manifest["eval"] = _evaluate(writer, manifest, recipe, device)
+        manifest["provenance"]["build_seconds"] = round(time.perf_counter() - t0, 3)  # kernels + eval included
         writer.commit(manifest)
     ckpt.close()
     seconds = time.perf_counter() - t0
