@@ -15,7 +15,6 @@ import torch
 
 from artifacts.store import Artifact, check_envelope, open_artifact
 from runtime.config import EngineOptions, resolve_device, size_kv_cache
-from runtime.forward_context import AttentionMetadata
 from runtime.kernel_cache import KernelCache
 from runtime.kv_cache import KVCacheManager
 from runtime.model_runner import KVCacheSpec, ModelRunner
@@ -23,7 +22,7 @@ from runtime.output_processor import SequenceGroup, SequenceState, check_stop
 from runtime.request import Request, RequestOutput, RequestStatus
 from runtime.sampler import Sampler, SamplingRow, make_generator
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler, SchedulerConfig
+from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("spanda.runtime")
@@ -247,21 +246,13 @@ class LLMEngine:
             raise RuntimeError(f"not enough free KV blocks to score {n} tokens")
         try:
             table = self.kv.block_table(rid)
-            page = self.kv.block_size
-            ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-            chunks = []
+            req = Request(rid, [int(t) for t in token_ids], SamplingParams())
             step = self.config.max_num_batched_tokens
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                pos = torch.arange(s, e)
-                slots = torch.tensor(table)[pos // page] * page + pos % page
-                dev = self.device
-                meta = AttentionMetadata(
-                    slot_mapping=slots.to(dev), query_start_loc=torch.tensor([0, e - s], device=dev),
-                    seq_lens=torch.tensor([e], device=dev), block_tables=torch.tensor([table], device=dev),
-                    query_start_loc_host=[0, e - s], seq_lens_host=[e],
-                )
-                inputs = (ids[s:e].to(dev), pos.to(dev), torch.arange(e - s, device=dev))
+            chunks = []
+            for start in range(0, n, step):
+                chunk = ScheduledChunk(req, start, min(step, n - start))
+                inputs, meta = self.runner.prepare(SchedulerOutput([chunk], chunk.num_tokens), [table],
+                                                   all_logits=True)
                 chunks.append(self.runner.run_tokens(inputs, meta).float().cpu())
             return torch.cat(chunks)
         finally:

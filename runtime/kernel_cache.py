@@ -8,6 +8,7 @@ matching GPU starts with no JIT compilation at all. ``new_compilations()`` count
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import shutil
@@ -53,6 +54,7 @@ class KernelCache:
             log.warning("%s: recompiling kernels (allow_jit)", msg)
             return
         self.dir = Path(tempfile.mkdtemp(prefix="spanda-kernels-"))
+        atexit.register(shutil.rmtree, self.dir, ignore_errors=True)  # a private copy: gone with the process
         shutil.copytree(artifact.path / cache_dir, self.dir, dirs_exist_ok=True)
         triton.knobs.cache.dir = str(self.dir)
         self.at_load = count_kernels(self.dir)

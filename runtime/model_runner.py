@@ -83,9 +83,10 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def prepare(self, out: SchedulerOutput, block_tables: list[list[int]]) -> tuple[tuple[torch.Tensor, ...],
-                                                                                 AttentionMetadata]:
-        """Flat inputs and attention metadata of a step, built host-side as lists, then one copy each."""
+    def prepare(self, out: SchedulerOutput, block_tables: list[list[int]], all_logits: bool = False
+                ) -> tuple[tuple[torch.Tensor, ...], AttentionMetadata]:
+        """Flat inputs and attention metadata of a step, built host-side as lists, then one copy each.
+        ``all_logits``: logits for every token (scoring) instead of each chunk's last one."""
         page = self.kv_spec.page_size
         ids: list[int] = []
         pos: list[int] = []
@@ -99,6 +100,8 @@ class ModelRunner:
             qsl.append(qsl[-1] + c.num_tokens)
             lens.append(c.end)
             last.append(qsl[-1] - 1)
+        if all_logits:
+            last = list(range(qsl[-1]))
         width = max(len(t) for t in block_tables)
         tables = [t + [0] * (width - len(t)) for t in block_tables]
         dev = self.device
