@@ -4,7 +4,7 @@ Each op is a triplet (DESIGN.md): a plain-PyTorch reference (used on CPU), a fas
 registered for CUDA where one exists, and a fake implementation for ``torch.export``.
 """
 
-from runtime.ops import activation, attention, norm, rope_cache, rotary  # noqa: F401  (registration side effects)
+from runtime.ops import activation, attention, norm, quant_linear, rope_cache, rotary  # noqa: F401  (registration side effects)
 
 OPS = (
     "spanda::rms_norm",
@@ -14,6 +14,9 @@ OPS = (
     "spanda::paged_attention",
     "spanda::rope_and_cache",
     "spanda::paged_attention_cached",
+    "spanda::linear_wna16",
+    "spanda::linear_fp8",
+    "spanda::linear_int8",
 )
 from runtime.ops import triton_attention  # noqa: E402,F401,I001  (CUDA paged attention; inert without triton)
 from runtime.ops import triton_elementwise  # noqa: E402,F401  (CUDA fast paths of the elementwise ops; inert without triton)

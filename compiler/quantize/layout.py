@@ -1,0 +1,60 @@
+"""Conversion of quantized weights into the internal layouts the runtime's ops read (runtime/ops/quant_linear.py).
+
+Every quantizer (RTN, GPTQ, AWQ, FP8, INT8, and the readers of pre-quantized checkpoints) ends here, so
+the artifact's layout has one definition. Each function returns the op's tensors by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiler.quantize.packing import _pack
+from compiler.quantize.rtn import QuantizedLinear, quantize_rtn
+from runtime.ops.quant_linear import FP8_MAX, INT8_MAX
+
+WNA16_KEYS = ("qweight", "scales", "zeros", "perm")
+FP8_KEYS = ("weight", "weight_scale", "input_scale")
+INT8_KEYS = ("weight", "weight_scale", "input_scale")
+
+
+def wna16_tensors(ql: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """QuantizedLinear (codes [K, N], zeros/scales [G, N], g_idx [K]) -> {qweight, scales, zeros[, perm]}.
+
+    With act-order (g_idx not the identity grouping) the rows are stored sorted by group, and ``perm`` holds
+    the input channel of each stored row; each group must then hold exactly group_size rows."""
+    q, g_idx = ql.q, ql.g_idx.long()
+    k = q.shape[0]
+    gs = k if ql.group_size == -1 else ql.group_size
+    tensors: dict[str, torch.Tensor] = {}
+    if not torch.equal(g_idx, torch.arange(k) // gs):
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], torch.arange(k) // gs):
+            raise ValueError("act-order g_idx must put exactly group_size input channels in each group")
+        q = q[perm]
+        tensors["perm"] = perm.to(torch.int32)
+    tensors["qweight"] = _pack(q, ql.bits, dim=0)
+    tensors["scales"] = ql.s.to(dtype).contiguous()
+    tensors["zeros"] = ql.z.to(torch.uint8).contiguous()
+    return tensors
+
+
+def rtn_tensors(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype
+                ) -> dict[str, torch.Tensor]:
+    return wna16_tensors(quantize_rtn(w, bits, group_size, symmetric), dtype)
+
+
+def fp8_weight(w: torch.Tensor, per_channel: bool = True) -> dict[str, torch.Tensor]:
+    """w [N, K] float -> {weight: E4M3 [N, K], weight_scale: float32 [N] or [1]} (scale = amax / 448)."""
+    wf = w.float()
+    amax = wf.abs().amax(1) if per_channel else wf.abs().amax().reshape(1)
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    q = (wf / scale.reshape(-1, 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}
+
+
+def int8_weight(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """w [N, K] float -> {weight: int8 [N, K] in [-127, 127], weight_scale: float32 [N]} (per channel)."""
+    wf = w.float()
+    scale = (wf.abs().amax(1) / INT8_MAX).clamp_min(1e-12)
+    q = torch.round(wf / scale.reshape(-1, 1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}

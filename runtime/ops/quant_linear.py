@@ -1,0 +1,141 @@
+"""Quantized linear layers: the op triplets every quantization method lowers to.
+
+Three ops cover FP8, INT8 (SmoothQuant W8A8 and weight-only) and INT4 (GPTQ, AWQ, RTN). The artifact stores
+the tensors in the layouts below (the *internal* layouts; checkpoint formats such as GPTQ, AWQ or
+compressed-tensors are converted to them at build time by ``compiler/quantize``). ``x`` is ``[T, K]`` in the
+model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the model dtype or None.
+
+``spanda::linear_wna16(x, qweight, scales, zeros, perm, bias, bits, group_size)``  (W4A16 / W8A16)
+    qweight  int32 [K * bits / 32, N]  word r of column n packs rows r*P .. r*P+P-1 (P = 32 / bits) of the
+             integer codes q[k, n] in [0, 2^bits), lowest bits first (AutoGPTQ's qweight layout)
+    scales   [G, N] model dtype,  zeros uint8 [G, N] (true zero points, no off-by-one),
+             G = K / group_size (group_size -1: one group, per output channel)
+    perm     int32 [K] or None: act-order. Rows of q are stored in the order ``perm`` (groups contiguous in
+             the stored order), so ``y = x[:, perm] @ W_stored``; None: identity.
+    W_stored[k, n] = (q[k, n] - zeros[k // gs, n]) * scales[k // gs, n];   y = x[:, perm] @ W_stored + bias
+
+``spanda::linear_fp8(x, weight, weight_scale, input_scale, bias)``  (FP8 W8A8, E4M3)
+    weight        float8_e4m3fn [N, K];  weight_scale float32 [N] (per channel) or [1] (per tensor)
+    input_scale   float32 [1] (static, from calibration) or None (dynamic: one scale per token)
+    x is quantized to E4M3 with its scale (amax / 448 per token when dynamic; values clamped to +-448),
+    y = (x_q * s_x) @ (weight * weight_scale[:, None]).T + bias
+
+``spanda::linear_int8(x, weight, weight_scale, input_scale, bias)``  (INT8 W8A8, symmetric)
+    weight int8 [N, K] in [-127, 127]; weight_scale float32 [N];  input_scale float32 [1] or None (dynamic
+    per token: amax / 127).  x_q = clamp(round(x / s_x), -127, 127),  y = (x_q @ weight.T) * s_x * weight_scale
+    + bias.  SmoothQuant's smoothing is folded into the preceding RMSNorm weights at build time.
+
+The references below compute in float32 and emulate the activation quantization exactly (so CPU builds
+measure the accuracy the GPU kernels deliver); the CUDA fast paths live in ``runtime/ops/triton_quant.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+SCALE_FLOOR = 1e-12  # a token of zeros gets this scale instead of 0 (no 0/0)
+
+
+def unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [K * bits / 32, N] -> int32 codes [K, N] (see the module docstring)."""
+    per = 32 // bits
+    shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits
+    codes = (qweight.unsqueeze(1) >> shifts.view(1, per, 1)) & ((1 << bits) - 1)
+    return codes.reshape(qweight.shape[0] * per, qweight.shape[1])
+
+
+def dequantize_wna16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                     group_size: int) -> torch.Tensor:
+    """The stored weight as float32 [K, N] (rows in stored order)."""
+    q = unpack_rows(qweight, bits)
+    k = q.shape[0]
+    gs = k if group_size == -1 else group_size
+    g = torch.arange(k, device=q.device) // gs
+    return (q.float() - zeros.float()[g]) * scales.float()[g]
+
+
+def linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits: int, group_size: int):
+    w = dequantize_wna16(qweight, scales, zeros, bits, group_size)
+    xf = x.float() if perm is None else x.float()[:, perm.long()]
+    y = xf @ w
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_activation_fp8(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (E4M3 codes [T, K], float32 scale [T, 1] or [1, 1])."""
+    xf = x.float()
+    if input_scale is None:
+        s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_FLOOR)
+    else:
+        s = input_scale.float().reshape(1, 1)
+    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
+def linear_fp8_ref(x, weight, weight_scale, input_scale, bias):
+    xq, sx = quantize_activation_fp8(x, input_scale)
+    w = weight.float() * weight_scale.float().reshape(-1, 1)
+    y = (xq.float() * sx) @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_activation_int8(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (int8 codes [T, K], float32 scale [T, 1] or [1, 1]); symmetric, round half to even."""
+    xf = x.float()
+    if input_scale is None:
+        s = (xf.abs().amax(-1, keepdim=True) / INT8_MAX).clamp_min(SCALE_FLOOR)
+    else:
+        s = input_scale.float().reshape(1, 1)
+    return torch.round(xf / s).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
+
+
+def linear_int8_ref(x, weight, weight_scale, input_scale, bias):
+    xq, sx = quantize_activation_int8(x, input_scale)
+    # float64 keeps the integer dot products exact for any K a model has (|sum| < 2^53)
+    acc = (xq.double() @ weight.double().t()).float()
+    y = acc * sx * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("spanda::linear_wna16", mutates_args=())
+def linear_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    return linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits, group_size)
+
+
+@linear_wna16.register_fake
+def _linear_wna16_fake(x, qweight, scales, zeros, perm, bias, bits, group_size):
+    return _out(x, qweight.shape[1])
+
+
+@torch.library.custom_op("spanda::linear_fp8", mutates_args=())
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    return linear_fp8_ref(x, weight, weight_scale, input_scale, bias)
+
+
+@linear_fp8.register_fake
+def _linear_fp8_fake(x, weight, weight_scale, input_scale, bias):
+    return _out(x, weight.shape[0])
+
+
+@torch.library.custom_op("spanda::linear_int8", mutates_args=())
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    return linear_int8_ref(x, weight, weight_scale, input_scale, bias)
+
+
+@linear_int8.register_fake
+def _linear_int8_fake(x, weight, weight_scale, input_scale, bias):
+    return _out(x, weight.shape[0])
