@@ -72,6 +72,18 @@ class QuantizationInfo(_Section):
     """How scales are stored, e.g. "per_channel", "per_group_rowmajor"; None when unquantized."""
     unquantized: list[str] = []
     """Parameter names (or patterns) left in the model dtype."""
+    op: str | None = None
+    """The runtime op the quantized linears lower to (linear_wna16, linear_fp8, linear_int8)."""
+    linears: int | None = None
+    symmetric: bool | None = None
+    act_order: bool | None = None
+    weight_scale: str | None = None
+    activations: str | None = None
+    smoothquant_alpha: float | None = None
+    calibration: dict[str, Any] | None = None
+    """Calibration data path, sample count, sequence length and sha256 (calibrated methods)."""
+    source_format: str | None = None
+    """For pre-quantized checkpoints: the format read (gptq, gptq_v2, awq, fp8, compressed-tensors)."""
 
 
 class GraphInfo(_Section):

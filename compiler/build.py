@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from compiler.kernels import compile_kernels
 from compiler.models import build_meta_model, parse_hf_config, rope_cos_sin_cache
 from compiler.models.config import ModelConfig, UnsupportedModelError
 from compiler.passes import PASSES
+from compiler.quantize.pipeline import QuantPipeline
 from compiler.recipe import Recipe
 from compiler.weights import WeightPlan, write_weights
 
@@ -58,9 +60,10 @@ def _model_config(recipe: Recipe, ckpt: HFCheckpoint) -> ModelConfig:
     return cfg
 
 
-def plan_and_capture(recipe: Recipe, cfg: ModelConfig) -> tuple[torch.export.ExportedProgram, WeightPlan,
-                                                                 list[str]]:
-    """Export the unfused model, run the enabled passes, re-export. Returns (program, plan, passes run)."""
+def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | None = None
+                     ) -> tuple[torch.export.ExportedProgram, WeightPlan, list[str]]:
+    """Export the unfused model, run the enabled passes (then quantization), re-export.
+    Returns (program, plan, passes run)."""
     t = recipe.target
     model = build_meta_model(cfg, t.max_seq_len)
     ep = capture.export_model(model, t.max_num_batched_tokens, t.max_batch)
@@ -79,6 +82,8 @@ def plan_and_capture(recipe: Recipe, cfg: ModelConfig) -> tuple[torch.export.Exp
             log.info("pass %s: %d rewrites", name, n)
             if n:
                 applied.append(name)
+    if quant is not None and quant.apply(gm, plan):
+        applied.append(f"quantize_{recipe.quantization.method}")
     ep = capture.export_model(gm, t.max_num_batched_tokens, t.max_batch)
     names = list(ep.state_dict)
     plan.restrict(names)
@@ -150,15 +155,68 @@ def _gpu_kernels_available(device: str, kv_dtype: str) -> bool:
     return triton_attention.AVAILABLE
 
 
+class AccuracyGateError(ValueError):
+    """A quantized build fell outside the recipe's accuracy limits; the message carries the figures."""
+
+
+def _reference_build(recipe: Recipe, tmp: Path) -> Path:
+    """The same recipe unquantized (same dtype, no eval): the source the quantized artifact is compared to."""
+    ref = recipe.model_copy(update={
+        "name": recipe.name + "-reference",
+        "quantization": recipe.quantization.model_copy(update={"method": "none"}),
+        "eval": recipe.eval.model_copy(update={"data": None, "max_perplexity_increase": None, "max_mean_kl": None,
+                                               "min_top1_agreement": None}),
+    })
+    log.info("building the unquantized reference for the accuracy comparison")
+    return build(ref, tmp / "reference").path
+
+
 def _evaluate(writer: ArtifactWriter, manifest: dict[str, Any], recipe: Recipe, device: str) -> dict[str, Any]:
-    """Run the artifact being written over the recipe's eval data; write eval.json."""
+    """Run the artifact being written over the recipe's eval data; write eval.json. A quantized build is also
+    compared with its unquantized source (perplexity increase, mean KL, top-1 agreement) and gated."""
+    import tempfile
+
+    from runtime.config import EngineOptions
+    from runtime.engine import LLMEngine
     from runtime.evaluate import evaluate, load_eval_data
 
     engine = _provisional_engine(writer, manifest, device)
     seqs = load_eval_data(recipe.eval.data, engine.tokenizer.encode, recipe.eval.max_sequences)
-    result = evaluate(engine, seqs, recipe.eval.data).to_dict()
+    if recipe.quantization.method == "none":
+        result = evaluate(engine, seqs, recipe.eval.data).to_dict()
+    else:
+        with tempfile.TemporaryDirectory(prefix=".spanda-ref-", dir=writer.path.parent) as tmp:
+            ref = LLMEngine(_reference_build(recipe, Path(tmp)), EngineOptions(device=device, verify=False,
+                                                                               gpu_memory_utilization=0.3))
+            ref_ppl = evaluate(ref, seqs, recipe.eval.data).perplexity
+            result = evaluate(engine, seqs, recipe.eval.data, ref, "unquantized source").to_dict()
+            del ref
+        result["reference_perplexity"] = ref_ppl
+        result["perplexity_increase"] = result["perplexity"] / ref_ppl - 1.0
+        _check_gates(recipe, result)
     writer.write_json("eval.json", result)
     return result
+
+
+def _check_gates(recipe: Recipe, r: dict[str, Any]) -> None:
+    e = recipe.eval
+    failed = []
+    if e.max_perplexity_increase is not None and r["perplexity_increase"] > e.max_perplexity_increase:
+        failed.append(f"perplexity {r['perplexity']:.4f} vs {r['reference_perplexity']:.4f} unquantized is "
+                      f"+{100 * r['perplexity_increase']:.2f}%, above eval.max_perplexity_increase "
+                      f"{100 * e.max_perplexity_increase:.2f}%")
+    if e.max_mean_kl is not None and r["mean_kl"] > e.max_mean_kl:
+        failed.append(f"mean KL {r['mean_kl']:.5f} nats is above eval.max_mean_kl {e.max_mean_kl}")
+    if e.min_top1_agreement is not None and r["top1_agreement"] < e.min_top1_agreement:
+        failed.append(f"top-1 agreement {r['top1_agreement']:.4f} is below eval.min_top1_agreement "
+                      f"{e.min_top1_agreement}")
+    summary = (f"perplexity {r['perplexity']:.4f} (unquantized {r['reference_perplexity']:.4f}, "
+               f"{100 * r['perplexity_increase']:+.2f}%), mean KL {r['mean_kl']:.5f}, top-1 agreement "
+               f"{r['top1_agreement']:.4f}")
+    log.info("quantization %s accuracy: %s", recipe.quantization.method, summary)
+    if failed:
+        raise AccuracyGateError(f"quantized build {recipe.name!r} fails its accuracy gates ({summary}): "
+                                + "; ".join(failed))
 
 
 def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> BuildResult:
@@ -173,10 +231,17 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
     device = recipe.target.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    with ArtifactWriter(out_dir, overwrite=overwrite) as writer:
-        ep, plan, applied = plan_and_capture(recipe, cfg)
+    quant = QuantPipeline(recipe.quantization, cfg) if recipe.quantization.method != "none" else None
+    with ArtifactWriter(out_dir, overwrite=overwrite) as writer, \
+            tempfile.TemporaryDirectory(prefix=".spanda-scratch-", dir=writer.path.parent) as scratch:
+        ep, plan, applied = plan_and_capture(recipe, cfg, quant)
         torch.export.save(ep, str(writer.path / GRAPH_FILE))
         dtypes, sizes = _meta_state(ep)
+        if quant is not None and recipe.quantization.calibrated:
+            from runtime.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_dir(ckpt.path)
+            quant.calibrate(ckpt.read, tok.encode, plan, Path(scratch))
         with tqdm(total=len(plan.entries), desc="writing weights", unit="tensor", disable=None) as bar:
             shards = write_weights(plan, ckpt.read, dtypes, sizes, writer.path, bar.update)
         for f in tok_files:
@@ -188,7 +253,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             "schema_version": SCHEMA_VERSION,
             "model": {"family": cfg.family, "architecture": cfg.architecture, "config": cfg.to_dict()},
             "tokenizer": _tokenizer_record(ckpt, tok_files),
-            "quantization": {"method": recipe.quantization.method},
+            "quantization": quant.record() if quant is not None else {"method": "none"},
             "passes": applied,
             "graph": {
                 "file": GRAPH_FILE,
@@ -213,7 +278,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
                 "recipe_sha256": recipe.sha256(),
                 "recipe": recipe.to_dict(),
                 "source_files": sources,
-                "calibration_sha256": None,
+                "calibration_sha256": quant.calibration_sha256 if quant is not None else None,
                 "spanda_version": SPANDA_VERSION,
                 "build_host": socket.gethostname(),
                 "build_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

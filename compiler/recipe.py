@@ -21,7 +21,6 @@ from pydantic_core import PydanticCustomError
 
 KV_PAGE_SIZES = (1, 8, 16, 32, 64, 128, 256)
 KV_DTYPES_NOW = ("auto", "float32", "bfloat16", "float16")
-QUANT_METHODS_NOW = ("none",)
 
 
 class RecipeError(ValueError):
@@ -152,16 +151,76 @@ class TargetSection(_Section):
         return self
 
 
-class QuantizationSection(_Section):
-    method: Literal["none", "fp8", "int8", "gptq", "awq", "rtn"] = "none"
+class CalibrationSection(_Section):
+    """Data the calibrated methods (gptq, awq, int8 with SmoothQuant, fp8 with static activations) run."""
 
-    @field_validator("method")
-    @classmethod
-    def _method_now(cls, v: str) -> str:
-        if v not in QUANT_METHODS_NOW:
-            allowed = ", ".join(QUANT_METHODS_NOW)
-            raise ValueError(f"quantization method {v!r} is not implemented yet; allowed now: {allowed}")
-        return v
+    data: str = Field(default="models/calibration.jsonl", min_length=1)
+    """A .jsonl file ({"token_ids": [...]} or {"text": ...} rows), a text file, or a folder of text files;
+    the default is the shipped models' held-in corpus sample."""
+    num_samples: int = Field(default=128, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+
+
+class QuantizationSection(_Section):
+    """What ``spanda build`` quantizes and how (see compiler/quantize). lm_head and embeddings stay in the
+    model dtype unless ``quantize_lm_head`` is set."""
+
+    method: Literal["none", "fp8", "int8", "gptq", "awq", "rtn"] = "none"
+    bits: Literal[4, 8] | None = None
+    """gptq/awq/rtn weight bits (default 4; awq supports only 4)."""
+    group_size: Literal[-1, 32, 64, 128, 256] = 128
+    """Input channels per scale for gptq/awq/rtn; -1 = one scale per output channel."""
+    symmetric: bool | None = None
+    """gptq/rtn default true; awq default false (zero points)."""
+    act_order: bool = False
+    """GPTQ: quantize columns in order of decreasing Hessian diagonal (stored permuted; the kernel gathers)."""
+    damp_percent: float = Field(default=0.01, gt=0, lt=1)
+    """GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean."""
+    weight_scale: Literal["per_channel", "per_tensor"] = "per_channel"
+    """fp8 weight scales."""
+    activations: Literal["dynamic", "static", "none"] = "dynamic"
+    """fp8/int8 activation scales: dynamic (per token, at run time), static (per tensor, calibrated; fp8
+    only), none (int8 only: weight-only W8A16)."""
+    smoothquant_alpha: float | None = Field(default=0.5, ge=0, le=1)
+    """int8 W8A8: SmoothQuant migration strength (null = no smoothing)."""
+    quantize_lm_head: bool = False
+    calibration: CalibrationSection = CalibrationSection()
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> QuantizationSection:
+        m = self.method
+        if self.bits is not None and m not in ("gptq", "awq", "rtn"):
+            raise _cross("bits", self.bits, f"applies to gptq, awq and rtn only, not method {m!r}")
+        if m == "awq" and self.bits == 8:
+            raise _cross("bits", self.bits, "awq supports 4 bits only")
+        if self.act_order and m != "gptq":
+            raise _cross("act_order", self.act_order, f"applies to gptq only, not method {m!r}")
+        if m == "fp8" and self.activations == "none":
+            raise _cross("activations", "none", "fp8 is W8A8: choose dynamic or static")
+        if m == "int8" and self.activations == "static":
+            raise _cross("activations", "static", "int8 supports dynamic (W8A8) or none (weight-only)")
+        if self.quantize_lm_head and m not in ("fp8", "int8", "rtn"):
+            raise _cross("quantize_lm_head", True, "supported for fp8, int8 and rtn only")
+        return self
+
+    @property
+    def weight_bits(self) -> int:
+        if self.method in ("fp8", "int8"):
+            return 8
+        return self.bits or 4
+
+    @property
+    def is_symmetric(self) -> bool:
+        if self.symmetric is not None:
+            return self.symmetric
+        return self.method != "awq"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration data."""
+        m = self.method
+        return (m in ("gptq", "awq") or (m == "fp8" and self.activations == "static")
+                or (m == "int8" and self.activations == "dynamic" and self.smoothquant_alpha is not None))
 
 
 class EvalSection(_Section):
@@ -171,6 +230,13 @@ class EvalSection(_Section):
     """JSON-lines file of {"token_ids": [...]} or {"text": "..."}; null = no evaluation at build time."""
     max_sequences: int | None = Field(default=None, ge=1)
     """Evaluate at most this many sequences of the file (None = all)."""
+    max_perplexity_increase: float | None = Field(default=None, ge=0)
+    """Quantized builds: fail when perplexity rises by more than this fraction over the unquantized source
+    (0.02 = 2%). Quantized builds with eval data always record the comparison in eval.json."""
+    max_mean_kl: float | None = Field(default=None, ge=0)
+    """Quantized builds: fail when mean KL(source || artifact) in nats exceeds this."""
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    """Quantized builds: fail when top-1 agreement with the source falls below this."""
 
 
 class Recipe(_Section):
@@ -182,6 +248,17 @@ class Recipe(_Section):
     target: TargetSection = TargetSection()
     quantization: QuantizationSection = QuantizationSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _gates_need_data(self) -> Recipe:
+        e = self.eval
+        for gate in ("max_perplexity_increase", "max_mean_kl", "min_top1_agreement"):
+            if getattr(e, gate) is not None and e.data is None:
+                raise _cross(f"eval.{gate}", getattr(e, gate), "an accuracy gate needs eval.data to measure it")
+            if getattr(e, gate) is not None and self.quantization.method == "none":
+                raise _cross(f"eval.{gate}", getattr(e, gate),
+                             "accuracy gates compare a quantized build with its source; quantization.method is none")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); what the manifest's provenance.recipe stores."""

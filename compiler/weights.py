@@ -20,9 +20,14 @@ log = logging.getLogger("spanda.compiler")
 SHARD_BYTES = 2 * 1024**3
 
 
+Derived = Callable[[Callable[[str], torch.Tensor]], dict[str, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class WeightSource:
-    """``copy``: one source tensor; ``cat``: source tensors concatenated along ``dim``; ``computed``."""
+    """``copy``: one source tensor; ``cat``: source tensors concatenated along ``dim``; ``computed``;
+    ``derived``: one of the tensors a function of the checkpoint returns (``sources[0]`` names the function's
+    group, ``sources[1]`` the key in its result), e.g. the qweight/scales/zeros of one quantized linear."""
 
     kind: str
     sources: tuple[str, ...] = ()
@@ -33,6 +38,9 @@ class WeightPlan:
     def __init__(self) -> None:
         self.entries: dict[str, WeightSource] = {}
         self.computed: dict[str, torch.Tensor] = {}
+        self.derived: dict[str, Derived] = {}
+        self._results: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending: dict[str, set[str]] = {}
 
     def copy(self, name: str, source: str) -> None:
         self.entries[name] = WeightSource("copy", (source,))
@@ -51,16 +59,48 @@ class WeightPlan:
             sources.extend(e.sources)
         self.entries[name] = WeightSource("cat", tuple(sources), dim)
 
+    def derive(self, group: str, names: dict[str, str], fn: Derived) -> None:
+        """Tensors ``names`` (plan name -> key of fn's result) all come from one call ``fn(read)``; the call
+        runs once, when the first of them is written, and its result is dropped after the last one."""
+        self.derived[group] = fn
+        for name, key in names.items():
+            self.entries[name] = WeightSource("derived", (group, key))
+
+    def read_float(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The source tensor a plain (copy/cat) entry stands for, in float32."""
+        e = self.entries[name]
+        if e.kind == "copy":
+            return read(e.sources[0]).float()
+        if e.kind == "cat":
+            return torch.cat([read(s).float() for s in e.sources], dim=e.dim)
+        if e.kind == "computed":
+            return self.computed[name].float()
+        raise ValueError(f"{name} is {e.kind}, not a plain source tensor")
+
     def restrict(self, names: list[str]) -> None:
         missing = [n for n in names if n not in self.entries]
         if missing:
             raise KeyError(f"graph parameters with no weight source: {missing}")
         self.entries = {n: self.entries[n] for n in names}
+        self._pending = {}
+        for n, e in self.entries.items():
+            if e.kind == "derived":
+                self._pending.setdefault(e.sources[0], set()).add(n)
 
     def materialize(self, name: str, read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         e = self.entries[name]
         if e.kind == "computed":
             t = self.computed[name]
+        elif e.kind == "derived":
+            group, key = e.sources
+            if group not in self._results:
+                self._results[group] = self.derived[group](read)
+            t = self._results[group][key]
+            self._pending[group].discard(name)
+            if not self._pending[group]:
+                del self._results[group]
+            if t.dtype != dtype:
+                raise ValueError(f"{name}: derived tensor is {t.dtype}, the graph expects {dtype}")
         elif e.kind == "copy":
             t = read(e.sources[0]).to(dtype)
         else:

@@ -1,0 +1,117 @@
+"""The quantization pass: ``aten.linear`` nodes become quantized linear ops (runtime/ops/quant_linear.py).
+
+It runs after the fusion passes, so a fused QKV or gate/up projection is quantized as one matrix (its parts
+share an input, so GPTQ's Hessian and AWQ's activation statistics are the same for all of them). For each
+rewritten linear the weight plan gets a *derived* group: one function of the checkpoint that returns the
+op's tensors in the internal layout (RTN and FP8/INT8 weights are computed there, lazily, one linear at a
+time; calibrated methods and pre-quantized checkpoints supply their own functions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from compiler.passes.graph_utils import aten, attr_tensor, finalize, is_call, set_parameter
+from compiler.weights import Derived, WeightPlan, WeightSource
+
+spanda = torch.ops.spanda
+
+
+@dataclass(frozen=True)
+class LinearScheme:
+    """How one linear is stored and computed. ``op``: wna16 | fp8 | int8."""
+
+    op: str
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    per_channel: bool = True  # fp8 weight scale per output channel (else per tensor)
+    static_input: bool = False  # fp8: calibrated per-tensor input scale
+
+    def params(self, n: int, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Tensor name (after the module prefix) -> (shape, dtype) for a linear of ``k`` inputs, ``n`` outputs."""
+        if self.op == "wna16":
+            per = 32 // self.bits
+            gs = k if self.group_size == -1 else self.group_size
+            if k % gs or k % per:
+                raise ValueError(f"a linear with {k} input features cannot use group_size {self.group_size} at "
+                                 f"{self.bits} bits (needs a multiple of {gs} and of {per})")
+            out = {"qweight": ((k // per, n), torch.int32), "scales": ((k // gs, n), dtype),
+                   "zeros": ((k // gs, n), torch.uint8)}
+            if self.act_order:
+                out["perm"] = ((k,), torch.int32)
+            return out
+        if self.op == "fp8":
+            out = {"weight": ((n, k), torch.float8_e4m3fn), "weight_scale": ((n if self.per_channel else 1,),
+                                                                              torch.float32)}
+            if self.static_input:
+                out["input_scale"] = ((1,), torch.float32)
+            return out
+        if self.op == "int8":
+            return {"weight": ((n, k), torch.int8), "weight_scale": ((n,), torch.float32)}
+        raise ValueError(f"unknown linear scheme op {self.op!r}")
+
+
+@dataclass(frozen=True)
+class QuantSite:
+    """A rewritten linear: ``prefix`` (module path), the float weight's plan entry, its shape and scheme."""
+
+    prefix: str
+    source: WeightSource
+    out_features: int
+    in_features: int
+    scheme: LinearScheme
+
+
+def quantize_linears(gm: fx.GraphModule, plan: WeightPlan, choose: Callable[[str], LinearScheme | None],
+                     make: Callable[[QuantSite], Derived]) -> list[QuantSite]:
+    """Rewrite every linear whose weight is a parameter and for which ``choose(prefix)`` gives a scheme.
+
+    ``make(site)`` returns the function that produces the site's tensors; it is called during the pass, the
+    function itself only when the weights are written."""
+    sites: list[QuantSite] = []
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not is_call(node, aten.linear.default):
+            continue
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if w.op != "get_attr" or not str(w.target).endswith(".weight"):
+            continue
+        w_name = str(w.target)
+        prefix = w_name[: -len(".weight")]
+        scheme = choose(prefix)
+        if scheme is None:
+            continue
+        meta = attr_tensor(gm, w)
+        n, k = meta.shape
+        site = QuantSite(prefix, plan.entries[w_name], n, k, scheme)
+        fn = make(site)
+        names = {}
+        for key, (shape, dtype) in scheme.params(n, k, meta.dtype).items():
+            qname = f"{prefix}.{key}"
+            if qname == w_name:
+                delattr(gm.get_submodule(prefix), "weight")
+            set_parameter(gm, qname, torch.empty(shape, dtype=dtype, device="meta"))
+            names[qname] = key
+        plan.derive(prefix, names, fn)
+        with graph.inserting_before(node):
+            p = {key: graph.get_attr(f"{prefix}.{key}") for key in names.values()}
+            if scheme.op == "wna16":
+                args = (x, p["qweight"], p["scales"], p["zeros"], p.get("perm"), bias, scheme.bits,
+                        scheme.group_size)
+                new = graph.call_function(spanda.linear_wna16.default, args)
+            elif scheme.op == "fp8":
+                new = graph.call_function(spanda.linear_fp8.default,
+                                          (x, p["weight"], p["weight_scale"], p.get("input_scale"), bias))
+            else:
+                new = graph.call_function(spanda.linear_int8.default, (x, p["weight"], p["weight_scale"], None, bias))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        sites.append(site)
+    finalize(gm)
+    return sites
