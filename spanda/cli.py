@@ -106,6 +106,22 @@ def generate(artifact: str, prompt: str, max_tokens: int, temperature: float, to
     )
 
 
+@main.command("export-hf")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR (atomically).")
+def export_hf_command(artifact: str, out_dir: str, overwrite: bool) -> None:
+    """Write ARTIFACT's model as a Hugging Face checkpoint (compressed-tensors when quantized)."""
+    from artifacts.store import ArtifactError
+    from compiler.export_hf import export_hf
+
+    try:
+        path = export_hf(artifact, out_dir, overwrite=overwrite)
+    except (ValueError, FileExistsError, OSError, ArtifactError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"exported {path}")
+
+
 from spanda.eval_cmd import eval_command  # noqa: E402
 
 main.add_command(eval_command)

@@ -358,3 +358,187 @@ def test_unsupported_configs_name_the_field(qc, field):
 def test_unquantized_config():
     assert hf.detect({"model_type": "llama"}) is None
     assert not hf.is_quantized_module(f"{PFX}.q_proj", None)
+
+
+# ---------------------------------------------------------------- export to compressed-tensors
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def _model_config() -> dict:
+    from compiler.models.config import parse_hf_config
+
+    return parse_hf_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"], **TINY},
+                           "float32").to_dict()
+
+
+def _manifest(quant: dict) -> dict:
+    return {
+        "model": {"family": "llama", "architecture": "LlamaForCausalLM", "config": _model_config()},
+        "tokenizer": {"files": ["tokenizer.json"], "bos_token_id": 1, "eos_token_ids": [2]},
+        "quantization": quant,
+        "passes": ["fuse_qkv", "fuse_gate_up"],
+        "graph": {"file": "graph.pt2", "input_names": ["input_ids"], "output_names": ["logits"]},
+        "weights": {"files": ["weights-00001-of-00001.safetensors"], "dtype": "float32"},
+        "envelope": {"device": "cpu", "torch": "2", "python": "3"},
+        "limits": {"max_seq_len": 64, "max_batch": 1, "max_num_batched_tokens": 64, "batch_buckets": [1],
+                   "kv_page_size": 16, "kv_dtype": "float32"},
+        "parallel": {},
+        "provenance": {"recipe_sha256": "0" * 64, "recipe": {}, "spanda_version": "0", "build_host": "test",
+                       "build_time": "2026-01-01T00:00:00Z", "build_seconds": 0.0},
+        "eval": None,
+    }
+
+
+def float_state() -> dict[str, torch.Tensor]:
+    """A tiny Llama's HF state dict (random weights, seeded)."""
+    g = torch.Generator().manual_seed(0)
+    h, i, v, qd, kvd = 64, 96, 128, 64, 32
+    sd = {"model.embed_tokens.weight": torch.randn(v, h, generator=g),
+          "model.norm.weight": 1 + 0.1 * torch.randn(h, generator=g),
+          "lm_head.weight": torch.randn(v, h, generator=g) * 0.1}
+    p = "model.layers.0"
+    shapes = {"self_attn.q_proj": (qd, h), "self_attn.k_proj": (kvd, h), "self_attn.v_proj": (kvd, h),
+              "self_attn.o_proj": (h, qd), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    for name, shape in shapes.items():
+        sd[f"{p}.{name}.weight"] = torch.randn(*shape, generator=g) * 0.1
+    sd[f"{p}.input_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=g)
+    sd[f"{p}.post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=g)
+    return sd
+
+
+FUSE = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"), "self_attn.o_proj": ("self_attn.o_proj",),
+        "mlp.down_proj": ("mlp.down_proj",)}
+
+
+def quantize_artifact_tensors(sd: dict, method: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """(artifact tensors with fused, quantized linears; manifest quantization; expected HF float weights)."""
+    from compiler.quantize import layout
+
+    out = {k: v for k, v in sd.items() if ".layers." not in k or "layernorm" in k}
+    out["model.rope_cos_sin"] = torch.zeros(128, 16)  # a runtime buffer the export must drop
+    expected = {k[: -len(".weight")]: v for k, v in sd.items() if k.endswith("proj.weight")}
+    quant = {"method": "none"}
+    for fused, parts in FUSE.items():
+        w = torch.cat([sd[f"model.layers.0.{p}.weight"] for p in parts])
+        name = f"model.layers.0.{fused}"
+        if method == "none":
+            out[f"{name}.weight"] = w
+            continue
+        if method.startswith("rtn"):
+            _, bits, gs, sym = method.split("-")
+            bits, gs = int(bits), -1 if gs == "ch" else int(gs)
+            t = layout.rtn_tensors(w, bits, gs, sym == "sym", torch.float32)
+            quant = {"method": "rtn", "bits": bits, "group_size": gs}
+            deq = hf.dequantize_site("linear_wna16", t, bits, gs)
+        elif method.startswith("fp8"):
+            t = layout.fp8_weight(w, per_channel=method.endswith("channel"))
+            if "static" in method:
+                t["input_scale"] = torch.tensor([0.02])
+            quant = {"method": "fp8"}
+            deq = hf.dequantize_site("linear_fp8", t)
+        else:
+            t = layout.int8_weight(w)
+            quant = {"method": "int8"}
+            deq = hf.dequantize_site("linear_int8", t)
+        out.update({f"{name}.{k}": v for k, v in t.items()})
+        rows = [sd[f"model.layers.0.{p}.weight"].shape[0] for p in parts]
+        for p, d in zip(parts, deq.split(rows)):
+            expected[f"model.layers.0.{p}"] = d
+    return out, quant, expected
+
+
+def make_artifact(root, method: str):
+    from safetensors.torch import save_file
+
+    from artifacts.store import ArtifactWriter
+
+    tensors, quant, expected = quantize_artifact_tensors(float_state(), method)
+    path = root / f"art-{method}"
+    with ArtifactWriter(path) as w:
+        (w.path / "graph.pt2").write_bytes(b"unused by export")
+        (w.path / "tokenizer.json").write_text("{}")
+        # (layout.wna16_tensors' qweight is a non-contiguous view; safetensors wants contiguous tensors)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(w.path / "weights-00001-of-00001.safetensors"))
+        w.commit(_manifest(quant))
+    return path, expected
+
+
+METHODS = ["rtn-4-32-sym", "rtn-4-32-asym", "rtn-4-ch-asym", "rtn-8-32-sym", "fp8-dynamic-channel",
+           "fp8-static-tensor", "int8", "none"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_export_round_trip_through_our_reader(tmp_path, method):
+    import json
+
+    from compiler.export_hf import export_hf
+    from compiler.hf_loader import HFCheckpoint
+
+    art, expected = make_artifact(tmp_path, method)
+    out = export_hf(art, tmp_path / "hf")
+    ck = HFCheckpoint.open(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "tokenizer.json").exists() and "model.rope_cos_sin" not in ck.weight_map
+    sq = hf.detect(ck.config)
+    assert (sq is None) == (method == "none")
+    if sq is not None:
+        qc = cfg["quantization_config"]
+        assert qc["ignore"] == ["lm_head"] and qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+        assert not hf.is_quantized_module("lm_head", sq)
+    for name, w in expected.items():
+        torch.testing.assert_close(hf.float_weight(ck.read, name, sq, torch.float32), w, rtol=0, atol=0)
+    with pytest.raises(FileExistsError):
+        export_hf(art, out)
+    export_hf(art, out, overwrite=True)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_export_decompresses_with_compressed_tensors(tmp_path, method):
+    """compressed-tensors' own config parsing and per-format decompression give our weights back."""
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from compiler.export_hf import export_hf
+    from compiler.hf_loader import HFCheckpoint
+
+    art, expected = make_artifact(tmp_path, method)
+    out = export_hf(art, tmp_path / "hf")
+    ck = HFCheckpoint.open(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(qc)
+    scheme = config.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(config.format)
+    for name, w in expected.items():
+        local = {k.rpartition(".")[2]: ck.read(k) for k in ck.weight_map if k.rpartition(".")[0] == name}
+        got = compressor.decompress(local, scheme)["weight"]
+        torch.testing.assert_close(got.float(), w, rtol=0, atol=0)
+
+
+def test_export_refuses_act_order(tmp_path):
+    from compiler.export_hf import export_hf
+
+    art, _ = make_artifact(tmp_path, "rtn-4-32-sym")
+    # rewrite the artifact with a perm on qkv_proj
+    from safetensors.torch import load_file, save_file
+
+    from artifacts.store import ArtifactWriter
+
+    tensors = load_file(str(art / "weights-00001-of-00001.safetensors"))
+    tensors["model.layers.0.self_attn.qkv_proj.perm"] = torch.randperm(64).to(torch.int32)
+    with ArtifactWriter(art, overwrite=True) as w:
+        (w.path / "graph.pt2").write_bytes(b"unused by export")
+        (w.path / "tokenizer.json").write_text("{}")
+        save_file(tensors, str(w.path / "weights-00001-of-00001.safetensors"))
+        w.commit(_manifest({"method": "gptq", "bits": 4, "group_size": 32}))
+    with pytest.raises(ValueError, match="act-order"):
+        export_hf(art, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
