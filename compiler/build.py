@@ -28,7 +28,7 @@ from compiler.kernels import compile_kernels
 from compiler.models import build_meta_model, parse_hf_config, rope_cos_sin_cache
 from compiler.models.config import ModelConfig, UnsupportedModelError
 from compiler.passes import PASSES
-from compiler.quantize.pipeline import QuantPipeline
+from compiler.quantize.pipeline import PrequantizedPipeline, QuantPipeline
 from compiler.recipe import Recipe
 from compiler.weights import WeightPlan, write_weights
 
@@ -83,11 +83,26 @@ def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | No
             if n:
                 applied.append(name)
     if quant is not None and quant.apply(gm, plan):
-        applied.append(f"quantize_{recipe.quantization.method}")
+        applied.append("quantize")
     ep = capture.export_model(gm, t.max_num_batched_tokens, t.max_batch)
     names = list(ep.state_dict)
     plan.restrict(names)
     return ep, plan, applied
+
+
+def _quant_pipeline(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint):
+    """What quantizes the linears: the recipe's method, the checkpoint's own quantization, or nothing."""
+    from compiler.quantize.hf_formats import detect
+
+    sq = detect(ckpt.config)
+    if sq is not None:
+        if recipe.quantization.method != "none":
+            raise ValueError(
+                f"{ckpt.path} is already quantized ({sq.method}); recipe quantization.method is "
+                f"{recipe.quantization.method!r}: set it to 'none' to build the checkpoint's own quantization "
+                "(requantizing a quantized checkpoint would compound the error)")
+        return PrequantizedPipeline(sq, cfg)
+    return QuantPipeline(recipe.quantization, cfg) if recipe.quantization.method != "none" else None
 
 
 def _meta_state(ep: torch.export.ExportedProgram) -> tuple[dict[str, torch.dtype], dict[str, int]]:
@@ -231,7 +246,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
     device = recipe.target.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    quant = QuantPipeline(recipe.quantization, cfg) if recipe.quantization.method != "none" else None
+    quant = _quant_pipeline(recipe, cfg, ckpt)
     with ArtifactWriter(out_dir, overwrite=overwrite) as writer, \
             tempfile.TemporaryDirectory(prefix=".spanda-scratch-", dir=writer.path.parent) as scratch:
         ep, plan, applied = plan_and_capture(recipe, cfg, quant)

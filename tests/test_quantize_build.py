@@ -134,3 +134,80 @@ def test_accuracy_gate_fails_the_build_with_figures_and_leaves_no_artifact(ckpt,
     assert "eval.max_mean_kl" in str(e.value) and "perplexity" in str(e.value)
     assert not (tmp_path / "strict").exists()
     assert not list(tmp_path.glob(".spanda-*"))  # scratch and reference temp dirs are gone
+
+
+# ---------------------------------------------------------------- pre-quantized Hugging Face checkpoints
+
+
+def _quantized_checkpoint(src, out, fmt):
+    """Copy ``src`` with every decoder-layer linear stored as ``fmt`` (gptq v1 with desc_act, awq, fp8 static);
+    returns the float weights the stored codes stand for (computed here, from the codes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from compiler.quantize.packing import pack_awq, pack_gptq
+
+    shutil.copytree(src, out)
+    state = load_file(str(out / "model.safetensors"))
+    stands_for, perms = {}, {}
+    g = torch.Generator().manual_seed(5)
+    for name in [n for n in state if ".layers." in n and n.endswith("_proj.weight")]:
+        p, w = name[: -len(".weight")], state.pop(name).float()
+        n, k = w.shape
+        if fmt == "gptq":  # act-order: group of input channel perm[j] is j // 64; one order per shared input
+            shared = p.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+            perm = perms.setdefault(shared, torch.randperm(k, generator=g))
+            g_idx = torch.empty(k, dtype=torch.int32)
+            g_idx[perm] = (torch.arange(k) // 64).int()
+            ql = quantize_rtn(w[:, perm], 4, 64, True)
+            q = torch.empty_like(ql.q)
+            q[perm] = ql.q
+            qw, qz = pack_gptq(q, ql.z, 4, "gptq")
+            state |= {f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": ql.s, f"{p}.g_idx": g_idx}
+            stands_for[name] = dequantize(q, ql.z, ql.s, g_idx)
+        elif fmt == "awq":
+            ql = quantize_rtn(w, 4, 64, False)
+            qw, qz = pack_awq(ql.q, ql.z)
+            state |= {f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": ql.s}
+            stands_for[name] = dequantize(ql.q, ql.z, ql.s, ql.g_idx)
+        else:  # fp8, per-tensor weight scale, static input scale
+            scale = w.abs().max() / 448
+            w8 = (w / scale).to(torch.float8_e4m3fn)
+            state |= {name: w8, f"{p}.weight_scale": scale.reshape(()), f"{p}.input_scale": torch.tensor(0.02)}
+            stands_for[name] = w8.float() * scale
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": True},
+        "awq": {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 64, "zero_point": True},
+        "fp8": {"quant_method": "fp8", "activation_scheme": "static"},
+    }[fmt]
+    (out / "config.json").write_text(json.dumps(cfg))
+    return stands_for
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "fp8"])
+def test_build_from_a_prequantized_checkpoint_matches_its_dequantized_weights(ckpt, tmp_path, fmt):
+    stands_for = _quantized_checkpoint(ckpt, tmp_path / "src", fmt)
+    res = build(_recipe(tmp_path / "src", method="none"), tmp_path / "art")
+    q = res.manifest["quantization"]
+    assert q["source_format"].startswith(fmt) and q["linears"] == 8
+    model = _hf(ckpt)  # the float model with the stored codes' weights put in
+    with torch.no_grad():
+        for name, w in stands_for.items():
+            model.get_parameter(name).copy_(w)
+        if fmt == "fp8":  # static activation scale 0.02, as the checkpoint says
+            for _, m in _linears(model):
+                m.register_forward_pre_hook(lambda mod, a: ((a[0] / 0.02).clamp(-448, 448)
+                                                            .to(torch.float8_e4m3fn).float() * 0.02,))
+        ref = model(torch.tensor([PROMPT])).logits[0]
+    err = (_artifact_logits(res.path) - ref).abs().max().item()
+    assert err < 1e-3, err
+
+
+def test_requantizing_a_quantized_checkpoint_is_refused(ckpt, tmp_path):
+    _quantized_checkpoint(ckpt, tmp_path / "src", "awq")
+    with pytest.raises(ValueError, match=r"already quantized \(awq\).*quantization.method is 'rtn'"):
+        build(_recipe(tmp_path / "src", method="rtn"), tmp_path / "art")
+    assert not (tmp_path / "art").exists()

@@ -156,3 +156,76 @@ def _read_source(source, read) -> torch.Tensor:
     if source.kind == "cat":
         return torch.cat([read(s).float() for s in source.sources], dim=source.dim)
     raise ValueError(f"cannot quantize a {source.kind} weight")
+
+
+class PrequantizedPipeline:
+    """A checkpoint that is already quantized (GPTQ, AWQ, FP8, compressed-tensors): its linears keep their
+    quantization, converted to the internal layouts (compiler/quantize/hf_formats.py); nothing is requantized."""
+
+    def __init__(self, sq, cfg: ModelConfig):
+        self.sq = sq
+        self.cfg = cfg
+        self.sites: list[QuantSite] = []
+        self.calibration_sha256 = None
+        self.schemes: dict[str, Any] = {}
+
+    @staticmethod
+    def _prefixes(site_or_source) -> list[str]:
+        source = getattr(site_or_source, "source", site_or_source)
+        return [s.removesuffix(".weight") for s in source.sources]
+
+    def choose_site(self, prefix: str, source) -> LinearScheme | None:
+        from compiler.quantize.hf_formats import QuantFormatError
+
+        parts = self._prefixes(source)
+        schemes = [self.sq.scheme_for(p) for p in parts]
+        if all(s is None for s in schemes):
+            return None
+        if any(s is None for s in schemes) or len(set(schemes)) != 1:
+            raise QuantFormatError(f"{prefix}: its parts {parts} are quantized differently ({schemes}); turn the "
+                                   "fusion pass for them off in the recipe")
+        s = schemes[0]
+        self.schemes[prefix] = s
+        op = s.op.removeprefix("linear_")
+        return LinearScheme(op, bits=s.bits, group_size=s.group_size if op == "wna16" else -1,
+                            act_order=op == "wna16" and s.act_order, per_channel=True,
+                            static_input=op != "wna16" and s.activations == "static")
+
+    def make(self, site: QuantSite) -> Derived:
+        from compiler.quantize.hf_formats import read_site
+
+        prefixes, sq, dtype, scheme = self._prefixes(site), self.sq, self.cfg.torch_dtype, site.scheme
+
+        def convert(read):
+            _, t = read_site(read, prefixes, sq, dtype)
+            if scheme.op == "wna16" and scheme.act_order and "perm" not in t:
+                t["perm"] = torch.arange(site.in_features, dtype=torch.int32)  # desc_act with a trivial g_idx
+            if scheme.op != "wna16" and t["weight_scale"].numel() == 1:
+                t["weight_scale"] = t["weight_scale"].expand(site.out_features).contiguous()
+            return t
+
+        return convert
+
+    def apply(self, gm, plan: WeightPlan) -> int:
+        def choose(prefix: str) -> LinearScheme | None:
+            return self.choose_site(prefix, plan.entries[prefix + ".weight"])
+
+        self.sites = quantize_linears(gm, plan, choose, self.make)
+        log.info("pre-quantized %s checkpoint: %d linears kept quantized", self.sq.method, len(self.sites))
+        return len(self.sites)
+
+    def calibrate(self, *args, **kwargs) -> None:
+        return None
+
+    def record(self) -> dict[str, Any]:
+        s = next(iter(self.schemes.values()), None)
+        rec: dict[str, Any] = {"method": self.sq.method, "source_format": self.sq.method, "linears": len(self.sites),
+                               "unquantized": ["model.embed_tokens"]}
+        if s is not None:
+            rec.update(op=s.op, bits=s.bits, symmetric=s.symmetric, act_order=s.act_order,
+                       activations=s.activations, weight_scale=s.weight_strategy)
+            if s.op == "linear_wna16":
+                rec["group_size"] = s.group_size
+            if s.checkpoint_format:
+                rec["source_format"] = f"{self.sq.method} ({s.checkpoint_format})"
+        return rec
