@@ -43,18 +43,32 @@ def rtn_tensors(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, dt
     return wna16_tensors(quantize_rtn(w, bits, group_size, symmetric), dtype)
 
 
+ROW_CHUNK = 2048  # rows converted to float32 at a time: a 70B FFN weight never exists in float32 whole
+
+
+def _row_amax(w: torch.Tensor) -> torch.Tensor:
+    return torch.cat([w[i:i + ROW_CHUNK].float().abs().amax(1) for i in range(0, w.shape[0], ROW_CHUNK)])
+
+
+def _rows(w: torch.Tensor, scale: torch.Tensor, convert) -> torch.Tensor:
+    """convert(w_chunk_float32 / scale_chunk) chunk by chunk into one contiguous tensor."""
+    s = scale.reshape(-1, 1).expand(w.shape[0], 1)
+    return torch.cat([convert(w[i:i + ROW_CHUNK].float() / s[i:i + ROW_CHUNK])
+                      for i in range(0, w.shape[0], ROW_CHUNK)])
+
+
 def fp8_weight(w: torch.Tensor, per_channel: bool = True) -> dict[str, torch.Tensor]:
-    """w [N, K] float -> {weight: E4M3 [N, K], weight_scale: float32 [N] or [1]} (scale = amax / 448)."""
-    wf = w.float()
-    amax = wf.abs().amax(1) if per_channel else wf.abs().amax().reshape(1)
+    """w [N, K] (any float dtype) -> {weight: E4M3 [N, K], weight_scale: float32 [N] or [1]} (amax / 448)."""
+    amax = _row_amax(w)
+    if not per_channel:
+        amax = amax.amax().reshape(1)
     scale = (amax / FP8_MAX).clamp_min(1e-12)
-    q = (wf / scale.reshape(-1, 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = _rows(w, scale, lambda x: x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
     return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}
 
 
 def int8_weight(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """w [N, K] float -> {weight: int8 [N, K] in [-127, 127], weight_scale: float32 [N]} (per channel)."""
-    wf = w.float()
-    scale = (wf.abs().amax(1) / INT8_MAX).clamp_min(1e-12)
-    q = torch.round(wf / scale.reshape(-1, 1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """w [N, K] (any float dtype) -> {weight: int8 [N, K] in [-127, 127], weight_scale: float32 [N]}."""
+    scale = (_row_amax(w) / INT8_MAX).clamp_min(1e-12)
+    q = _rows(w, scale, lambda x: torch.round(x).clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
     return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}

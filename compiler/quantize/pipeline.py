@@ -73,11 +73,15 @@ class QuantPipeline:
         q, dtype, source = self.q, self.cfg.torch_dtype, site.source
 
         def lazy(read):
+            if q.method == "int8" and q.activations == "dynamic" or q.method == "fp8" and q.weight_scale == \
+                    "per_channel":
+                # Per output channel: each fused part quantizes on its own, in its stored dtype (bounded memory).
+                one = int8_weight if q.method == "int8" else fp8_weight
+                parts = [one(read(s)) for s in source.sources]
+                return {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
             w = _read_source(source, read)
             if q.method == "fp8":
-                return fp8_weight(w, per_channel=q.weight_scale == "per_channel")
-            if q.method == "int8" and q.activations == "dynamic":
-                return int8_weight(w)
+                return fp8_weight(w, per_channel=False)
             if q.method == "int8":
                 return rtn_tensors(w, 8, -1, True, dtype)
             return rtn_tensors(w, q.weight_bits, q.group_size, q.is_symmetric, dtype)
