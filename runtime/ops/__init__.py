@@ -21,3 +21,4 @@ OPS = (
 from runtime.ops import triton_attention  # noqa: E402,F401,I001  (CUDA paged attention; inert without triton)
 from runtime.ops import triton_elementwise  # noqa: E402,F401  (CUDA fast paths of the elementwise ops; inert without triton)
 from runtime.ops import triton_rope_cache  # noqa: E402,F401  (CUDA RoPE + KV write; inert without triton)
+from runtime.ops import triton_quant  # noqa: E402,F401  (CUDA quantized linear ops; inert without triton)

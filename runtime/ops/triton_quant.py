@@ -1,0 +1,513 @@
+"""CUDA fast paths of the quantized linear ops (runtime/ops/quant_linear.py holds the contract, the float32
+references and the fakes): Triton kernels, plus cuBLAS through ``torch._scaled_mm`` / ``torch._int_mm``.
+
+Imported by :mod:`runtime.ops` always; with Triton installed it registers the ``*_cuda`` functions below as
+the CUDA kernels of ``spanda::linear_wna16``, ``spanda::linear_fp8`` and ``spanda::linear_int8``; without
+Triton it is inert. Launch sizes and buffers depend on shapes only and nothing synchronizes with the host,
+so every path is CUDA-graph capturable. Configurations come from fixed heuristics per M range (nothing
+autotunes while serving); every launcher takes an explicit ``config`` too (tests, benchmark sweeps).
+
+linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
+    One Triton GEMM, tile [BLOCK_M, BLOCK_N] of y per program, looping over K in BLOCK_K steps: the x tile
+    (columns gathered through ``perm`` when act-order), the packed words of the qweight tile, unpacked with
+    shifts, ``q - zero`` (exact in fp16/bf16), then either scaled per output column and multiplied
+    (``scale_acc``: the group's partial product ``x_tile @ (q - z)`` is scaled in float32, one group per
+    tile) or scaled in the weight tile before the dot; float32 accumulation. Grouped weights keep
+    BLOCK_K a divisor of the group size so a tile never straddles two groups; per-channel weights (one
+    group) apply the scale once, after the loop.
+    Small M (decode) is bandwidth-bound on the packed weights, and cdiv(N, BLOCK_N) programs are too few to
+    stream them: split-K spreads K over ``split`` programs per tile, each writes a float32 partial
+    [split, M, N] and a second kernel sums them (fixed order: deterministic), adds the bias and rounds.
+    Large M may instead dequantize the weight once into a [K, N] buffer in x's dtype (rows un-permuted)
+    and call cuBLAS (``DEQUANT_MM_MIN_M``), at the cost of that transient buffer.
+
+linear_fp8 (FP8 W8A8, E4M3)
+    A Triton kernel per row of x (amax, scale = amax / 448 with the reference's IEEE division, clamp,
+    round-to-nearest-even cast to E4M3; or the static scale), then ``torch._scaled_mm`` with row-wise scales
+    (scale_a [M, 1], scale_b [1, N] float32; a per-tensor weight scale is expanded) or tensor-wise scales
+    when both are per tensor, the bias and the output dtype in cuBLAS's epilogue. _scaled_mm needs K and N
+    multiples of 16 (M is free); other shapes use the reference. A combination that this torch/cuBLAS
+    refuses (checked on the host before any launch) falls back once and is remembered: without the fused
+    bias, then float32 output with the scales applied after.
+
+linear_int8 (INT8 W8A8, symmetric)
+    The same row kernel quantizes x to int8 (round half to even, clamp +-127); a Triton int8 GEMM (int32
+    accumulation, exact) applies ``acc * s_x * s_w + bias`` in its epilogue (split-K for small M, int32
+    partials summed exactly). For larger M, ``torch._int_mm`` (cuBLAS; needs M > 16, K and N multiples of 8)
+    may be used instead (``INT_MM_MIN_M``), followed by the same epilogue kernel. The result matches the
+    reference's float64 product bit for bit up to the float32 rounding of the epilogue, which is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, linear_fp8_ref, linear_int8_ref, linear_wna16_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the reference implementations serve every call
+    triton = tl = None
+AVAILABLE = triton is not None
+
+FAST_DTYPES = (torch.float16, torch.bfloat16)
+QUANT_BLOCK = 4096  # elements of a row per step of the activation-quantization kernel
+DEQUANT_MM_MIN_M = None  # M from which linear_wna16 dequantizes + cuBLAS (None: never); set from bench data
+INT_MM_MIN_M = None  # M from which linear_int8 uses torch._int_mm (None: never; it needs M > 16)
+DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
+
+
+def _jit(fn=None, **kw):
+    """triton.jit when Triton is installed; otherwise the plain function (never launched)."""
+    if fn is None:
+        return lambda f: _jit(f, **kw)
+    return triton.jit(fn, **kw) if AVAILABLE else fn
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@_jit(do_not_specialize=["M"])
+def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm,
+                  group_size, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SCALE_ACC: tl.constexpr, RESHAPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[rm, rn] (or its K-split partial) = x[rm, perm[k]] @ ((q[k, rn] - z[g(k), rn]) * s[g(k), rn]) over the
+    program's K tiles [pid_k * TILES, +TILES). Grouped: BLOCK_K divides group_size."""
+    PER: tl.constexpr = 32 // BITS
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not GROUPED:
+        z0 = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.int32)
+        s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    kt0 = pid_k * TILES
+    for t in range(0, TILES):
+        k0 = (kt0 + t) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+        else:
+            cols = offs_k
+        a = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if RESHAPE:  # each word loaded once, expanded to its PER rows in registers
+            offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            w_mask = (offs_w < K // PER)[:, None] & n_mask[None, :]
+            words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :], mask=w_mask, other=0)
+            shifts = tl.arange(0, PER) * BITS
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & QMASK, (BLOCK_K, BLOCK_N))
+        else:  # row k reads word k // PER (each word PER times, from the L1)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            words = tl.load(qw_ptr + (offs_k // PER).to(tl.int64)[:, None] * N + rn[None, :], mask=w_mask, other=0)
+            q = (words >> ((offs_k % PER) * BITS)[:, None]) & QMASK
+        if GROUPED:
+            g = k0 // group_size
+            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)
+            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            if SCALE_ACC:
+                acc += tl.dot(a, (q - z[None, :]).to(dt)) * s[None, :]
+            else:
+                acc = tl.dot(a, ((q - z[None, :]).to(tl.float32) * s[None, :]).to(dt), acc)
+        else:
+            acc = tl.dot(a, (q - z0[None, :]).to(dt), acc)
+    if not GROUPED:
+        acc = acc * s0[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    if SPLIT:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_jit(do_not_specialize=["M"])
+def _int8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, TILES: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """int32 acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias
+    (or the int32 partial when split). a [M, K], w [N, K] int8 contiguous."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * K
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    kt0 = pid_k * TILES
+    for t in range(0, TILES):
+        offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    if SPLIT:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
+    else:
+        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_jit(do_not_specialize=["M"])
+def _split_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, SPLIT: tl.constexpr, SCALES: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = (sum_s part[s]) [* xs[row] * ws[col]] [+ bias], rounded to out's dtype. The sum runs in the
+    partials' dtype (float32, or int32: exact), in split order."""
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    acc = tl.load(part_ptr + offs, mask=mask, other=0)
+    for s in range(1, SPLIT):
+        acc += tl.load(part_ptr + (s * M).to(tl.int64) * N + offs, mask=mask, other=0)
+    y = acc.to(tl.float32)
+    if SCALES:
+        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        y = y * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
+                       FLOOR: tl.constexpr, STATIC: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of x -> q[r, :] = cast(clamp(x / s, -QMAX, QMAX)) (int8: rounded half to even first), s[r] = s;
+    s = max(amax(|x[r]|) / QMAX, FLOOR), or the static scale. IEEE division, as the reference."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    cols = tl.arange(0, BLOCK)
+    if STATIC:
+        s = tl.load(in_scale_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), FLOOR)
+    tl.store(s_ptr + row, s)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, tl.zeros((BLOCK,), dtype=tl.float32) + s)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if INT8:
+            v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |v| < 2^22 to an integer, ties to even
+        tl.store(q_ptr + row * K + k0 + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, group_size, BITS: tl.constexpr,
+                    HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w[perm[k], n] = (q[k, n] - z[g(k), n]) * s[g(k), n] in w's dtype (rows back in input-channel order)."""
+    PER: tl.constexpr = 32 // BITS
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (rn < N)[None, :]
+    words = tl.load(qw_ptr + (offs_k // PER).to(tl.int64)[:, None] * N + rn[None, :], mask=mask, other=0)
+    q = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+    g = (offs_k // group_size).to(tl.int64)[:, None] * N + rn[None, :]
+    z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.int32)
+    s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    rows = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0) if HAS_PERM else offs_k
+    tl.store(w_ptr + rows.to(tl.int64)[:, None] * N + rn[None, :],
+             ((q - z).to(tl.float32) * s).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration. split 0: chosen from the grid size (split-K when the (M, N) tiles are too few
+    to fill the GPU); otherwise that many K splits (rounded down to a divisor of the K tile count)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split: int = 0
+    scale_acc: bool = True  # wna16: scale the group's partial product (else the weight tile)
+    reshape: bool = True  # wna16: unpack words in registers (else one load per row of the tile)
+    dequant_mm: bool = False  # wna16: dequantize to a [K, N] buffer, then cuBLAS
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
+    """Fixed heuristics per M range (H100 measurements in bench/results/quant-gemm-h100.json)."""
+    if DEQUANT_MM_MIN_M is not None and m >= DEQUANT_MM_MIN_M:
+        return GemmConfig(128, 128, 64, dequant_mm=True)
+    if m <= 16:
+        return GemmConfig(16, 64, 128 if bits == 4 else 64, num_warps=4, num_stages=4)
+    if m <= 64:
+        return GemmConfig(32 if m <= 32 else 64, 64, 64, num_warps=4, num_stages=4)
+    if m <= 256:
+        return GemmConfig(64, 128, 64, num_warps=4, num_stages=4, scale_acc=False)
+    return GemmConfig(128, 128, 64, num_warps=8, num_stages=3, scale_acc=False)
+
+
+def int8_config(m: int, n: int, k: int) -> GemmConfig:
+    if m <= 16:
+        return GemmConfig(16, 64, 256, num_warps=4, num_stages=4)
+    if m <= 64:
+        return GemmConfig(32 if m <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
+    if m <= 256:
+        return GemmConfig(64, 128, 128, num_warps=4, num_stages=4)
+    return GemmConfig(128, 128, 128, num_warps=8, num_stages=3)
+
+
+def _choose_split(cfg: GemmConfig, tiles_mn: int, k_tiles: int, device: torch.device) -> int:
+    """Largest useful divisor of k_tiles: split until the grid holds ~2 waves, keeping >= 2 K tiles each."""
+    if cfg.split:
+        want = cfg.split
+    else:
+        target = 2 * _sm_count(device)
+        want = 1
+        while tiles_mn * want < target and k_tiles // (want * 2) >= 2:
+            want *= 2
+    want = max(1, min(want, k_tiles))
+    while k_tiles % want:
+        want -= 1
+    return want
+
+
+def _pow2_divisor(v: int, cap: int) -> int:
+    """Largest power of two <= cap dividing v."""
+    d = 1
+    while d * 2 <= cap and v % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+# -------------------------------------------------------------------------------------------- wna16
+
+def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
+                     bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as [K, N] in ``dtype`` with rows in input-channel order: y = x @ W (no gather of x)."""
+    k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    gs = k if group_size == -1 else group_size
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    bk, bn = 32, 128
+    _dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        qweight, scales, zeros, perm.contiguous() if perm is not None else qweight, w, n, k, gs, BITS=bits,
+        HAS_PERM=perm is not None, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+    return w
+
+
+def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+                      config: GemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 -> y [M, N] (module docstring); other dtypes/shapes use the reference."""
+    per = 32 // bits if bits in (4, 8) else 0
+    if (not per or x.dtype not in FAST_DTYPES or x.dim() != 2 or qweight.dim() != 2 or scales.dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype)):
+        return linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits, group_size)
+    m, k = x.shape
+    n = qweight.shape[1]
+    if k != qweight.shape[0] * per:
+        return linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits, group_size)
+    gs = k if group_size == -1 else group_size
+    grouped = scales.shape[0] > 1
+    cfg = config or wna16_config(m, n, k, bits)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    # the kernels index the weights as contiguous (artifact tensors are; anything else is copied per call)
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    perm_c = perm.contiguous() if perm is not None else None
+    if cfg.dequant_mm:
+        w = wna16_dequantize(qweight, scales, zeros, perm_c, bits, gs, x.dtype)
+        return torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
+    bk = cfg.block_k
+    if grouped:
+        bk = _pow2_divisor(gs, bk)  # a tile within one group
+        if bk < 16 or gs % per:
+            return linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits, group_size)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
+    k_tiles = triton.cdiv(k, bk)
+    split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _wna16_kernel[(tiles_n, tiles_m, split)](
+        x, qweight, scales, zeros, perm_c if perm_c is not None else qweight, bias if bias is not None else scales,
+        out, part, m, n, k, x.stride(0), gs, TILES=k_tiles // split, BITS=bits, GROUPED=grouped,
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, SCALE_ACC=cfg.scale_acc,
+        RESHAPE=cfg.reshape, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    if split > 1:
+        _reduce(part, None, None, bias, out)
+    return out
+
+
+def _reduce(part, xs, ws, bias, out):
+    split, m, n = part.shape
+    bm, bn = min(16, triton.next_power_of_2(m)), 256
+    _split_reduce_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        part, xs if xs is not None else part, ws if ws is not None else part, bias if bias is not None else part,
+        out, m, n, SPLIT=split, SCALES=xs is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+
+
+# --------------------------------------------------------------------------------------- activations
+
+def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes [M, K] in ``dtype`` (float8_e4m3fn or int8), float32 scales [M, 1]), as
+    quant_linear.quantize_activation_fp8 / _int8 (a static scale is repeated per row)."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=dtype, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        static = input_scale is not None
+        block = min(QUANT_BLOCK, triton.next_power_of_2(k))
+        _quant_rows_kernel[(m,)](
+            x, q, s, input_scale.float() if static else s, x.stride(0), K=k,
+            QMAX=INT8_MAX if dtype == torch.int8 else FP8_MAX, FLOOR=SCALE_FLOOR, STATIC=static,
+            INT8=dtype == torch.int8, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    return q, s
+
+
+# ---------------------------------------------------------------------------------------------- fp8
+
+_FP8_MODES = ("fused", "bias_after", "f32_out")
+_fp8_mode: dict[tuple, int] = {}  # (dtype, row-wise, has bias) -> index into _FP8_MODES that this torch accepts
+
+
+def _scaled_mm(xq, w, sa, sb, bias, dtype, mode: str):
+    if mode == "fused":
+        return torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=dtype)
+    if mode == "bias_after":
+        y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=dtype)
+        return y if bias is None else y + bias
+    one = torch.ones((), dtype=torch.float32, device=xq.device)
+    y = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    y = y * sa.reshape(-1, 1) * sb.reshape(1, -1)
+    return (y if bias is None else y + bias.float()).to(dtype)
+
+
+def linear_fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    m, k = x.shape if x.dim() == 2 else (0, 0)
+    n = weight.shape[0]
+    # _scaled_mm wants K and N multiples of 16 (cuBLASLt FP8 alignment); other shapes (none in supported
+    # models) and non-half dtypes take the reference
+    if (x.dim() != 2 or x.dtype not in FAST_DTYPES or k % 16 or n % 16 or weight.dtype != torch.float8_e4m3fn
+            or (bias is not None and bias.dtype != x.dtype)):
+        return linear_fp8_ref(x, weight, weight_scale, input_scale, bias)
+    if m == 0:
+        return x.new_empty((0, n))
+    xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
+    ws = weight_scale.float()
+    rowwise = not (input_scale is not None and ws.numel() == 1)
+    if rowwise:
+        sa = sx
+        sb = ws.reshape(1, n) if ws.numel() == n else ws.reshape(1, 1).expand(1, n).contiguous()
+    else:  # both per tensor: cuBLAS's tensor-wise scaling
+        sa, sb = input_scale.float().reshape(()), ws.reshape(())
+    key = (x.dtype, rowwise, bias is not None)
+    i = _fp8_mode.get(key, 0)
+    while True:
+        try:
+            y = _scaled_mm(xq, weight.contiguous(), sa, sb, bias, x.dtype, _FP8_MODES[i])
+            _fp8_mode[key] = i
+            return y
+        except (RuntimeError, ValueError, NotImplementedError):  # refused on the host, before any launch
+            if i + 1 == len(_FP8_MODES):
+                raise
+            i += 1
+
+
+# --------------------------------------------------------------------------------------------- int8
+
+def linear_int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     input_scale: torch.Tensor | None, bias: torch.Tensor | None, config: GemmConfig | None = None,
+                     use_int_mm: bool | None = None) -> torch.Tensor:
+    if (x.dim() != 2 or x.dtype not in FAST_DTYPES or weight.dtype != torch.int8 or weight.dim() != 2
+            or weight_scale.numel() != weight.shape[0] or (bias is not None and bias.dtype != x.dtype)):
+        return linear_int8_ref(x, weight, weight_scale, input_scale, bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    xq, sx = quantize_rows(x, input_scale, torch.int8)
+    ws = weight_scale.float().contiguous()
+    w = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    if use_int_mm is None:
+        use_int_mm = INT_MM_MIN_M is not None and m >= INT_MM_MIN_M
+    if use_int_mm and m > 16 and k % 8 == 0 and n % 8 == 0:  # _int_mm's limits (cuBLASLt int8)
+        acc = torch._int_mm(xq, w.t())
+        _reduce(acc.view(1, m, n), sx, ws, bias, out)
+        return out
+    cfg = config or int8_config(m, n, k)
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
+    part = torch.empty((split, m, n), dtype=torch.int32, device=x.device) if split > 1 else out
+    _int8_gemm_kernel[(tiles_n, tiles_m, split)](
+        xq, w, sx, ws, bias if bias is not None else ws, out, part, m, n, k, TILES=k_tiles // split,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        _reduce(part, sx, ws, bias, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------- registration
+
+def _wna16_op(x, qweight, scales, zeros, perm, bias, bits, group_size):
+    return linear_wna16_cuda(x, qweight, scales, zeros, perm, bias, bits, group_size)
+
+
+def _fp8_op(x, weight, weight_scale, input_scale, bias):
+    return linear_fp8_cuda(x, weight, weight_scale, input_scale, bias)
+
+
+def _int8_op(x, weight, weight_scale, input_scale, bias):
+    return linear_int8_cuda(x, weight, weight_scale, input_scale, bias)
+
+
+if AVAILABLE:
+    torch.library.register_kernel("spanda::linear_wna16", "cuda", _wna16_op)
+    torch.library.register_kernel("spanda::linear_fp8", "cuda", _fp8_op)
+    torch.library.register_kernel("spanda::linear_int8", "cuda", _int8_op)
