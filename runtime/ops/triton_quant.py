@@ -233,7 +233,10 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, group_size, BIT
     g = (offs_k // group_size).to(tl.int64)[:, None] * N + rn[None, :]
     z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.int32)
     s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    rows = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0) if HAS_PERM else offs_k
+    if HAS_PERM:
+        rows = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+    else:
+        rows = offs_k
     tl.store(w_ptr + rows.to(tl.int64)[:, None] * N + rn[None, :],
              ((q - z).to(tl.float32) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -379,7 +382,7 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 def _reduce(part, xs, ws, bias, out):
     split, m, n = part.shape
-    bm, bn = min(16, triton.next_power_of_2(m)), 256
+    bm, bn = min(16, max(2, triton.next_power_of_2(m))), 256
     _split_reduce_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         part, xs if xs is not None else part, ws if ws is not None else part, bias if bias is not None else part,
         out, m, n, SPLIT=split, SCALES=xs is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
