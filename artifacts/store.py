@@ -9,8 +9,11 @@ directory. A failed or interrupted build leaves the destination untouched and no
 (except after SIGKILL/power loss: then a `.NAME.tmp-*` dir may remain and can be deleted).
 
 Reading (`open_artifact`) checks the schema version, that every listed file exists with its size
-and, unless told not to, its sha256. `check_envelope` (from `artifacts.envelope`, re-exported here)
-compares the artifact's build envelope with the runtime's.
+and, unless told not to, its sha256. A loader that reads a file anyway (the weight shards) may defer
+that file's hash to the read itself (`open_artifact(..., defer_hashes=...)` then
+`Artifact.open_verified`): one pass over the bytes instead of two, and the file is still refused, by
+name, before the loader returns anything read from it. `check_envelope` (from `artifacts.envelope`,
+re-exported here) compares the artifact's build envelope with the runtime's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +56,7 @@ __all__ = [
     "ArtifactExistsError",
     "ArtifactIncompatibleError",
     "ArtifactWriter",
+    "VerifyingReader",
     "check_envelope",
     "current_envelope",
     "hash_tree",
@@ -267,11 +272,20 @@ class ArtifactWriter:
 
 
 class Artifact:
-    """An opened, verified artifact directory."""
+    """An opened artifact directory. Every listed file was checked for presence and size; its sha256 was
+    checked too, except for the names in ``unverified`` (deferred to `open_verified`, or not asked for)."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, unverified: Iterable[str] = ()) -> None:
         self.path = path
         self.manifest = manifest
+        self._deferred = set(unverified)
+        self._lock = threading.Lock()
+
+    @property
+    def unverified(self) -> frozenset[str]:
+        """Files whose sha256 must still be checked while they are read (`open_verified`)."""
+        with self._lock:
+            return frozenset(self._deferred)
 
     def file(self, name: str) -> Path:
         """Path of a file the manifest lists; ArtifactError for any other name."""
@@ -279,8 +293,89 @@ class Artifact:
             raise ArtifactError(f"artifact {self.path}: file {name!r} is not listed in its manifest")
         return self.path / name
 
+    def open_verified(self, name: str) -> VerifyingReader:
+        """A reader of a listed file that hashes what it reads if that file's hash was deferred at open;
+        closing it after the last byte raises ArtifactCorruptError (naming the file) on any mismatch."""
+        path = self.file(name)
+        with self._lock:
+            check = name in self._deferred
+        return VerifyingReader(self, name, path, check)
+
+    def _mark_verified(self, name: str) -> None:
+        with self._lock:
+            self._deferred.discard(name)
+
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, family={self.manifest.model.family!r})"
+
+
+class VerifyingReader:
+    """Reads one artifact file front to back (``readinto``), hashing the bytes as they pass when its hash
+    is due. Use as a context manager: a clean exit checks that exactly the listed size was read and, if due,
+    that the sha256 matches; either failure raises ArtifactCorruptError naming the file. Leaving by an
+    exception only closes the file. hashlib and file reads release the GIL: readers on several threads run
+    in parallel."""
+
+    def __init__(self, artifact: Artifact, name: str, path: Path, check: bool) -> None:
+        self.artifact, self.name, self.check = artifact, name, check
+        self.entry = artifact.manifest.files[name]
+        self._f = open(path, "rb")
+        self._hash = hashlib.sha256() if check else None
+        self.bytes_read = 0
+
+    def readinto(self, buf: Any) -> int:
+        """Fill ``buf`` (a writable buffer) as far as the file allows; returns the bytes read (0 at EOF)."""
+        view = memoryview(buf).cast("B")
+        n = 0
+        while n < len(view):
+            got = self._f.readinto(view[n:])
+            if not got:
+                break
+            n += got
+        if self._hash is not None and n:
+            self._hash.update(view[:n])
+        self.bytes_read += n
+        return n
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (fewer only at EOF), hashed like ``readinto``."""
+        buf = bytearray(n)
+        got = self.readinto(buf)
+        return bytes(buf[:got])
+
+    def close(self) -> None:
+        self._f.close()
+
+    def finish(self) -> None:
+        """Close, then check size and (if due) sha256 of everything read. Reads the rest if a caller stopped
+        early, so the hash always covers the whole file."""
+        try:
+            if self._hash is not None:
+                rest = bytearray(CHUNK)
+                while self.readinto(rest):
+                    pass
+        finally:
+            self.close()
+        root = self.artifact.path
+        if self.bytes_read != self.entry.size:
+            raise ArtifactCorruptError(root, self.name, "size", f"{self.entry.size} bytes",
+                                       f"{self.bytes_read} bytes")
+        if self._hash is not None:
+            digest = self._hash.hexdigest()
+            if digest != self.entry.sha256:
+                raise ArtifactCorruptError(root, self.name, "sha256", self.entry.sha256, digest)
+            self.artifact._mark_verified(self.name)
+            log.info("verified %s (%s, sha256 ok, while loading)", self.name, format_size(self.entry.size))
+
+    def __enter__(self) -> VerifyingReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.close()
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -309,13 +404,16 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         ) from None
 
 
-def verify_files(root: Path, manifest: Manifest, *, check_hashes: bool = True) -> None:
-    """Check that every listed file exists with its size (and sha256); warn about unlisted files.
+def verify_files(root: Path, manifest: Manifest, *, check_hashes: bool = True,
+                 skip_hashes: Iterable[str] = ()) -> None:
+    """Check that every listed file exists with its size (and sha256, except for ``skip_hashes``); warn
+    about unlisted files.
 
     Hashes are computed on a thread pool (hashlib releases the GIL), so a sharded 16 GB model verifies in
     the time of its largest shard rather than of the whole model. Errors name the first bad file in order.
     """
     items = sorted(manifest.files.items())
+    skip = set(skip_hashes)
     for name, entry in items:
         p = root / name
         if not p.is_file():
@@ -323,7 +421,8 @@ def verify_files(root: Path, manifest: Manifest, *, check_hashes: bool = True) -
         size = p.stat().st_size
         if size != entry.size:
             raise ArtifactCorruptError(root, name, "size", f"{entry.size} bytes", f"{size} bytes")
-    if check_hashes:
+    items = [item for item in items if item[0] not in skip]
+    if check_hashes and items:
         workers = min(16, os.cpu_count() or 1, len(items)) or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
             digests = pool.map(lambda item: sha256_file(root / item[0]), items)
@@ -338,10 +437,21 @@ def verify_files(root: Path, manifest: Manifest, *, check_hashes: bool = True) -
         )
 
 
-def open_artifact(path: str | os.PathLike[str], verify: bool = True) -> Artifact:
+def open_artifact(path: str | os.PathLike[str], verify: bool = True,
+                  defer_hashes: Iterable[str] | Callable[[Manifest], Iterable[str]] = ()) -> Artifact:
     """Open an artifact: manifest, schema version, every file's presence and size, and (verify=True)
-    every sha256. Raises ArtifactError / ArtifactIncompatibleError / ArtifactCorruptError."""
+    every sha256. Raises ArtifactError / ArtifactIncompatibleError / ArtifactCorruptError.
+
+    ``defer_hashes``: listed files (or a function of the manifest giving them) that the caller will read
+    whole through `Artifact.open_verified`, which hashes them as it reads; their presence and size are
+    still checked here. Ignored when verify=False.
+    """
     root = Path(path)
     manifest = read_manifest(root)
-    verify_files(root, manifest, check_hashes=verify)
-    return Artifact(root, manifest)
+    names = defer_hashes(manifest) if callable(defer_hashes) else defer_hashes
+    deferred = set(names) if verify else set()
+    unknown = sorted(deferred - set(manifest.files))
+    if unknown:
+        raise ArtifactError(f"artifact {root}: cannot defer the hash of unlisted file(s) {unknown}")
+    verify_files(root, manifest, check_hashes=verify, skip_hashes=deferred)
+    return Artifact(root, manifest, unverified=deferred)

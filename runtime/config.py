@@ -19,7 +19,8 @@ class EngineOptions:
 
     device: "cpu", "cuda", "cuda:N" or None (CUDA if available, else CPU; env SPANDA_DEVICE).
     kv_cache_blocks: number of KV blocks; None = the artifact's, else sized from memory.
-    gpu_memory_utilization: fraction of free GPU memory the KV cache may take when sizing it.
+    gpu_memory_utilization: fraction of the GPU memory left free once the weights are loaded that the KV
+        cache may take when sizing it.
     verify: check every artifact file's sha256 at load (size is always checked).
     allow_envelope_mismatch: run on a torch/GPU the artifact was not built for (with a warning).
     cuda_graphs: capture decode steps per batch bucket on CUDA (False = always eager, for debugging).

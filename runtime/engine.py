@@ -50,7 +50,9 @@ class LLMEngine:
         self.load_seconds: dict[str, float] = {}  # phase -> seconds, for cold-start profiles
         t = time.perf_counter()
         if not isinstance(artifact, Artifact):
-            artifact = open_artifact(artifact, verify=opts.verify)
+            # Weight shards are hashed while they are read for loading (one pass over their bytes); the
+            # loader refuses a shard that fails its hash, by name, before the engine exists.
+            artifact = open_artifact(artifact, verify=opts.verify, defer_hashes=lambda m: m.weights.files)
         self.artifact = artifact
         self.load_seconds["open_and_verify"] = time.perf_counter() - t
         m = self.artifact.manifest
@@ -58,22 +60,32 @@ class LLMEngine:
             m, device=self.device.type, gpu_arch=_gpu_arch(self.device),
             torch_version=torch.__version__.split("+")[0], allow_mismatch=opts.allow_envelope_mismatch,
         )
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            t = time.perf_counter()
+            torch.cuda.init()
+            torch.empty(1, device=self.device)  # the context, here rather than inside a later phase
+            self.load_seconds["cuda_init"] = time.perf_counter() - t
         self.tokenizer = Tokenizer.from_dir(self.artifact.path)
         self.eos_token_ids = set(m.tokenizer.eos_token_ids)
         lim = m.limits
         spec = KVCacheSpec.from_manifest(m, getattr(torch, lim.kv_dtype))
         page = lim.kv_page_size
-        num_blocks = opts.kv_cache_blocks or lim.kv_cache_blocks
-        if num_blocks is None:
+
+        def kv_blocks() -> int:  # called once the weights are on the device
+            if opts.kv_cache_blocks or lim.kv_cache_blocks:
+                return opts.kv_cache_blocks or lim.kv_cache_blocks
             max_blocks = -(-lim.max_seq_len // page) * lim.max_batch
-            num_blocks = size_kv_cache(spec.bytes_per_block, self.device, opts.gpu_memory_utilization, max_blocks)
-        on_gpu = self.device.type == "cuda"
+            return size_kv_cache(spec.bytes_per_block, self.device, opts.gpu_memory_utilization, max_blocks)
+
         t = time.perf_counter()
         self.kernels = KernelCache(self.artifact, _gpu_arch(self.device), opts.allow_jit) if on_gpu else None
         self.load_seconds["kernel_cache"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.runner = ModelRunner(self.artifact, self.device, spec, num_blocks)
+        self.runner = ModelRunner(self.artifact, self.device, spec, kv_blocks)
         self.load_seconds["graph_weights_kv"] = time.perf_counter() - t
+        self.load_seconds.update({f"graph_weights_kv.{k}": v for k, v in self.runner.load_seconds.items()})
+        num_blocks = self.runner.num_kv_blocks
         t = time.perf_counter()
         if opts.cuda_graphs and on_gpu:
             self.runner.enable_cuda_graphs(list(lim.batch_buckets), lim.max_seq_len)

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 import runtime.ops  # noqa: F401  (registers torch.ops.spanda.* before the graph loads)
 from artifacts.store import Artifact
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.scheduler import SchedulerOutput
+from runtime.weight_loader import load_weights
 
 log = logging.getLogger("spanda.runtime")
 
@@ -44,36 +46,58 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
 
 
-def load_graph_module(artifact: Artifact, device: torch.device) -> torch.nn.Module:
-    """The exported graph with the artifact's weights bound (assign: no second copy of any tensor)."""
+def load_graph_module(artifact: Artifact, device: torch.device, timings: dict[str, float] | None = None
+                      ) -> torch.nn.Module:
+    """The exported graph with the artifact's weights bound (assign: no second copy of any tensor).
+
+    The weight shards stream to the device (and are hashed, when deferred at open) on worker threads while
+    this thread deserializes the graph, which is pure Python work. ``timings`` receives the seconds of
+    each ("graph_export_load" on this thread, "weights_read" on the workers) and of the wait between."""
     m = artifact.manifest
     t0 = time.perf_counter()
-    ep = torch.export.load(str(artifact.file(m.graph.file)))
-    gm = ep.module()
-    state: dict[str, torch.Tensor] = {}
-    for shard in m.weights.files:
-        with safe_open(str(artifact.file(shard)), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                state[name] = f.get_tensor(name)
-        log.info("loaded %s", shard)
+    with ThreadPoolExecutor(1, thread_name_prefix="spanda-load") as ex:
+        def timed_weights() -> tuple[dict[str, torch.Tensor], float]:
+            t = time.perf_counter()
+            return load_weights(artifact, device), time.perf_counter() - t
+
+        weights = ex.submit(timed_weights)
+        ep = torch.export.load(str(artifact.file(m.graph.file)))
+        gm = ep.module()
+        t_graph = time.perf_counter() - t0
+        state, t_weights = weights.result()
     gm.load_state_dict(state, strict=True, assign=True)
-    log.info("graph and %d tensors loaded to %s in %.2f s", len(state), device, time.perf_counter() - t0)
+    total = time.perf_counter() - t0
+    if timings is not None:
+        timings.update(graph_export_load=t_graph, weights_read=t_weights, graph_and_weights=total)
+    log.info("graph (%.2f s) and %d tensors (%.2f s, in parallel) loaded to %s in %.2f s", t_graph, len(state),
+             t_weights, device, total)
     return gm
 
 
 class ModelRunner:
-    def __init__(self, artifact: Artifact, device: torch.device, kv_spec: KVCacheSpec, num_kv_blocks: int):
+    def __init__(self, artifact: Artifact, device: torch.device, kv_spec: KVCacheSpec,
+                 num_kv_blocks: int | Callable[[], int]):
+        """``num_kv_blocks``: a count, or a function called once the weights are on the device (so the cache
+        can be sized from the memory they leave free)."""
         self.device = device
-        self.graph = load_graph_module(artifact, device)
+        self.load_seconds: dict[str, float] = {}
+        self.graph = load_graph_module(artifact, device, self.load_seconds)
         self.kv_spec = s = kv_spec
         self.num_tokens_computed = 0  # tokens run through the model since load (metrics, tests)
         self.graphs = None  # runtime.cuda_graphs.DecodeGraphs once captured
+        t = time.perf_counter()
+        self.num_kv_blocks = num_kv_blocks() if callable(num_kv_blocks) else num_kv_blocks
+        # torch.empty, not zeros: no kernel reads a slot before this step or an earlier one wrote it (the
+        # attention kernels mask every position >= seq_len; CUDA-graph padding rows write nothing and their
+        # outputs are dropped), so zero-filling tens of GB would buy nothing.
         self.kv_caches = [
-            torch.zeros(2, num_kv_blocks, s.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device)
+            torch.empty(2, self.num_kv_blocks, s.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype,
+                        device=device)
             for _ in range(s.num_layers)
         ]
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_kv_blocks, s.page_size,
-                 num_kv_blocks * s.bytes_per_block / 2**20)
+        self.load_seconds["kv_alloc"] = time.perf_counter() - t
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, s.page_size,
+                 self.num_kv_blocks * s.bytes_per_block / 2**20)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:

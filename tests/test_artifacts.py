@@ -172,6 +172,44 @@ def test_corrupt_byte_named(tmp_path: Path) -> None:
     open_artifact(out, verify=False)  # sizes still match: only the hash catches it
 
 
+def test_deferred_hash_is_checked_by_the_read_that_loads_the_file(tmp_path: Path) -> None:
+    """The runtime hashes weight shards while it reads them for loading: open_artifact only checks their
+    size, and the read refuses a corrupted shard by name once it has seen every byte."""
+    out = tmp_path / "art"
+    build(out)
+    p = out / "weights-00001.safetensors"
+    data = bytearray(WEIGHTS)
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ArtifactCorruptError, match="weights-00001.safetensors"):
+        open_artifact(out)  # not deferred: refused at open
+    art = open_artifact(out, defer_hashes=lambda m: m.weights.files)
+    assert art.unverified == {"weights-00001.safetensors"}
+    with pytest.raises(ArtifactCorruptError, match="weights-00001.safetensors") as ei:
+        with art.open_verified("weights-00001.safetensors") as r:
+            assert r.read(100) == WEIGHTS[:100]  # stops early: closing still hashes the rest
+    assert ei.value.check == "sha256" and ei.value.expected == hashlib.sha256(WEIGHTS).hexdigest()
+    assert art.unverified == {"weights-00001.safetensors"}
+    p.write_bytes(WEIGHTS)
+    with art.open_verified("weights-00001.safetensors") as r:
+        buf = bytearray(len(WEIGHTS))
+        assert r.readinto(buf) == len(WEIGHTS) and bytes(buf) == WEIGHTS
+    assert art.unverified == frozenset()
+    with pytest.raises(ArtifactError, match="unlisted.*nope.bin"):
+        open_artifact(out, defer_hashes=["nope.bin"])
+
+
+def test_deferred_file_that_shrinks_before_the_read_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    build(out)
+    art = open_artifact(out, defer_hashes=["weights-00001.safetensors"], verify=False)
+    assert art.unverified == frozenset()  # verify=False: nothing is hashed, the size is still checked
+    (out / "weights-00001.safetensors").write_bytes(WEIGHTS[:-1])
+    with pytest.raises(ArtifactCorruptError, match=r"weights-00001.safetensors.*size"):
+        with art.open_verified("weights-00001.safetensors") as r:
+            r.read(len(WEIGHTS))
+
+
 def test_truncated_file(tmp_path: Path) -> None:
     out = tmp_path / "art"
     build(out)
