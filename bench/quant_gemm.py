@@ -4,9 +4,9 @@ against bf16 cuBLAS and against the library kernels they build on.
     python bench/quant_gemm.py --out bench/results/quant-gemm-h100.json [--sweep] [--sweep-budget 150]
 
 Shapes (K -> N): qkv 4096 -> 6144, o 4096 -> 4096, gate_up 4096 -> 28672, down 14336 -> 4096; M = 1, 16, 4096
-tokens; bf16 activations. Columns, microseconds per call (median of triton.testing.do_bench over replays of a
-CUDA graph holding one call: the L2 is flushed before each replay, so weights come from HBM as in a decode
-step; the graph keeps host launch cost out):
+tokens; bf16 activations. Columns, microseconds per call (median over replays of a
+CUDA graph holding one call, events around each replay; the L2 is emptied before each replay by reading a
+256 MiB buffer, so weights come from HBM as in a decode step; the graph keeps host launch cost out):
     bf16      torch.mm(x, W.t()) (cuBLAS), the baseline of every speedup
     w4a16     spanda linear_wna16, 4-bit, group 128 (ours; heuristic config)   w8a16: 8-bit, group 128
     fp8       spanda linear_fp8, dynamic per-token activation scales, per-channel weight scales (ours: the
@@ -44,12 +44,32 @@ GROUP = 128
 spanda = torch.ops.spanda
 
 
-def bench_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+_FLUSH: list[torch.Tensor] = []
+
+
+def bench_us(fn, reps: int = 40) -> float:
+    """Median GPU time of fn (event pairs around each call) with the L2 emptied before each call by *reading* a
+    256 MiB buffer: its lines are left clean, so the timed call pays no write-back of someone else's dirty
+    lines (do_bench's flush writes its buffer, and a kernel reading tens of MB then also pays for writing the
+    flush back: a floor of ~20 us on every GEMV-sized call here)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.randn(2**26, device="cuda"))
+        _FLUSH.append(torch.empty((), device="cuda"))
+    buf, sink = _FLUSH
+    for _ in range(3):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in ev:
+        torch.sum(buf, dim=0, out=sink)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in ev)[reps // 2] * 1e3
 
 
 def graph_us(fn) -> float:
-    """GPU time of one call, replayed from a CUDA graph (L2 flushed before each replay by do_bench)."""
+    """GPU time of one call, replayed from a CUDA graph (L2 emptied before each replay)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -88,13 +108,23 @@ def wna16_weights(k: int, n: int, bits: int):
 
 def sweep_configs(m: int) -> list[tq.GemmConfig]:
     if m <= 16:
-        out = [tq.GemmConfig(16, bn, bk, num_warps=4, num_stages=st, reshape=r)
-               for bn in (32, 64, 128) for bk in (64, 128) for st in (3, 5) for r in (True, False)]
-        return out + [tq.GemmConfig(16, 64, 128, num_stages=4, split=s) for s in (1, 2, 4, 8, 16)]
-    return [tq.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st, scale_acc=a, reshape=r)
+        out = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=3) for bn, bk, w in (
+            (32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 2), (128, 64, 4), (128, 128, 4), (128, 128, 8))]
+        out += [tq.GemmConfig(16, 64, 128, num_stages=4), tq.GemmConfig(16, 64, 128, num_stages=3, reshape=False)]
+        return out + [tq.GemmConfig(16, 64, 128, num_stages=3, split=s) for s in (1, 2, 4, 8, 16)]
+    return [tq.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st, scale_acc=a)
             for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 128, 128, 8, 3))
-            for a in (False, True) for r in (True, False)] + [tq.GemmConfig(128, 128, 64, dequant_mm=True)]
+            for a in (False, True)] + [tq.GemmConfig(128, 128, 64, dequant_mm=True)]
+
+
+def int8_sweep_configs(m: int) -> list[tq.GemmConfig]:
+    if m <= 16:
+        return [tq.GemmConfig(16, bn, bk, num_warps=4, num_stages=st) for bn, bk, st in (
+            (64, 256, 4), (128, 256, 3), (64, 128, 4), (32, 256, 4), (64, 512, 3))]
+    return [tq.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in (
+        (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
+        (128, 128, 128, 4, 4), (64, 128, 128, 4, 4))]
 
 
 def main() -> None:
@@ -111,7 +141,8 @@ def main() -> None:
           flush=True)
     meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__, dtype=str(DTYPE), group_size=GROUP,
                 copy_gb_s=bw / 1e9, sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                timing="median do_bench over CUDA-graph replays, L2 flushed before each")
+                timing="median of 40 CUDA-graph replays (events), L2 emptied by a 256 MiB read before each")
+    meta["floor_us"] = graph_us(lambda: torch.empty(1, device="cuda").add_(1))  # one tiny kernel, same method
     rows, sweep = [], []
 
     def dump():
@@ -129,7 +160,7 @@ def main() -> None:
             rows.append(r)
             print(line(r), flush=True)
             if args.sweep:
-                run_sweep(name, x, wts["w4"], sweep, sweep_deadline)
+                run_sweep(name, x, wts, sweep, sweep_deadline)
             dump()
         wts.clear()
         torch.cuda.empty_cache()
@@ -156,6 +187,10 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
     r = dict(shape=name, m=m, k=k, n=n, flop=2 * m * n * k,
              weight_bytes=dict(bf16=2 * k * n, w4a16=w4[3], w8a16=w8[3], fp8=fp8_b, int8=fp8_b))
     r["bf16_us"] = try_us(lambda: torch.mm(x, w.t()))
+    if m == 1:
+        r["bf16_dobench_us"] = triton.testing.do_bench(lambda: torch.mm(x, w.t()), return_mode="median") * 1e3
+        r["w4a16_dobench_us"] = triton.testing.do_bench(
+            lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP), return_mode="median") * 1e3
     r["w4a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP))
     r["w4a16_config"] = str(tq.wna16_config(m, n, k, 4))
     r["w8a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w8[:3], None, None, 8, GROUP))
@@ -180,14 +215,21 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
     return r
 
 
-def run_sweep(name: str, x: torch.Tensor, w4, sweep: list, deadline: float) -> None:
+def run_sweep(name: str, x: torch.Tensor, wts: dict, sweep: list, deadline: float) -> None:
     m = x.shape[0]
-    for cfg in sweep_configs(m):
+    w4, i8 = wts["w4"], wts["i8"]
+    jobs = [("w4a16", cfg, lambda cfg=cfg: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg))
+            for cfg in sweep_configs(m)]
+    jobs += [("int8", cfg, lambda cfg=cfg: tq.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
+                                                               config=cfg, use_int_mm=False))
+             for cfg in int8_sweep_configs(m)]
+    for op, cfg, fn in jobs:
         if time.monotonic() > deadline:
             return
-        us = try_us(lambda cfg=cfg: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg))
-        sweep.append(dict(shape=name, m=m, bits=4, config=str(cfg), us=us))
-        print(f"    sweep w4a16 {name} M={m} {cfg}: {us if us is None else round(us, 2)} us", flush=True)
+        us = try_us(fn)
+        sweep.append(dict(shape=name, m=m, op=op, config=str(cfg), us=us))
+        short = str(cfg).replace("GemmConfig", "").replace("block_", "").replace("num_", "")
+        print(f"    sweep {op} {name} M={m} {short}: {us if us is None else round(us, 2)} us", flush=True)
 
 
 def derive(r: dict) -> None:

@@ -74,6 +74,20 @@ def to(device, *ts):
     return [t.to(device) if t is not None else None for t in ts]
 
 
+def cuda_quant_ref(x: torch.Tensor, input_scale, dtype):
+    """quantize_activation_fp8 / _int8 as torch computes them on CUDA, for the CPU interpreter test: torch divides
+    a CUDA tensor by a Python scalar through the float32 reciprocal (amax / 448 -> amax * float32(1 / 448)),
+    the CPU truly divides; the two scales can differ in the last bit."""
+    qmax = 448.0 if dtype == torch.float8_e4m3fn else 127.0
+    xf = x.float()
+    if input_scale is None:
+        s = (xf.abs().amax(-1, keepdim=True) * torch.tensor(1 / qmax, dtype=torch.float32)).clamp_min(1e-12)
+    else:
+        s = input_scale.float().reshape(1, 1)
+    v = (xf / s).clamp(-qmax, qmax)
+    return (v.to(dtype) if dtype == torch.float8_e4m3fn else torch.round(v).to(dtype)), s
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 WNA16_CASES = [  # bits, group size, act-order, bias, dtype, K, N
@@ -285,7 +299,7 @@ def _interpreter_main() -> None:
         for static in (False, True):
             sc = torch.tensor([0.02]) if static else None
             q, s = tq.quantize_rows(x, sc, torch.float8_e4m3fn)
-            q_ref, s_ref = quantize_activation_fp8(x, sc)
+            q_ref, s_ref = cuda_quant_ref(x, sc, torch.float8_e4m3fn)
             assert torch.equal(s, s_ref.expand(m, 1)), "fp8 scales"
             # the interpreter's float32 -> e4m3 cast rounds ties away from zero and drops the carry when rounding
             # up into the next binade (124.3 -> 64, not 128); within one e4m3 step here, exact in the GPU test
@@ -294,7 +308,7 @@ def _interpreter_main() -> None:
             assert bool(((qf - rf).abs() <= rf.abs() / 8).logical_or(carry).all()), "fp8 codes"
             assert (qf == rf).float().mean() > 0.9, "fp8 codes"
             q, s = tq.quantize_rows(x, sc, torch.int8)
-            q_ref, s_ref = quantize_activation_int8(x, sc)
+            q_ref, s_ref = cuda_quant_ref(x, sc, torch.int8)
             assert torch.equal(q, q_ref) and torch.equal(s, s_ref.expand(m, 1)), "int8 quantization"
     ties = (torch.randint(-300, 300, (2, 64), generator=g) * 0.25).to(dtype)  # x / 0.5 hits every .5 tie
     q, _ = tq.quantize_rows(ties, torch.tensor([0.5]), torch.int8)
