@@ -15,7 +15,7 @@ Token layout of one step (all scheduled sequences concatenated)::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +50,37 @@ class AttentionMetadata:
         return max((q[i + 1] - q[i] for i in range(len(q) - 1)), default=0)
 
 
+class KVCaches(list):
+    """The per-layer cache tensors of a runner, with ``scales``: each layer's (k_scale, v_scale) when the cache
+    is quantized (fp8/int8), else None. The scales travel with the tensors, so every ForwardContext built over
+    them (eager steps, CUDA-graph capture) sees them."""
+
+    def __init__(self, caches: Iterable[torch.Tensor], scales: Sequence[tuple[float, float]] | None = None):
+        super().__init__(caches)
+        self.scales = None if scales is None else [(float(k), float(v)) for k, v in scales]
+        if self.scales is not None and len(self.scales) != len(self):
+            raise ValueError(f"{len(self.scales)} KV scale pairs for {len(self)} layers")
+
+
 @dataclass
 class ForwardContext:
-    """kv_caches[layer]: [2, num_blocks, page_size, num_kv_heads, head_dim] (0 = keys, 1 = values)."""
+    """kv_caches[layer]: [2, num_blocks, page_size, num_kv_heads, head_dim] (0 = keys, 1 = values).
+
+    kv_scales[layer]: (k_scale, v_scale) Python floats of a quantized (fp8/int8) cache, passed to the kernels
+    as launch arguments (constant per layer, so CUDA-graph capture bakes them in; no device reads, no syncs).
+    None: taken from ``kv_caches.scales`` when it is a :class:`KVCaches`, else every scale is 1."""
 
     kv_caches: list[torch.Tensor]
     attn: AttentionMetadata
+    kv_scales: Sequence[tuple[float, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_scales is None:
+            self.kv_scales = getattr(self.kv_caches, "scales", None)
+
+    def kv_scale(self, layer_idx: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of a layer's cache (1.0, 1.0 when the context carries none)."""
+        return (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer_idx]
 
 
 _CURRENT: ForwardContext | None = None

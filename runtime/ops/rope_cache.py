@@ -18,13 +18,16 @@ from runtime.ops.rotary import rotary_embedding_ref
 
 def rope_and_cache_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       head_dim: int, num_kv_heads: int) -> torch.Tensor:
-    """q: [T, Hq*D], k/v: [T, Hkv*D]; kv_cache: [2, NB, page, Hkv, D] (written in place) -> q rotated."""
+                       head_dim: int, num_kv_heads: int, k_scale: float = 1.0, v_scale: float = 1.0
+                       ) -> torch.Tensor:
+    """q: [T, Hq*D], k/v: [T, Hkv*D]; kv_cache: [2, NB, page, Hkv, D] (written in place) -> q rotated.
+    The rotated keys (in the activation dtype) and the values are quantized with k_scale/v_scale when the
+    cache is fp8/int8."""
     qr, kr = rotary_embedding_ref(positions, q, k, cos_sin_cache, head_dim)
     t = q.shape[0]
     keep = slot_mapping >= 0
     write_kv_ref(kv_cache, kr.view(t, num_kv_heads, head_dim)[keep], v.reshape(t, num_kv_heads, head_dim)[keep],
-                 slot_mapping[keep])
+                 slot_mapping[keep], k_scale, v_scale)
     return qr
 
 
@@ -33,7 +36,7 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                    cos_sin_cache: torch.Tensor, layer_idx: int, head_dim: int, num_kv_heads: int) -> torch.Tensor:
     ctx = get_forward_context()
     return rope_and_cache_ref(positions, q, k, v, cos_sin_cache, ctx.kv_caches[layer_idx], ctx.attn.slot_mapping,
-                              head_dim, num_kv_heads)
+                              head_dim, num_kv_heads, *ctx.kv_scale(layer_idx))
 
 
 @rope_and_cache.register_fake
@@ -47,7 +50,8 @@ def paged_attention_cached(q: torch.Tensor, layer_idx: int, num_heads: int, num_
     """Like spanda::paged_attention, but this step's keys/values are already in the cache. q: [T, Hq*D]."""
     ctx = get_forward_context()
     t = q.shape[0]
-    out = attend_ref(q.view(t, num_heads, head_dim), ctx.kv_caches[layer_idx], ctx.attn, scale, sliding_window)
+    out = attend_ref(q.view(t, num_heads, head_dim), ctx.kv_caches[layer_idx], ctx.attn, scale, sliding_window,
+                     *ctx.kv_scale(layer_idx))
     return out.view(t, num_heads * head_dim)
 
 

@@ -16,6 +16,10 @@ it writes them to partial buffers and ``_decode_reduce_kernel`` merges them:
 ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``. With S == 1 the split writes ``out`` itself.
 The split boundaries are computed on the device from ``seq_lens``, so S is the only host decision and a
 captured CUDA graph stays correct as contexts grow.
+
+An fp8/int8 cache: K/V tiles are widened to q's dtype after the load (exact), the key scale is folded into
+``scale`` by the caller and the value scale multiplies the output (``v_scale``), so the loop is unchanged and
+reads half the bytes of a bf16 cache.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qt, stride_qh, stride_cslot, stride_bt, stride_ot, stride_oh,
-    page, group, head_dim, window, n_splits, scale_log2,
+    page, group, head_dim, window, n_splits, scale_log2, v_scale,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -121,8 +125,8 @@ def _decode_split_kernel(
         slot = blk.to(tl.int64) * page + pos % page
         offs = slot[:, None] * stride_cslot + kv_col[None, :]
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # fp8/int8 cache: widened
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k)) * scale_log2
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -136,9 +140,9 @@ def _decode_split_kernel(
         row = (b * n_splits + s) * (tl.num_programs(0) * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
         tl.store(part_m_ptr + row, m_i)
         tl.store(part_l_ptr + row, l_i)
-        tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc)
+        tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc * v_scale)
     else:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
@@ -173,8 +177,10 @@ def _decode_reduce_kernel(
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      query_start_loc: torch.Tensor, max_ctx: int, scale: float, sliding_window: int | None,
-                     out: torch.Tensor, cfg: DecodeConfig | None = None, num_sms: int | None = None) -> torch.Tensor:
-    """q: [T, Hq, D] (last dim contiguous), kv_cache: [2, NB, page, Hkv, D] contiguous,
+                     out: torch.Tensor, cfg: DecodeConfig | None = None, num_sms: int | None = None,
+                     v_scale: float = 1.0) -> torch.Tensor:
+    """q: [T, Hq, D] (last dim contiguous), kv_cache: [2, NB, page, Hkv, D] contiguous (q's dtype, or fp8/int8
+    with the key scale folded into ``scale`` and the value scale in ``v_scale``),
     block_tables: [B, W] int32, seq_lens: [B] int32, query_start_loc: [B+1] int32 with every query length
     in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only). Writes out: [T, Hq, D]."""
     _, num_heads, head_dim = q.shape
@@ -184,7 +190,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         return out
     group = num_heads // num_kv_heads
     if cfg is None:
-        cfg = select_config(decode_key(num_seqs, max_ctx, num_heads, num_kv_heads, head_dim, page, q.dtype))
+        cfg = select_config(decode_key(num_seqs, max_ctx, num_heads, num_kv_heads, head_dim, page, kv_cache.dtype))
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     eff_ctx = min(max_ctx, sliding_window) if sliding_window else max_ctx
@@ -204,7 +210,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        page, group, head_dim, sliding_window or 0, n_splits, scale * log2e,
+        page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -11,6 +11,9 @@ tile (row r = token r // G, head h*G + r % G), so each K/V tile is loaded once f
         [full_hi, q_hi) diagonal                     -> mask key_pos <= q_pos (and > q_pos - window)
     key position pos -> slot block_tables[b, pos // page] * page + pos % page, gathered per row of a tile
 
+An fp8/int8 cache: K/V tiles are widened to q's dtype after the load, the key scale is folded into ``scale``
+by the caller and the value scale multiplies the output (``v_scale``).
+
 Tiles are issued longest first (tile index reversed) so the causal tail does not straggle. Programs whose
 tile lies past their sequence's query length exit at once (the grid is sized from the host's longest
 query, so no host synchronization is needed).
@@ -65,7 +68,7 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, kv_col, d_m
         kv_mask = d_mask[None, :]
     slot = blk.to(tl.int64) * page + pos % page
     offs = slot[:, None] * stride_cslot + kv_col[None, :]
-    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # fp8/int8 cache: widened (exact)
     qk = tl.dot(q, tl.trans(k)) * scale_log2
     if MASKED:
         keep = pos[None, :] <= q_pos[:, None]
@@ -79,7 +82,7 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, kv_col, d_m
     p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
@@ -88,7 +91,7 @@ def _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, kv_col, d_m
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     stride_qt, stride_qh, stride_cslot, stride_bt, stride_ot, stride_oh,
-    page, group, head_dim, window, scale_log2,
+    page, group, head_dim, window, scale_log2, v_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     h = tl.program_id(0)
@@ -132,23 +135,24 @@ def _prefill_kernel(
     for start in range(full_hi, q_hi, BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row, kv_col, d_mask, q_pos,
                                      start, q_hi, page, window, stride_cslot, scale_log2, BLOCK_N, True, HAS_WINDOW)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, max_query_len: int, scale: float, sliding_window: int | None,
-                      out: torch.Tensor, cfg: PrefillConfig | None = None) -> torch.Tensor:
+                      out: torch.Tensor, cfg: PrefillConfig | None = None, v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, Hq, D] (last dim contiguous), kv_cache: [2, NB, page, Hkv, D] contiguous (already holding this
     step's keys/values), block_tables: [B, W] int32, seq_lens: [B] int32, query_start_loc: [B+1] int32;
-    max_query_len: host bound on the query lengths (sizes the grid only). Writes out: [T, Hq, D]."""
+    max_query_len: host bound on the query lengths (sizes the grid only). Writes out: [T, Hq, D].
+    An fp8/int8 cache: the key scale folded into ``scale``, the value scale in ``v_scale``."""
     _, num_heads, head_dim = q.shape
     _, _, page, num_kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     if cfg is None:
-        cfg = select_config(prefill_key(num_heads, num_kv_heads, head_dim, page, q.dtype))
+        cfg = select_config(prefill_key(num_heads, num_kv_heads, head_dim, page, kv_cache.dtype))
     block_m = max(cfg.block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
     if num_seqs == 0 or max_query_len == 0:
@@ -157,7 +161,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     _prefill_kernel[grid](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc, out,
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
-        page, group, head_dim, sliding_window or 0, scale * 1.4426950408889634,
+        page, group, head_dim, sliding_window or 0, scale * 1.4426950408889634, float(v_scale),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         HAS_WINDOW=bool(sliding_window),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

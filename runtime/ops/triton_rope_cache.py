@@ -2,7 +2,9 @@
 
 One program per token: cos/sin of its position (rounded to the activation dtype, as the reference),
 every q head rotated to the output, every k head rotated straight into the cache row
-``slot_mapping[t]`` and v copied beside it (slot < 0: a padding token, nothing written).
+``slot_mapping[t]`` and v copied beside it (slot < 0: a padding token, nothing written). An fp8/int8 cache
+gets the rotated keys (rounded to the activation dtype, as the reference) and the values quantized with the
+layer's scales (``triton_attention._quantize_kv``).
 """
 
 from __future__ import annotations
@@ -18,18 +20,37 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from runtime.ops.triton_attention import _fast_ok, attend
+    from runtime.ops.triton_attention import KV_QUANT_DTYPES, _fast_ok, _quantize_kv, attend, kv_quant_mode
     from runtime.ops.triton_elementwise import _rotate_heads
 else:  # CPU-only install: nothing here is launched
     tl = None
 
 
 @_jit
+def _rotate_heads_quant(src, dst, cos, sin, d, dmask, n_heads: tl.constexpr, head_dim: tl.constexpr,
+                        half: tl.constexpr, BLOCK_H: tl.constexpr, scale, QUANT: tl.constexpr):
+    """As triton_elementwise._rotate_heads (products and sums rounded to src's dtype), the result then
+    quantized into dst (an fp8/int8 cache row) with ``scale``."""
+    h = tl.arange(0, BLOCK_H)
+    mask = (h < n_heads)[:, None] & dmask[None, :]
+    off = h[:, None] * head_dim + d[None, :]
+    dt = src.dtype.element_ty
+    x1 = tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + off + half, mask=mask, other=0.0).to(tl.float32)
+    c, s = cos[None, :], sin[None, :]
+    o1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+    qt = dst.dtype.element_ty
+    tl.store(dst + off, _quantize_kv(o1, scale, QUANT, qt), mask=mask)
+    tl.store(dst + off + half, _quantize_kv(o2, scale, QUANT, qt), mask=mask)
+
+
+@_jit
 def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, kc_ptr, vc_ptr,
-                       stride_q, stride_k, stride_v, stride_c,
+                       stride_q, stride_k, stride_v, stride_c, k_scale, v_scale,
                        n_q: tl.constexpr, n_k: tl.constexpr, head_dim: tl.constexpr, half: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_KV: tl.constexpr):
+                       BLOCK_KV: tl.constexpr, QUANT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -42,20 +63,27 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
                   BLOCK_HQ)
     if slot >= 0:
         row = slot * (n_k * head_dim)
-        _rotate_heads(k_ptr + t * stride_k, kc_ptr + row, cos, sin, d, dmask, n_k, head_dim, half, BLOCK_HK)
+        if QUANT == 0:
+            _rotate_heads(k_ptr + t * stride_k, kc_ptr + row, cos, sin, d, dmask, n_k, head_dim, half, BLOCK_HK)
+        else:
+            _rotate_heads_quant(k_ptr + t * stride_k, kc_ptr + row, cos, sin, d, dmask, n_k, head_dim, half,
+                                BLOCK_HK, k_scale, QUANT)
         offs = tl.arange(0, BLOCK_KV)
         m = offs < n_k * head_dim
         vals = tl.load(v_ptr + t * stride_v + offs, mask=m)
-        tl.store(vc_ptr + row + offs, vals.to(vc_ptr.dtype.element_ty), mask=m)
+        tl.store(vc_ptr + row + offs, _quantize_kv(vals, v_scale, QUANT, vc_ptr.dtype.element_ty), mask=m)
 
 
 def rope_and_cache_cuda(positions, q, k, v, cos_sin_cache, layer_idx: int, head_dim: int, num_kv_heads: int):
     ctx = get_forward_context()
     kv_cache = ctx.kv_caches[layer_idx]
     slots = ctx.attn.slot_mapping
-    if (q.dtype not in FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or kv_cache.dtype != q.dtype
+    ks, vs = ctx.kv_scale(layer_idx)
+    if (q.dtype not in FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
+            or (kv_cache.dtype != q.dtype and kv_cache.dtype not in KV_QUANT_DTYPES)
             or not kv_cache.is_contiguous() or head_dim % 2):
-        return rope_and_cache_ref(positions, q, k, v, cos_sin_cache, kv_cache, slots, head_dim, num_kv_heads)
+        return rope_and_cache_ref(positions, q, k, v, cos_sin_cache, kv_cache, slots, head_dim, num_kv_heads,
+                                  ks, vs)
     q2, k2, v2 = _rows(q), _rows(k), _rows(v)
     cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -65,9 +93,10 @@ def rope_and_cache_cuda(positions, q, k, v, cos_sin_cache, layer_idx: int, head_
         bq, bk, bd = (triton.next_power_of_2(x) for x in (n_q, num_kv_heads, half))
         _rope_cache_kernel[(t,)](
             positions.contiguous(), slots, q2, k2, v2, cache, qo, kv_cache[0], kv_cache[1],
-            q2.stride(0), k2.stride(0), v2.stride(0), cache.stride(0),
+            q2.stride(0), k2.stride(0), v2.stride(0), cache.stride(0), float(ks), float(vs),
             n_q=n_q, n_k=num_kv_heads, head_dim=head_dim, half=half, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_D=bd,
-            BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), num_warps=min(8, _warps(2 * bq * bd)))
+            BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), QUANT=kv_quant_mode(kv_cache.dtype),
+            num_warps=min(8, _warps(2 * bq * bd)))
     return qo
 
 
@@ -76,10 +105,11 @@ def paged_attention_cached_cuda(q, layer_idx, num_heads, num_kv_heads, head_dim,
     kv_cache = ctx.kv_caches[layer_idx]
     t = q.shape[0]
     q3 = q.view(t, num_heads, head_dim)
+    ks, vs = ctx.kv_scale(layer_idx)
     if not _fast_ok(q, kv_cache, head_dim):
-        return attend_ref(q3, kv_cache, ctx.attn, scale, sliding_window).view(t, num_heads * head_dim)
+        return attend_ref(q3, kv_cache, ctx.attn, scale, sliding_window, ks, vs).view(t, num_heads * head_dim)
     out = q.new_empty(t, num_heads, head_dim)
-    attend(q3, kv_cache, ctx.attn, scale, sliding_window, out)
+    attend(q3, kv_cache, ctx.attn, scale, sliding_window, out, k_scale=ks, v_scale=vs)
     return out.view(t, num_heads * head_dim)
 
 
