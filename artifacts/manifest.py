@@ -120,7 +120,10 @@ class Limits(_Section):
     batch_buckets: list[int]
     kv_page_size: int = Field(ge=1)
     kv_dtype: str
-    """Resolved KV dtype (never "auto" in a built artifact, though the schema does not insist)."""
+    """Resolved KV dtype (never "auto" in a built artifact, though the schema does not insist): a float dtype,
+    or fp8_e4m3 / int8 for a quantized cache."""
+    kv_scales: list[list[float]] | None = None
+    """Quantized (fp8_e4m3/int8) cache: per layer [k_scale, v_scale] (float32 values; stored = x / scale)."""
     kv_cache_blocks: int | None = None
     enable_prefix_caching: bool = True
 

@@ -1,6 +1,11 @@
 """Benchmark of spanda::paged_attention's CUDA path (Triton) against the device ceilings and peers.
 
     python bench/attention.py --out bench/results/attention-h100.json [--no-tune] [--quick]
+    python bench/attention.py --kv-dtypes bf16,fp8,int8 --out bench/results/attention-kv-fp8-h100.json
+
+``--kv-dtypes``: decode at batch 64, context 4096 (and prefill attention at 8k) with the KV cache in each
+dtype (fp8 e4m3 / int8: quantized, per-layer scales; bytes counted at one byte per element), default config
+and then tuned per dtype; nothing else.
 
 Ceilings measured here: device-to-device copy bandwidth (bytes read + written over time, 1 GiB buffer) and
 a bf16 8192^3 matrix product rate. Decode: the op (KV write + flash-decoding) at batch x context, 32/8 heads,
@@ -30,6 +35,8 @@ from runtime.ops import triton_attention as ta  # noqa: E402
 from runtime.ops import triton_decode  # noqa: E402
 
 HQ, HKV, D, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+KV_SCALE = 1 / 16  # random_case's quantized caches hold randn * 16
 L2_BYTES = 50 * 2**20
 
 
@@ -53,10 +60,10 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
-def op_sets(num_seqs, ctx, q_len, n_sets, page=PAGE):
+def op_sets(num_seqs, ctx, q_len, n_sets, page=PAGE, kv_dtype=DTYPE):
     sets = []
     for i in range(n_sets):
-        q, kv, meta = ta.random_case(num_seqs, ctx, q_len, HQ, HKV, D, page, DTYPE, seed=i)
+        q, kv, meta = ta.random_case(num_seqs, ctx, q_len, HQ, HKV, D, page, DTYPE, seed=i, kv_dtype=kv_dtype)
         t = q.shape[0]
         k = torch.randn(t, HKV * D, device="cuda", dtype=DTYPE)
         v = torch.randn(t, HKV * D, device="cuda", dtype=DTYPE)
@@ -68,7 +75,7 @@ def time_op_graph(sets) -> float:
     """Median ms of one op call: a CUDA graph of len(sets) calls (each its own inputs), replayed."""
     def run_all():
         for q, k, v, kv, meta in sets:
-            with set_forward_context(ForwardContext([kv], meta)):
+            with set_forward_context(ForwardContext([kv], meta, [(KV_SCALE, KV_SCALE)])):
                 torch.ops.spanda.paged_attention(q, k, v, 0, HQ, HKV, D, D**-0.5, None)
     run_all()
     torch.cuda.synchronize()
@@ -78,19 +85,20 @@ def time_op_graph(sets) -> float:
     return bench(g.replay) / len(sets)
 
 
-def decode_row(num_seqs, ctx, bw) -> dict:
-    kv_bytes = num_seqs * ctx * HKV * D * 2 * 2
+def decode_row(num_seqs, ctx, bw, kv_dtype=DTYPE) -> dict:
+    kv_bytes = num_seqs * ctx * HKV * D * 2 * kv_dtype.itemsize
     qo_bytes = 2 * num_seqs * HQ * D * 2
     n_sets = int(min(64, max(1, math.ceil(3 * L2_BYTES / kv_bytes))))
-    sets = op_sets(num_seqs, ctx, 1, n_sets)
+    sets = op_sets(num_seqs, ctx, 1, n_sets, kv_dtype=kv_dtype)
     ms = time_op_graph(sets)
-    cfg = triton_decode.select_config(triton_decode.decode_key(num_seqs, ctx, HQ, HKV, D, PAGE, DTYPE))
+    cfg = triton_decode.select_config(triton_decode.decode_key(num_seqs, ctx, HQ, HKV, D, PAGE, kv_dtype))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = triton_decode.num_splits(cfg, num_seqs, HKV, ctx, sms)
     gbs = (kv_bytes + qo_bytes) / (ms * 1e-3)
     del sets
     torch.cuda.empty_cache()
-    return dict(batch=num_seqs, ctx=ctx, us=ms * 1e3, floor_us=(kv_bytes + qo_bytes) / bw * 1e6, gb_s=gbs / 1e9,
+    return dict(batch=num_seqs, ctx=ctx, kv_dtype=str(kv_dtype).removeprefix("torch."), us=ms * 1e3,
+                floor_us=(kv_bytes + qo_bytes) / bw * 1e6, gb_s=gbs / 1e9,
                 frac_copy_bw=gbs / bw, splits=splits, config=cfg.__dict__)
 
 
@@ -150,11 +158,48 @@ def prefill_rows(t, rate, tune: bool, res: dict, save) -> None:
     save()
 
 
+def _prefill_attention_ms(t: int, kv_dtype: torch.dtype) -> float:
+    (q, _, _, kv, meta), = op_sets(1, t, t, 1, kv_dtype=kv_dtype)
+    q3, out = q.view(t, HQ, D), torch.empty(t, HQ, D, device="cuda", dtype=DTYPE)
+    return bench(lambda: ta.attend(q3, kv, meta, D**-0.5, None, out, k_scale=KV_SCALE, v_scale=KV_SCALE))
+
+
+def kv_dtype_rows(names: list[str], bw: float, rate: float, tune: bool, res: dict, save) -> None:
+    """Decode at the target shape and prefill attention at 8k, per KV cache dtype (default, then tuned)."""
+    b, c, t = 64, 4096, 8192
+    flops = 4 * t * t * HQ * D / 2
+    rows = res.setdefault("kv_dtypes", {})
+    for name in names:
+        kvd = KV_DTYPES[name]
+        row = rows[name] = {"decode_default": decode_row(b, c, bw, kvd)}
+        save()
+        if tune:
+            shape = dict(num_heads=HQ, num_kv_heads=HKV, head_dim=D, page=PAGE, dtype=DTYPE, kv_dtype=kvd)
+            ta.tune([dict(num_seqs=b, ctx=c, q_len=1, **shape)])
+            row["decode_tuned"] = decode_row(b, c, bw, kvd)
+        ms = _prefill_attention_ms(t, kvd)
+        row["prefill_8k_attention"] = dict(ms=ms, tflops=flops / ms / 1e9, floor_ms=flops / rate * 1e3)
+        torch.cuda.empty_cache()
+        best = row.get("decode_tuned", row["decode_default"])
+        print(f"kv {name:>4}: decode b{b} ctx{c} {row['decode_default']['us']:.1f} us default, {best['us']:.1f} us "
+              f"tuned ({best['gb_s']:.0f} GB/s, {best['frac_copy_bw']:.0%} of copy bw, floor "
+              f"{best['floor_us']:.1f} us); prefill 8k attention {ms:.3f} ms", flush=True)
+        save()
+    if "bf16" in rows:
+        base = rows["bf16"].get("decode_tuned", rows["bf16"]["decode_default"])["us"]
+        res["decode_speedup_vs_bf16"] = {n: base / r.get("decode_tuned", r["decode_default"])["us"]
+                                         for n, r in rows.items()}
+        print("decode speedup vs bf16 KV:", {n: round(x, 2) for n, x in res["decode_speedup_vs_bf16"].items()})
+    res["pinned"] = ta.pinned()
+    save()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the two target shapes only")
+    ap.add_argument("--kv-dtypes", help="comma list of bf16, fp8, int8: the KV-dtype comparison only")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     res: dict = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
@@ -168,6 +213,9 @@ def main() -> None:
     bw, rate = copy_bandwidth(), matmul_rate()
     res.update(copy_bw_gb_s=bw / 1e9, bf16_mm_tflops=rate / 1e12)
     print(f"{props.name}: copy {bw / 1e9:.0f} GB/s (read+write), bf16 mm {rate / 1e12:.0f} TFLOP/s", flush=True)
+    if args.kv_dtypes:
+        kv_dtype_rows(args.kv_dtypes.split(","), bw, rate, not args.no_tune, res, save)
+        return
     target = (64, 4096)
     shapes = [target] if args.quick else [(b, c) for b in (1, 8, 32, 64) for c in (1024, 4096, 8192, 32768)]
     # 1) the default config (and split heuristic) on every shape, before anything is pinned

@@ -161,13 +161,33 @@ def _provisional_engine(writer: ArtifactWriter, manifest: dict[str, Any], device
                      EngineOptions(device=device, verify=False, gpu_memory_utilization=0.5, allow_jit=True))
 
 
-def _gpu_kernels_available(device: str, kv_dtype: str) -> bool:
-    """Triton kernels (and so tuning and a kernel cache) exist for CUDA in bf16/fp16."""
-    if device != "cuda" or kv_dtype not in ("bfloat16", "float16"):
+def _gpu_kernels_available(device: str, kv_dtype: str, dtype: str | None = None) -> bool:
+    """Triton kernels (and so tuning and a kernel cache) exist for CUDA in bf16/fp16 (fp8/int8 KV caches with
+    a bf16/fp16 model included)."""
+    if device != "cuda" or kv_dtype not in ("bfloat16", "float16", "fp8_e4m3", "int8"):
+        return False
+    if kv_dtype in ("fp8_e4m3", "int8") and dtype not in ("bfloat16", "float16"):
         return False
     from runtime.ops import triton_attention
 
     return triton_attention.AVAILABLE
+
+
+def _kv_scales(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint, device: str
+               ) -> tuple[list[list[float]] | None, str | None]:
+    """Per-layer [k_scale, v_scale] of an fp8/int8 KV cache, calibrated on the recipe's
+    quantization.calibration data (and the sha256 of its token ids); (None, None) for a float cache."""
+    from compiler.quantize.kv import KV_QUANT_DTYPES, calibrate_kv_scales
+
+    if recipe.target.kv_dtype not in KV_QUANT_DTYPES:
+        return None, None
+    from compiler.quantize.calibrate import load_calibration
+    from runtime.tokenizer import Tokenizer
+
+    c = recipe.quantization.calibration
+    ids, sha = load_calibration(c.data, Tokenizer.from_dir(ckpt.path).encode, c.num_samples, c.seq_len)
+    scales = calibrate_kv_scales(cfg, ckpt.read, ids, recipe.target.kv_dtype, device)
+    return [[k, v] for k, v in scales], sha
 
 
 class AccuracyGateError(ValueError):
@@ -257,6 +277,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
 
             tok = Tokenizer.from_dir(ckpt.path)
             quant.calibrate(ckpt.read, tok.encode, plan, Path(scratch))
+        kv_scales, kv_calib_sha = _kv_scales(recipe, cfg, ckpt, device)
         with tqdm(total=len(plan.entries), desc="writing weights", unit="tensor", disable=None) as bar:
             shards = write_weights(plan, ckpt.read, dtypes, sizes, writer.path, bar.update)
         for f in tok_files:
@@ -285,6 +306,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
                 "batch_buckets": list(t.batch_buckets),
                 "kv_page_size": t.kv_page_size,
                 "kv_dtype": cfg.dtype if t.kv_dtype == "auto" else t.kv_dtype,
+                "kv_scales": kv_scales,
                 "kv_cache_blocks": t.kv_cache_blocks,
                 "enable_prefix_caching": t.enable_prefix_caching,
             },
@@ -293,7 +315,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
                 "recipe_sha256": recipe.sha256(),
                 "recipe": recipe.to_dict(),
                 "source_files": sources,
-                "calibration_sha256": quant.calibration_sha256 if quant is not None else None,
+                "calibration_sha256": quant.calibration_sha256 if quant is not None else kv_calib_sha,
                 "spanda_version": SPANDA_VERSION,
                 "build_host": socket.gethostname(),
                 "build_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -301,7 +323,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             },
             "eval": None,
         }
-        if _gpu_kernels_available(device, manifest["limits"]["kv_dtype"]):
+        if _gpu_kernels_available(device, manifest["limits"]["kv_dtype"], cfg.dtype):
             manifest["kernels"] = compile_kernels(writer.path, lambda: _provisional_engine(writer, manifest, device),
                                                   cfg.to_dict(), manifest["limits"])
         if recipe.eval.data:

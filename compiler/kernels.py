@@ -22,9 +22,10 @@ TUNING_FILE = "tuning.json"
 CACHE_DIR = "kernels"
 
 
-def _tuning_shapes(cfg: dict[str, Any], limits: dict[str, Any], dtype: torch.dtype) -> list[dict]:
+def _tuning_shapes(cfg: dict[str, Any], limits: dict[str, Any], dtype: torch.dtype,
+                   kv_dtype: torch.dtype | None = None) -> list[dict]:
     common = dict(num_heads=cfg["num_heads"], num_kv_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"],
-                  page=limits["kv_page_size"], dtype=dtype)
+                  page=limits["kv_page_size"], dtype=dtype, kv_dtype=kv_dtype)
     ctxs = sorted({min(1024, limits["max_seq_len"]), limits["max_seq_len"]})
     shapes = [dict(num_seqs=b, ctx=c, q_len=1, **common) for b in limits["batch_buckets"] for c in ctxs]
     prefill = min(limits["max_num_batched_tokens"], limits["max_seq_len"])
@@ -59,6 +60,7 @@ def compile_kernels(out: Path, make_engine, cfg: dict[str, Any], limits: dict[st
 
     from runtime.kernel_cache import count_kernels
     from runtime.ops import triton_attention
+    from runtime.ops.attention import kv_cache_dtype
 
     cache = out / CACHE_DIR
     cache.mkdir()
@@ -66,7 +68,7 @@ def compile_kernels(out: Path, make_engine, cfg: dict[str, Any], limits: dict[st
     triton.knobs.cache.dir = str(cache)
     try:
         t0 = time.perf_counter()
-        shapes = _tuning_shapes(cfg, limits, getattr(torch, limits["kv_dtype"]))
+        shapes = _tuning_shapes(cfg, limits, getattr(torch, cfg["dtype"]), kv_cache_dtype(limits["kv_dtype"]))
         log.info("autotuning attention kernels over %d shapes", len(shapes))
         triton_attention.tune(shapes)
         (out / TUNING_FILE).write_text(json.dumps({"attention": triton_attention.pinned()}, indent=1) + "\n")

@@ -18,6 +18,7 @@ from runtime.config import EngineOptions, resolve_device, size_kv_cache
 from runtime.kernel_cache import KernelCache
 from runtime.kv_cache import KVCacheManager
 from runtime.model_runner import KVCacheSpec, ModelRunner
+from runtime.ops.attention import kv_cache_dtype
 from runtime.output_processor import SequenceGroup, SequenceState, check_stop
 from runtime.request import Request, RequestOutput, RequestStatus
 from runtime.sampler import Sampler, SamplingRow, make_generator
@@ -69,7 +70,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(self.artifact.path)
         self.eos_token_ids = set(m.tokenizer.eos_token_ids)
         lim = m.limits
-        spec = KVCacheSpec.from_manifest(m, getattr(torch, lim.kv_dtype))
+        spec = KVCacheSpec.from_manifest(m, kv_cache_dtype(lim.kv_dtype))  # fp8_e4m3 -> float8_e4m3fn
         page = lim.kv_page_size
 
         def kv_blocks() -> int:  # called once the weights are on the device

@@ -20,7 +20,8 @@ import torch
 
 import runtime.ops  # noqa: F401  (registers torch.ops.spanda.* before the graph loads)
 from artifacts.store import Artifact
-from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from runtime.forward_context import AttentionMetadata, ForwardContext, KVCaches, set_forward_context
+from runtime.ops.attention import KV_QUANT_MAX
 from runtime.scheduler import SchedulerOutput
 from runtime.weight_loader import load_weights
 
@@ -74,6 +75,16 @@ def load_graph_module(artifact: Artifact, device: torch.device, timings: dict[st
     return gm
 
 
+def _kv_scales(artifact: Artifact, dtype: torch.dtype) -> list[list[float]] | None:
+    """The manifest's per-layer KV scales for an fp8/int8 cache (None for a float cache)."""
+    if dtype not in KV_QUANT_MAX:
+        return None
+    scales = artifact.manifest.limits.kv_scales
+    if scales is None:
+        log.warning("%s KV cache without limits.kv_scales in the manifest: every scale is 1", dtype)
+    return scales
+
+
 class ModelRunner:
     def __init__(self, artifact: Artifact, device: torch.device, kv_spec: KVCacheSpec,
                  num_kv_blocks: int | Callable[[], int]):
@@ -90,11 +101,12 @@ class ModelRunner:
         # torch.empty, not zeros: no kernel reads a slot before this step or an earlier one wrote it (the
         # attention kernels mask every position >= seq_len; CUDA-graph padding rows write nothing and their
         # outputs are dropped), so zero-filling tens of GB would buy nothing.
-        self.kv_caches = [
+        self.kv_caches = KVCaches([  # fp8/int8: each layer's (k_scale, v_scale) from the manifest travel with it
             torch.empty(2, self.num_kv_blocks, s.page_size, s.num_kv_heads, s.head_dim, dtype=s.dtype,
                         device=device)
             for _ in range(s.num_layers)
-        ]
+        ], _kv_scales(artifact, s.dtype))
+        self.act_dtype = getattr(torch, artifact.manifest.model.config.get("dtype", "float32"))
         self.load_seconds["kv_alloc"] = time.perf_counter() - t
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, s.page_size,
                  self.num_kv_blocks * s.bytes_per_block / 2**20)
@@ -149,7 +161,8 @@ class ModelRunner:
         if self.device.type != "cuda" or not triton_attention.AVAILABLE:
             log.info("CUDA graphs off: %s", "not a CUDA device" if self.device.type != "cuda" else "no Triton")
             return False
-        if self.kv_spec.dtype not in triton_attention.FAST_DTYPES:
+        if not (self.kv_spec.dtype in triton_attention.FAST_DTYPES or (
+                self.kv_spec.dtype in KV_QUANT_MAX and self.act_dtype in triton_attention.FAST_DTYPES)):
             log.info("CUDA graphs off: the %s attention path is the host-driven reference", self.kv_spec.dtype)
             return False
         from runtime.cuda_graphs import DecodeGraphs

@@ -54,6 +54,16 @@ def test_hash_and_model_override() -> None:
         r.name = "x"  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
+def test_quantized_kv_cache_dtypes_load(tmp_path: Path, kv_dtype: str) -> None:
+    """fp8_e4m3 / int8 KV caches need no quantization method: their scales calibrate on the calibration data."""
+    r = load_recipe(write(tmp_path, f"name: x\ntarget: {{kv_dtype: {kv_dtype}}}\n"
+                                    "quantization: {calibration: {data: c.jsonl, num_samples: 4, seq_len: 64}}\n"))
+    assert r.target.kv_dtype == kv_dtype and r.quantization.method == "none"
+    assert r.quantization.calibration.num_samples == 4 and r.quantization.calibration.seq_len == 64
+    assert Recipe(name="x").target.kv_dtype == "auto"
+
+
 def test_defaults_and_derived_buckets() -> None:
     r = Recipe(name="x")
     assert r.target.batch_buckets == (1, 2, 4, 8, 16, 32)
@@ -126,17 +136,9 @@ def test_defaults_and_derived_buckets() -> None:
         ("name: x\neval: {data: d.jsonl, min_top1_agreement: 0.9}\n",
          ["eval.min_top1_agreement", "0.9", "quantization.method is none"]),
         ("name: x\nquantization: {method: magic}\n", ["quantization.method", "'magic'", "'none'", "'fp8'"]),
-        (
-            "name: x\ntarget: {kv_dtype: fp8_e4m3}\n",
-            [
-                "target.kv_dtype",
-                "'fp8_e4m3'",
-                "not supported yet, it arrives with quantization",
-                "auto, float32, bfloat16, float16",
-            ],
-        ),
-        ("name: x\ntarget: {kv_dtype: int8}\n", ["target.kv_dtype", "'int8'", "not supported yet"]),
-        ("name: x\ntarget: {kv_dtype: float8}\n", ["target.kv_dtype", "'float8'", "'auto'", "'float32'"]),
+        ("name: x\ntarget: {kv_dtype: float8}\n",
+         ["target.kv_dtype", "'float8'", "'auto'", "'float32'", "'fp8_e4m3'", "'int8'"]),
+        ("name: x\ntarget: {kv_dtype: fp8_e5m2}\n", ["target.kv_dtype", "'fp8_e5m2'", "'fp8_e4m3'"]),
         (
             "name: x\ntarget: {kv_cache_blocks: -1}\n",
             ["target.kv_cache_blocks", "-1", "greater than or equal to 1"],
