@@ -1,0 +1,122 @@
+"""Quantized engines against the bf16 engine on the GPU, random-weight Llama shapes (weights do not change speed).
+
+One checkpoint, several builds (bf16, RTN W4A16 g128 (same kernel and bytes as GPTQ/AWQ), W8A16, FP8 W8A8
+dynamic, FP8 W8A8 + FP8 KV cache); for each: batch-1 decode tok/s, batch-16 decode tok/s (16 sequences
+decoding together, output tokens/s) and, with --workload, the 256-request peer workload of bench/engine.py.
+Prints a table with speedups over bf16; writes JSON with --out.
+
+    python bench/quant_engine.py --shape 8b --out bench/results/quant-engine-8b-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.engine import copy_bandwidth, make_checkpoint
+
+VARIANTS = {
+    "bf16": {},
+    "w4a16": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}},
+    "w8a16": {"quantization": {"method": "int8", "activations": "none"}},
+    "fp8": {"quantization": {"method": "fp8"}},
+    "fp8+fp8kv": {"quantization": {"method": "fp8"}, "kv_dtype": "fp8_e4m3"},
+}
+
+
+def build(ckpt: Path, out: Path, variant: str, max_batch: int):
+    from compiler.build import build as run_build
+    from compiler.recipe import recipe_from_dict
+
+    v = VARIANTS[variant]
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch] + [max_batch]
+    recipe = recipe_from_dict({
+        "name": "bench-" + variant.replace("+", "-"), "model": {"source": str(ckpt), "dtype": "bfloat16"},
+        "target": {"device": "cuda", "max_seq_len": 2048, "max_batch": max_batch, "max_num_batched_tokens": 8192,
+                   "batch_buckets": buckets, "kv_page_size": 16, "kv_dtype": v.get("kv_dtype", "auto")},
+        **({"quantization": v["quantization"]} if "quantization" in v else {}),
+    })
+    return run_build(recipe, out).path
+
+
+def decode_rate(llm, batch: int, new: int = 128, prompt: int = 128) -> float:
+    """Output tokens/s of ``batch`` sequences decoding together (after their prefill)."""
+    from runtime import SamplingParams
+
+    prompts = [torch.randint(100, 1000, (prompt,)).tolist() for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))
+    torch.cuda.synchronize()
+    # subtract nothing: prefill of 128 tokens x batch is a small share of 128 decode steps (reported as is)
+    return batch * new / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="8b", choices=["1b", "8b"])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--workload", action="store_true", help="also the 256-request workload (bf16, fp8+fp8kv)")
+    ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from runtime import LLM
+    from spanda import bench as B
+
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
+                 "copy_bw_TBps": round(copy_bandwidth() / 1e12, 3), "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        res["bf16_weight_GB"] = round(make_checkpoint(args.shape, tmp / "hf") / 1e9, 3)
+        for name in args.variants.split(","):
+            r: dict = {}
+            t = time.perf_counter()
+            try:
+                art = build(tmp / "hf", tmp / name, name, args.max_batch)
+            except Exception as e:  # keep the other variants' figures
+                res["variants"][name] = {"error": repr(e)[:500]}
+                continue
+            r["build_s"] = round(time.perf_counter() - t, 1)
+            r["weights_GB"] = round(sum(f.stat().st_size for f in art.glob("weights-*.safetensors")) / 1e9, 3)
+            llm = LLM(art, gpu_memory_utilization=0.6)
+            r["bs1_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
+            r["bs16_out_tok_s"] = round(decode_rate(llm, 16), 1)
+            if args.workload and name in ("bf16", "fp8+fp8kv", "fp8"):
+                reqs = B.synthetic_workload()
+                B.run_offline(llm.engine, reqs[:16])
+                r["workload_out_tok_s"] = round(B.run_offline(llm.engine, reqs)["output_tokens_per_s"], 1)
+            r["new_kernel_compilations"] = llm.engine.kernels.new_compilations()
+            res["variants"][name] = r
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(name, json.dumps(r), flush=True)
+    base = res["variants"].get("bf16", {})
+    print(f"\n{res['device']}, {args.shape} shape; bf16 weights {res['bf16_weight_GB']} GB; "
+          f"copy bw {res['copy_bw_TBps']} TB/s")
+    print(f"{'variant':12s} {'weights GB':>10s} {'bs1 tok/s':>10s} {'x bf16':>7s} {'bs16 tok/s':>11s} {'x bf16':>7s} "
+          f"{'256-req tok/s':>13s}")
+    for name, r in res["variants"].items():
+        if "error" in r:
+            print(f"{name:12s} error: {r['error'][:100]}")
+            continue
+        s1 = r["bs1_tok_s"] / base["bs1_tok_s"] if base.get("bs1_tok_s") else float("nan")
+        s16 = r["bs16_out_tok_s"] / base["bs16_out_tok_s"] if base.get("bs16_out_tok_s") else float("nan")
+        r["bs1_speedup_vs_bf16"], r["bs16_speedup_vs_bf16"] = round(s1, 2), round(s16, 2)
+        print(f"{name:12s} {r['weights_GB']:10.2f} {r['bs1_tok_s']:10.1f} {s1:7.2f} {r['bs16_out_tok_s']:11.1f} "
+              f"{s16:7.2f} {r.get('workload_out_tok_s', float('nan')):13.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
