@@ -1,0 +1,49 @@
+"""The shipped Triton kernel cache, moved from the build's directory to the runtime's private copy, must still
+be found by Triton (no silent recompilation). Uses Triton's own cache manager; no GPU needed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.runtime.cache import FileCacheManager  # noqa: E402
+
+from runtime.kernel_cache import count_kernels, relocate_groups  # noqa: E402
+
+KEY = "0" * 64
+
+
+def _group(cache_dir: Path) -> dict | None:
+    previous = triton.knobs.cache.dir
+    triton.knobs.cache.dir = str(cache_dir)
+    try:
+        return FileCacheManager(KEY).get_group("_kernel.json")
+    finally:
+        triton.knobs.cache.dir = previous
+
+
+def test_moved_cache_is_found_after_relocation(tmp_path: Path) -> None:
+    build_dir = tmp_path / "build-tmp" / "kernels"  # where the build's Triton wrote the kernel
+    previous = triton.knobs.cache.dir
+    triton.knobs.cache.dir = str(build_dir)
+    try:
+        m = FileCacheManager(KEY)
+        group = {"_kernel.cubin": m.put(b"\x7fELF", "_kernel.cubin"), "_kernel.json": m.put("{}", "_kernel.json",
+                                                                                          binary=False)}
+        m.put_group("_kernel.json", group)
+    finally:
+        triton.knobs.cache.dir = previous
+    private = tmp_path / "runtime-copy"
+    shutil.copytree(build_dir, private)
+    shutil.rmtree(tmp_path / "build-tmp")  # the build's temp dir is gone once the artifact is published
+    assert count_kernels(private) == 1
+    assert not _group(private)  # as Triton sees the copy: no files, so it would compile the kernel again
+
+    assert relocate_groups(private) == 1
+    found = _group(private)
+    assert found is not None and set(found) == {"_kernel.cubin", "_kernel.json"}
+    assert all(Path(p).parent.parent == private and Path(p).exists() for p in found.values())
