@@ -11,6 +11,7 @@ logits for each chunk; the engine samples only where ``chunk.samples``).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,16 +57,23 @@ def load_graph_module(artifact: Artifact, device: torch.device, timings: dict[st
     each ("graph_export_load" on this thread, "weights_read" on the workers) and of the wait between."""
     m = artifact.manifest
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(1, thread_name_prefix="spanda-load") as ex:
-        def timed_weights() -> tuple[dict[str, torch.Tensor], float]:
-            t = time.perf_counter()
-            return load_weights(artifact, device), time.perf_counter() - t
+    # The workers need the GIL for a moment per chunk; the graph's deserialization holds it otherwise. A short
+    # switch interval (default 5 ms) keeps them from waiting on it while this section runs.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="spanda-load") as ex:
+            def timed_weights() -> tuple[dict[str, torch.Tensor], float]:
+                t = time.perf_counter()
+                return load_weights(artifact, device), time.perf_counter() - t
 
-        weights = ex.submit(timed_weights)
-        ep = torch.export.load(str(artifact.file(m.graph.file)))
-        gm = ep.module()
-        t_graph = time.perf_counter() - t0
-        state, t_weights = weights.result()
+            weights = ex.submit(timed_weights)
+            ep = torch.export.load(str(artifact.file(m.graph.file)))
+            gm = ep.module()
+            t_graph = time.perf_counter() - t0
+            state, t_weights = weights.result()
+    finally:
+        sys.setswitchinterval(interval)
     gm.load_state_dict(state, strict=True, assign=True)
     total = time.perf_counter() - t0
     if timings is not None:

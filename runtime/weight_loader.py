@@ -7,7 +7,7 @@ a view into it (no second copy, no host copy of the model). On CUDA the bytes go
 staging buffers per thread and an async host-to-device copy on the thread's own stream, so page-cache reads,
 hashing (hashlib and file reads release the GIL) and PCIe copies all overlap, across shards too::
 
-    thread i:  read 16 MiB -> sha256.update -> stage[k] --async H2D on stream i--> buffer[off:off+n]
+    thread i:  read 32 MiB -> sha256.update -> stage[k] --async H2D on stream i--> buffer[off:off+n]
 
 A shard that fails its size or hash check raises ArtifactCorruptError naming it, before any of its tensors
 is handed out.
@@ -36,7 +36,7 @@ DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 ALIGN = 16  # bytes: cuBLAS' fast paths and Triton's pointer specialization assume 16-byte aligned tensors
-STAGE_BYTES = 16 << 20
+STAGE_BYTES = 32 << 20
 MAX_HEADER = 100 << 20
 
 
