@@ -5,7 +5,8 @@ batch-1 decode tokens/s with and without CUDA graphs, and the peer workload of .
 requests, prompts 64-512 tokens, 128 new tokens, seed 0) through the engine's continuous batching.
 Prints a table; writes JSON with --out. Roofline = weight bytes / measured copy bandwidth.
 
-    python bench/engine.py --out bench/results/engine-h100.json
+    python bench/engine.py --out bench/results/engine-1b-h100.json
+    python bench/engine.py --shape 8b --skip-eager --maxload 1024 --out bench/results/engine-8b-h100.json
 """
 
 from __future__ import annotations
@@ -90,35 +91,93 @@ import torch
 t_import = time.time() - t0
 from runtime import LLM, SamplingParams
 t1 = time.time()
+if len(sys.argv) > 3:  # profile the load and the first request (slower: a separate run)
+    import cProfile, io, pstats
+    prof = cProfile.Profile()
+    prof.enable()
 llm = LLM(sys.argv[2], gpu_memory_utilization=0.6)
 t2 = time.time()
 out = llm.generate([list(range(100, 228))], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
 t3 = time.time()
+if len(sys.argv) > 3:
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
+    print("PROFILE", json.dumps(s.getvalue()))
 phases = {"python_and_torch_import": t_import, "runtime_import": t1 - t0 - t_import, **llm.engine.load_seconds,
           "first_request": t3 - t2}
 print("PHASES", json.dumps({k: round(v, 3) for k, v in phases.items()}))
+graphs = llm.engine.runner.graphs
+print("CAPTURE", json.dumps({str(k): round(v, 3) for k, v in (graphs.capture_seconds if graphs else {}).items()}))
+print("COMPILED", json.dumps(llm.engine.kernels.compiled))
 print("FIRST_TOKEN_S", time.time() - t0, "NEW_KERNELS", llm.engine.kernels.new_compilations())
 """
 
 
-def cold_start(art: Path) -> dict:
-    """Process start to first generated token in a fresh interpreter, and its Triton compilations."""
+def cold_start(art: Path, profile: bool = False, pycache: str | None = None) -> dict:
+    """Process start to first generated token in a fresh interpreter, and its Triton compilations.
+    ``profile``: run it under cProfile instead (slower) and return the top functions by cumulative time.
+    ``pycache``: give the process a Python bytecode cache there (PYTHONPYCACHEPREFIX, writing allowed);
+    None runs it in this environment as it is."""
     import gc
+    import os
     import subprocess
     import sys
 
     gc.collect()
     torch.cuda.empty_cache()  # give the build's cached blocks back so the fresh process sees the whole GPU
-    r = subprocess.run([sys.executable, "-c", COLD_START, repr(time.time()), str(art)], capture_output=True,
-                       text=True, timeout=300)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("FIRST_TOKEN_S")), None)
+    env = dict(os.environ)
+    if pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    argv = [sys.executable, "-c", COLD_START, repr(time.time()), str(art)] + (["profile"] if profile else [])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    lines = r.stdout.splitlines()
+    line = next((x for x in lines if x.startswith("FIRST_TOKEN_S")), None)
     if line is None:
         print(r.stderr[-4000:])
         return {"cold_start_error": r.stderr[-2000:]}
+
+    def tagged(tag: str):
+        return json.loads(next(x for x in lines if x.startswith(tag + " "))[len(tag) + 1:])
+
+    if profile:
+        return {"cold_start_profile_s": round(float(line.split()[1]), 2), "cold_start_profile": tagged("PROFILE")}
     _, secs, _, n = line.split()
-    phases = next(x for x in r.stdout.splitlines() if x.startswith("PHASES"))[len("PHASES "):]
     return {"cold_start_to_first_token_s": round(float(secs), 2), "cold_start_new_kernels": int(n),
-            "cold_start_phases_s": json.loads(phases)}
+            "cold_start_compiled_kernels": tagged("COMPILED"), "cold_start_phases_s": tagged("PHASES"),
+            "cold_start_capture_per_bucket_s": tagged("CAPTURE")}
+
+
+def bytecode_cache_state() -> dict:
+    """Whether this environment lets Python cache bytecode, and whether torch's modules have any."""
+    import importlib.util
+    import os
+
+    pyc = importlib.util.cache_from_source(torch.__file__)
+    return {"PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+            "torch_init_pyc_present": os.path.exists(pyc)}
+
+
+def cold_starts(art: Path, runs: int, profile: bool, tmp: Path) -> dict:
+    """Cold starts as a deployment sees them (the installed packages' bytecode cached: pip writes .pyc at
+    install), after one run that writes that cache; plus one run in this environment as it is, which on an
+    image without .pyc files and with PYTHONDONTWRITEBYTECODE set recompiles every imported module."""
+    res: dict = {"cold_start_bytecode_env": bytecode_cache_state()}
+    plain = cold_start(art)
+    res["cold_start_without_bytecode_cache"] = {k: plain.get(k) for k in (
+        "cold_start_to_first_token_s", "cold_start_phases_s", "cold_start_new_kernels")}
+    pycache = str(tmp / "pycache")
+    priming = cold_start(art, pycache=pycache)
+    res["cold_start_priming_run_s"] = priming.get("cold_start_to_first_token_s")
+    measured = [cold_start(art, pycache=pycache) for _ in range(runs)]
+    res.update(measured[0])
+    res["cold_start_runs_s"] = [r.get("cold_start_to_first_token_s") for r in measured]
+    if runs > 1:
+        res["cold_start_phases_runs_s"] = [r.get("cold_start_phases_s") for r in measured]
+    if profile:
+        res.update(cold_start(art, profile=True, pycache=pycache))
+    return res
 
 
 def main() -> None:
@@ -129,6 +188,11 @@ def main() -> None:
     ap.add_argument("--skip-eager", action="store_true", help="skip the (slow) no-graph batch-1 figure")
     ap.add_argument("--maxload", type=int, default=0,
                     help="also run N requests of 128 in / 128 out all at once (TensorRT-LLM's max-load shape)")
+    ap.add_argument("--cold-starts", type=int, default=1,
+                    help="fresh-process cold starts with a warm bytecode cache (all reported; see cold_starts)")
+    ap.add_argument("--cold-start-profile", action="store_true",
+                    help="one more cold start under cProfile (top functions by cumulative time in the JSON)")
+    ap.add_argument("--keep-artifact", default=None, help="copy the built artifact here (e.g. for profile_decode)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from runtime import LLM
@@ -144,7 +208,11 @@ def main() -> None:
         res["roofline_bs1_tok_s"] = round(res["copy_bw_TBps"] * 1e12 / n_bytes, 1)
         art = build(tmp / "hf", tmp / "art", args.max_batch)
         res["checkpoint_and_build_s"] = round(time.perf_counter() - t, 1)
-        res.update(cold_start(art))
+        res.update(cold_starts(art, args.cold_starts, args.cold_start_profile, tmp))
+        if args.keep_artifact:
+            import shutil
+
+            shutil.copytree(art, args.keep_artifact, dirs_exist_ok=True)
         if not args.skip_eager:
             eager = LLM(art, cuda_graphs=False, gpu_memory_utilization=0.3)
             res["bs1_eager_tok_s"] = round(decode_tps(eager), 1)
@@ -168,11 +236,14 @@ def main() -> None:
             ("bs1 eager tok/s", res.get("bs1_eager_tok_s")), ("bs1 CUDA graphs tok/s", res["bs1_graphs_tok_s"]),
             ("cold start to 1st token s", res.get("cold_start_to_first_token_s")),
             ("cold start JIT compilations", res.get("cold_start_new_kernels")),
+            ("cold start, no bytecode cache", (res.get("cold_start_without_bytecode_cache") or {}).get(
+                "cold_start_to_first_token_s")),
             ("max-load 128/128 out tok/s", res.get("maxload_out_tok_s")),
             ("bs1 % of roofline", res["bs1_graphs_pct_roofline"]),
             ("256-req workload out tok/s", res["workload_out_tok_s"]),
             ("TTFT p50 s", round(r["ttft_s"]["p50"], 3)), ("TPOT p50 ms", round(1000 * r["tpot_s"]["p50"], 2))]
-    print(f"\n{res['device']}, {args.shape} shape, bf16; cold-start phases: {res.get('cold_start_phases_s')}")
+    print(f"\n{res['device']}, {args.shape} shape, bf16; cold-start phases: {res.get('cold_start_phases_s')}; "
+          f"capture per bucket: {res.get('cold_start_capture_per_bucket_s')}; runs {res.get('cold_start_runs_s')}")
     for k, v in rows:
         print(f"{k:>28}  {v}")
     if args.out:

@@ -1,8 +1,13 @@
-"""Where batch-1 decode time goes: GPU time of one decode-graph replay vs the engine's whole step.
+"""Where batch-1 decode time goes: GPU time of one decode-graph replay vs the engine's whole step, and the
+replay's GPU time split by kernel kind against the weight-streaming ceiling.
 
-Builds the random-weight 1B-shape artifact (bench/engine.py), then times (a) the bucket-1 decode graph's
-replay alone with CUDA events, (b) full engine steps, and (c) a cProfile of the host side of those steps.
-Prints a table and the top host functions; writes JSON with --out.
+Builds the random-weight artifact of --shape (bench/engine.py) or takes --artifact, then times (a) the
+bucket-1 decode graph's replay alone with CUDA events, (b) full engine steps, (c) a cProfile of the host side
+of those steps, and (d) the kernels of the bucket-1 forward under torch.profiler, grouped (GEMM, attention,
+RoPE + KV write, norms, activation, other), with the GEMMs' achieved bandwidth (their weight bytes over their
+time) beside the measured copy bandwidth. Prints a table and the top host functions; writes JSON with --out.
+
+    python bench/profile_decode.py --shape 8b --out bench/results/profile-decode-8b-h100.json
 """
 
 from __future__ import annotations
@@ -21,27 +26,83 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.engine import build, make_checkpoint  # noqa: E402
+from bench.engine import build, copy_bandwidth, make_checkpoint  # noqa: E402
+
+KINDS = [  # (kind, substrings of kernel names), first match wins
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "splitk", "cublas")),
+    ("attention", ("_decode", "_reduce", "_prefill", "attn")),
+    ("rope_kv_write", ("rope", "_write_kv")),
+    ("norm", ("rms", "norm")),
+    ("activation", ("silu", "act_mul")),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, subs in KINDS if any(s in low for s in subs)), "other")
+
+
+def kernel_breakdown(fn, iters: int = 20) -> dict:
+    """GPU microseconds per call of ``fn`` by kernel kind, and the top kernels, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        kernels.append((e.key, e.count / iters, us / iters))
+    kinds: dict[str, float] = {}
+    for name, _, us in kernels:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + us
+    kernels.sort(key=lambda k: -k[2])
+    return {"us_per_call_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "us_per_call_total": round(sum(kinds.values()), 1),
+            "top_kernels": [{"name": n[:120], "launches_per_call": round(c, 2), "us_per_call": round(u, 1)}
+                            for n, c, u in kernels[:15]]}
+
+
+def gemm_weight_bytes(gm: torch.nn.Module) -> int:
+    """Bytes the step's GEMMs must stream: every 2-D weight except an embedding table that is only gathered
+    (with tied embeddings the table is the LM head too, so it counts)."""
+    named = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    two_d = {n: t for n, t in named.items() if t.dim() == 2}
+    has_head = any("lm_head" in n for n in two_d)
+    return sum(t.numel() * t.element_size() for n, t in two_d.items() if not (has_head and "embed" in n))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
+    ap.add_argument("--artifact", default=None, help="profile this artifact instead of building --shape's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from runtime import LLM, SamplingParams
+    from runtime.forward_context import ForwardContext, set_forward_context
 
     res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape}
+    res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_checkpoint(args.shape, tmp / "hf")
-        art = build(tmp / "hf", tmp / "art", 8)
+        art = args.artifact
+        if art is None:
+            make_checkpoint(args.shape, tmp / "hf")
+            art = build(tmp / "hf", tmp / "art", 8)
         llm = LLM(art, gpu_memory_utilization=0.5)
         eng = llm.engine
         graphs = eng.runner.graphs
         b1 = graphs.bucket_for(1)
-        for _ in range(10):
-            b1.graph.replay()
+        eng.add_request("p", list(range(100, 228)), SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True))
+        for _ in range(20):
+            eng.step()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -50,10 +111,6 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         res["graph_replay_ms"] = round(start.elapsed_time(end) / 200, 4)
-        eng.add_request("p", list(range(100, 228)), SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True))
-        for _ in range(20):
-            eng.step()
-        torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(200):
             eng.step()
@@ -66,11 +123,31 @@ def main() -> None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
         res["host_profile_top"] = s.getvalue()
+
+        def eager_bucket1():
+            ctx = ForwardContext(graphs.kv_caches, b1.meta(graphs.max_seq_len))
+            with torch.inference_mode(), set_forward_context(ctx):
+                graphs.gm(b1.input_ids, b1.positions, b1.logits_indices)
+
+        res["kernels_eager_bucket1"] = kernel_breakdown(eager_bucket1)
+        res["kernels_graph_replay"] = kernel_breakdown(b1.graph.replay)
+        gb = gemm_weight_bytes(eng.runner.graph)
+        res["gemm_weight_GB"] = round(gb / 1e9, 3)
+        res["gemm_roofline_us"] = round(gb / (res["copy_bw_TBps"] * 1e12) * 1e6, 1)
+        kinds = (res["kernels_graph_replay"]["us_per_call_by_kind"]
+                 or res["kernels_eager_bucket1"]["us_per_call_by_kind"])
+        if kinds.get("gemm"):
+            res["gemm_achieved_TBps"] = round(gb / (kinds["gemm"] * 1e-6) / 1e12, 3)
     res["host_ms_per_step"] = round(res["engine_step_ms"] - res["graph_replay_ms"], 4)
     print(res["host_profile_top"])
+    for which in ("kernels_eager_bucket1", "kernels_graph_replay"):
+        print(which, json.dumps(res[which]["us_per_call_by_kind"]), "total us", res[which]["us_per_call_total"])
+        for k in res[which]["top_kernels"][:8]:
+            print(f"    {k['us_per_call']:>8} us  x{k['launches_per_call']:<6} {k['name']}")
     print(f"{res['device']}, {args.shape}, batch 1 decode")
-    for k in ("graph_replay_ms", "engine_step_ms", "host_ms_per_step"):
-        print(f"{k:>20}  {res[k]}")
+    for k in ("copy_bw_TBps", "graph_replay_ms", "engine_step_ms", "host_ms_per_step", "gemm_weight_GB",
+              "gemm_roofline_us", "gemm_achieved_TBps"):
+        print(f"{k:>20}  {res.get(k)}")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 
