@@ -333,8 +333,9 @@ def test_default_calibration_set():
 
 
 def test_shipped_model_perplexity_gptq_awq_beat_rtn():
-    """int4 g128 on spanda-py-target (bf16 weights, float32 compute), 32 x 512 calibration tokens from
-    models/calibration.jsonl, perplexity on the first 16 rows of models/heldout.jsonl."""
+    """int4 g128 on spanda-py-target (bf16 weights, float32 compute), 16 x 512 calibration tokens from
+    models/calibration.jsonl (fewer than a build would use, to stay fast on CPU), perplexity on the first 16
+    rows of models/heldout.jsonl. RTN is what layout.rtn_tensors stores."""
     cfg, raw_read = _open(TARGET, "bfloat16")
     cache: dict[str, torch.Tensor] = {}
 
@@ -345,7 +346,7 @@ def test_shipped_model_perplexity_gptq_awq_beat_rtn():
 
     held = torch.tensor([json.loads(line)["token_ids"]
                          for line in (REPO / "models" / "heldout.jsonl").read_text().splitlines()[:16]])
-    calib, _ = load_calibration(REPO / "models" / "calibration.jsonl", None, 32, 512)
+    calib, _ = load_calibration(REPO / "models" / "calibration.jsonl", None, 16, 512)
     sites = default_sites(cfg)
     t0 = time.time()
 
@@ -358,14 +359,12 @@ def test_shipped_model_perplexity_gptq_awq_beat_rtn():
     rtn = {sym: ppl({n: layout.rtn_tensors(w, 4, 128, sym, cfg.torch_dtype) for n, w in weights.items()})
            for sym in (True, False)}
     res = {}
-    for method in ("gptq", "awq", "int8_smoothquant"):
-        spec = QuantSpec(method, bits=8 if method == "int8_smoothquant" else 4, group_size=128)
-        out, _, _ = _run(cfg, read, calib, spec, sites)
+    for method in ("gptq", "awq"):
+        out, _, _ = _run(cfg, read, calib, QuantSpec(method, bits=4, group_size=128), sites)
         res[method] = ppl(out)
     print(f"\nspanda-py-target perplexity (16 held-out rows): float {base:.4f}, RTN int4 g128 sym "
           f"{rtn[True]:.4f} / asym {rtn[False]:.4f}, GPTQ int4 g128 (sym) {res['gptq']:.4f}, AWQ int4 g128 "
-          f"(asym) {res['awq']:.4f}, SmoothQuant W8A8 {res['int8_smoothquant']:.4f} ({time.time() - t0:.1f}s)")
+          f"(asym) {res['awq']:.4f} ({time.time() - t0:.1f}s)")
     # each strictly better than RTN at the same bits, group size and symmetry, and within 5% of float
     assert res["gptq"] < rtn[True] and res["awq"] < rtn[False]
     assert res["gptq"] < 1.05 * base and res["awq"] < 1.05 * base
-    assert res["int8_smoothquant"] < 1.02 * base
