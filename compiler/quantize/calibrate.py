@@ -259,8 +259,8 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, dtyp
     s, z = group_params(wg.reshape(-1, gs), bits, sym, dtype)
     s, z = s.reshape(out_f, -1), z.reshape(out_f, -1)
     q = _codes(wg, s.unsqueeze(-1), z.unsqueeze(-1), 2**bits - 1).reshape(out_f, in_f)
-    return QuantizedLinear(q.t().contiguous().to(torch.int32), z.t().contiguous().to(torch.int32),
-                           s.t().contiguous().half(), torch.arange(in_f, dtype=torch.int32) // gs,
+    return QuantizedLinear(q.t().contiguous().to(torch.int32).cpu(), z.t().contiguous().to(torch.int32).cpu(),
+                           s.t().contiguous().half().cpu(), torch.arange(in_f, dtype=torch.int32) // gs,
                            bits, group_size, sym)
 
 
