@@ -276,7 +276,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             from runtime.tokenizer import Tokenizer
 
             tok = Tokenizer.from_dir(ckpt.path)
-            quant.calibrate(ckpt.read, tok.encode, plan, Path(scratch))
+            quant.calibrate(ckpt.read, tok.encode, plan, Path(scratch), device)
         kv_scales, kv_calib_sha = _kv_scales(recipe, cfg, ckpt, device)
         with tqdm(total=len(plan.entries), desc="writing weights", unit="tensor", disable=None) as bar:
             shards = write_weights(plan, ckpt.read, dtypes, sizes, writer.path, bar.update)

@@ -58,10 +58,10 @@ def _reference_logits(ckpt, method):
         for _, m in _linears(model):
             w = m.weight.float()
             if method == "rtn":
-                q = quantize_rtn(w, 4, 128, True)
+                q = quantize_rtn(w, 4, 128, True, scale_dtype=torch.float32)  # a float32 model stores float32 scales
                 m.weight.copy_(dequantize(q.q, q.z, q.s, q.g_idx))
             elif method == "rtn8-asym-g64":
-                q = quantize_rtn(w, 8, 64, False)
+                q = quantize_rtn(w, 8, 64, False, scale_dtype=torch.float32)
                 m.weight.copy_(dequantize(q.q, q.z, q.s, q.g_idx))
             elif method == "fp8":
                 m.weight.copy_(_fake_quant_fp8_rows(w))  # per output channel = per row of W

@@ -40,7 +40,7 @@ def wna16_tensors(ql: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Te
 
 def rtn_tensors(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype
                 ) -> dict[str, torch.Tensor]:
-    return wna16_tensors(quantize_rtn(w, bits, group_size, symmetric), dtype)
+    return wna16_tensors(quantize_rtn(w, bits, group_size, symmetric, scale_dtype=dtype), dtype)
 
 
 ROW_CHUNK = 2048  # rows converted to float32 at a time: a 70B FFN weight never exists in float32 whole

@@ -95,7 +95,7 @@ class QuantPipeline:
 
     # ------------------------------------------------------------------ calibration
 
-    def calibrate(self, read, encode, plan: WeightPlan, scratch_dir: Path, progress: bool = True) -> None:
+    def calibrate(self, read, encode, plan: WeightPlan, scratch_dir: Path, device: str = "cpu") -> None:
         """Run the calibrated method over the checkpoint (layer by layer), parking results in scratch files;
         norm weights the method rescales replace their plan entries."""
         if not self.q.calibrated:
@@ -107,7 +107,8 @@ class QuantPipeline:
         method = {"gptq": "gptq", "awq": "awq", "int8": "int8_smoothquant", "fp8": "fp8_static"}[self.q.method]
         spec = QuantSpec(method=method, bits=self.q.weight_bits, group_size=self.q.group_size,
                          symmetric=self.q.is_symmetric, act_order=self.q.act_order, damp_percent=self.q.damp_percent,
-                         smoothquant_alpha=self.q.smoothquant_alpha if self.q.smoothquant_alpha is not None else 0.5)
+                         smoothquant_alpha=self.q.smoothquant_alpha if self.q.smoothquant_alpha is not None else 0.5,
+                         fp8_per_channel=self.q.weight_scale == "per_channel")
         sites = [Site(s.prefix + ".weight", tuple(s.source.sources)) for s in self.sites]
         scratch_dir.mkdir(parents=True, exist_ok=True)
         site_names = {s.name for s in sites}
@@ -118,7 +119,9 @@ class QuantPipeline:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
             (self.scratch if name in site_names else extra)[name] = path
 
-        self.summary = calibrate_and_quantize(self.cfg, read, ids, spec, sites, emit, progress=progress) or {}
+        log.info("calibrating %s on %d x %d tokens of %s (%s)", self.q.method, ids.shape[0], ids.shape[1], c.data,
+                 device)
+        self.summary = calibrate_and_quantize(self.cfg, read, ids, spec, sites, emit, device=device) or {}
         missing = site_names - set(self.scratch)
         if missing:
             raise RuntimeError(f"calibration did not quantize {sorted(missing)[:4]}...")

@@ -22,7 +22,11 @@ class QuantizedLinear:
     symmetric: bool
 
 
-def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> QuantizedLinear:
+SCALE_FLOOR = 2.0**-24  # smallest positive fp16 value: an all-zero group keeps a usable (non-zero) scale
+
+
+def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                 scale_dtype: torch.dtype = torch.float16) -> QuantizedLinear:
     """w: [out, in] float -> codes per group of input channels. Symmetric (as GPTQ's symmetric mode): zero
     point 2^(bits-1), scale = 2 max|w| / (2^bits - 1); asymmetric: the group's [min, max] (widened to hold 0)
     spread over [0, 2^bits - 1]."""
@@ -33,14 +37,14 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetri
     maxq = 2**bits - 1
     wg = w.float().t().reshape(in_f // gs, gs, out_f)  # [groups, gs, out]
     if symmetric:
-        amax = wg.abs().amax(1).clamp_min(1e-8)
-        s = amax * 2 / maxq
+        amax = wg.abs().amax(1)
+        s = (amax * 2 / maxq).clamp_min(SCALE_FLOOR)
         z = torch.full_like(s, (maxq + 1) // 2)
     else:
         lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)
-        s = ((hi - lo) / maxq).clamp_min(1e-8)
+        s = ((hi - lo) / maxq).clamp_min(SCALE_FLOOR)
         z = torch.round(-lo / s)
-    s = s.half().float()  # quantize with the scale as stored (fp16), so dequantization sees the same scale
+    s = s.to(scale_dtype).float()  # quantize with the scale as stored, so dequantization sees the same scale
     q = torch.clamp(torch.round(wg / s.unsqueeze(1)) + z.unsqueeze(1), 0, maxq)
-    return QuantizedLinear(q.reshape(in_f, out_f).to(torch.int32), z.to(torch.int32), s.to(torch.float16),
+    return QuantizedLinear(q.reshape(in_f, out_f).to(torch.int32), z.to(torch.int32), s.to(scale_dtype),
                            default_g_idx(in_f, group_size), bits, group_size, symmetric)
