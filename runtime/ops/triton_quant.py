@@ -57,9 +57,6 @@ FAST_DTYPES = (torch.float16, torch.bfloat16)
 QUANT_BLOCK = 4096  # elements of a row per step of the activation-quantization kernel
 DEQUANT_MM_MIN_M = 1024  # M from which linear_wna16 dequantizes + cuBLAS (None: never); from bench data
 INT_MM_MIN_M = None  # M from which linear_int8 uses torch._int_mm (None: never; it needs M > 16)
-# (dtype, bits) -> (16-bit pattern whose low bits take the code, its value): bitcast(pattern | q) = value + q
-_MAGIC = {(torch.float16, 4): (0x6400, 1024.0), (torch.float16, 8): (0x6400, 1024.0),
-          (torch.bfloat16, 4): (0x4300, 128.0)}  # bf16 8-bit: 128 + 255 is not exact; float32 path instead
 DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
 
 
@@ -74,16 +71,11 @@ def _jit(fn=None, **kw):
 
 @_jit(do_not_specialize=["M"])
 def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm,
-                  group_size, TILES: tl.constexpr, BITS: tl.constexpr, MAGIC16: tl.constexpr, OFFSET: tl.constexpr,
-                  GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                  SCALE_ACC: tl.constexpr, RESHAPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  group_size, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SCALE_ACC: tl.constexpr, RESHAPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[rm, rn] (or its K-split partial) = x[rm, perm[k]] @ ((q[k, rn] - z[g(k), rn]) * s[g(k), rn]) over the
-    program's K tiles [pid_k * TILES, +TILES). Grouped: BLOCK_K divides group_size.
-
-    Dequantization without int->float conversions: v = bitcast(MAGIC16 | q) is OFFSET + q exactly in x's dtype
-    (fp16 1024 + q; bf16 128 + q for 4 bits; 8-bit codes in bf16 go through float32 2^23 + q instead, OFFSET 0),
-    and the zero point leaves the weight tile: x @ (v - (OFFSET + z)) = x @ v - rowsum(x) * (OFFSET + z)."""
+    program's K tiles [pid_k * TILES, +TILES). Grouped: BLOCK_K divides group_size."""
     PER: tl.constexpr = 32 // BITS
     QMASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
@@ -97,9 +89,8 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if not GROUPED:
-        zf0 = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.float32) + OFFSET
+        z0 = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.int32)
         s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     kt0 = pid_k * TILES
     for t in range(0, TILES):
         k0 = (kt0 + t) * BLOCK_K
@@ -120,24 +111,18 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
             w_mask = k_mask[:, None] & n_mask[None, :]
             words = tl.load(qw_ptr + (offs_k // PER).to(tl.int64)[:, None] * N + rn[None, :], mask=w_mask, other=0)
             q = (words >> ((offs_k % PER) * BITS)[:, None]) & QMASK
-        if MAGIC16 != 0:
-            v = (q | MAGIC16).to(tl.int16).to(dt, bitcast=True)
-        else:
-            v = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(dt)
         if GROUPED:
             g = k0 // group_size
-            zf = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32) + OFFSET
+            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)
             s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
             if SCALE_ACC:
-                rs = tl.sum(a.to(tl.float32), axis=1)
-                acc += (tl.dot(a, v) - rs[:, None] * zf[None, :]) * s[None, :]
+                acc += tl.dot(a, (q - z[None, :]).to(dt)) * s[None, :]
             else:
-                acc = tl.dot(a, ((v.to(tl.float32) - zf[None, :]) * s[None, :]).to(dt), acc)
+                acc = tl.dot(a, ((q - z[None, :]).to(tl.float32) * s[None, :]).to(dt), acc)
         else:
-            acc = tl.dot(a, v, acc)
-            rsum += tl.sum(a.to(tl.float32), axis=1)
+            acc = tl.dot(a, (q - z0[None, :]).to(dt), acc)
     if not GROUPED:
-        acc = (acc - rsum[:, None] * zf0[None, :]) * s0[None, :]
+        acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if SPLIT:
@@ -387,11 +372,9 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     k_tiles = triton.cdiv(k, bk)
     split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    magic, offset = _MAGIC.get((x.dtype, bits), (0, 0.0))
     _wna16_kernel[(tiles_n, tiles_m, split)](
         x, qweight, scales, zeros, perm_c if perm_c is not None else qweight, bias if bias is not None else scales,
-        out, part, m, n, k, x.stride(0), gs, TILES=k_tiles // split, BITS=bits, MAGIC16=magic, OFFSET=offset,
-        GROUPED=grouped,
+        out, part, m, n, k, x.stride(0), gs, TILES=k_tiles // split, BITS=bits, GROUPED=grouped,
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, SCALE_ACC=cfg.scale_acc,
         RESHAPE=cfg.reshape, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
