@@ -36,6 +36,14 @@ import torch
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 SCALE_FLOOR = 1e-12  # a token of zeros gets this scale instead of 0 (no 0/0)
+# Scales are amax times the float32 reciprocal (not amax / 448): that is what CUDA computes for a division by
+# a scalar and what the Triton kernels do, so CPU references and GPU kernels agree to the last bit.
+FP8_RECIP = 1.0 / FP8_MAX
+INT8_RECIP = 1.0 / INT8_MAX
+
+
+def _recip(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
 def unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -69,7 +77,7 @@ def quantize_activation_fp8(x: torch.Tensor, input_scale: torch.Tensor | None) -
     """x [T, K] -> (E4M3 codes [T, K], float32 scale [T, 1] or [1, 1])."""
     xf = x.float()
     if input_scale is None:
-        s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_FLOOR)
+        s = (xf.abs().amax(-1, keepdim=True) * _recip(FP8_RECIP, xf)).clamp_min(SCALE_FLOOR)
     else:
         s = input_scale.float().reshape(1, 1)
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
@@ -88,7 +96,7 @@ def quantize_activation_int8(x: torch.Tensor, input_scale: torch.Tensor | None) 
     """x [T, K] -> (int8 codes [T, K], float32 scale [T, 1] or [1, 1]); symmetric, round half to even."""
     xf = x.float()
     if input_scale is None:
-        s = (xf.abs().amax(-1, keepdim=True) / INT8_MAX).clamp_min(SCALE_FLOOR)
+        s = (xf.abs().amax(-1, keepdim=True) * _recip(INT8_RECIP, xf)).clamp_min(SCALE_FLOOR)
     else:
         s = input_scale.float().reshape(1, 1)
     return torch.round(xf / s).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
