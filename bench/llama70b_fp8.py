@@ -42,7 +42,7 @@ def make_checkpoint(out: Path, layers: int) -> dict:
     sys.path.insert(0, str(REPO))
     from tests.tokenizer_fixture import train_tokenizer
 
-    cfg = LlamaConfig(**SHAPE, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    cfg = LlamaConfig(**SHAPE, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in LlamaForCausalLM(cfg).named_parameters()}
     out.mkdir(parents=True)
