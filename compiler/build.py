@@ -105,10 +105,9 @@ def _quant_pipeline(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint):
     return QuantPipeline(recipe.quantization, cfg) if recipe.quantization.method != "none" else None
 
 
-def _meta_state(ep: torch.export.ExportedProgram) -> tuple[dict[str, torch.dtype], dict[str, int]]:
-    dtypes = {n: t.dtype for n, t in ep.state_dict.items()}
-    sizes = {n: t.numel() * t.element_size() for n, t in ep.state_dict.items()}
-    return dtypes, sizes
+def _meta_state(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Every parameter/buffer of the captured graph as a meta tensor (its dtype and shape)."""
+    return {n: t.to("meta") for n, t in ep.state_dict.items()}
 
 
 def _envelope(device: str) -> dict[str, Any]:
@@ -271,7 +270,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             tempfile.TemporaryDirectory(prefix=".spanda-scratch-", dir=writer.path.parent) as scratch:
         ep, plan, applied = plan_and_capture(recipe, cfg, quant)
         torch.export.save(ep, str(writer.path / GRAPH_FILE))
-        dtypes, sizes = _meta_state(ep)
+        meta = _meta_state(ep)
         if quant is not None and recipe.quantization.calibrated:
             from runtime.tokenizer import Tokenizer
 
@@ -279,7 +278,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
             quant.calibrate(ckpt.read, tok.encode, plan, Path(scratch), device)
         kv_scales, kv_calib_sha = _kv_scales(recipe, cfg, ckpt, device)
         with tqdm(total=len(plan.entries), desc="writing weights", unit="tensor", disable=None) as bar:
-            shards = write_weights(plan, ckpt.read, dtypes, sizes, writer.path, bar.update)
+            shards = write_weights(plan, ckpt.read, meta, writer.path, bar.update)
         for f in tok_files:
             writer.copy_file(f, f.name)
         log.info("hashing source checkpoint files for provenance")

@@ -86,6 +86,10 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         shard = self.weight_map[name]
         if shard not in self._handles:
+            # One shard open at a time: safetensors hands out tensors backed by the file's memory map, and an
+            # open handle keeps every page read so far resident, so holding all shards open would grow the
+            # build's memory to the whole checkpoint. A closed shard's pages go once its tensors are freed.
+            self._handles.clear()
             try:
                 self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
             except Exception as e:  # safetensors raises its own error types for corrupt headers

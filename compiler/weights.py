@@ -7,13 +7,14 @@ source tensors lazily, so a build never holds the whole model in host memory.
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 log = logging.getLogger("spanda.compiler")
 
@@ -121,28 +122,60 @@ def _shards(plan: WeightPlan, sizes: dict[str, int]) -> Iterator[list[str]]:
         yield shard
 
 
+# torch dtype -> safetensors dtype name (the format's spec)
+ST_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
 def write_weights(
     plan: WeightPlan,
     read: Callable[[str], torch.Tensor],
-    dtypes: dict[str, torch.dtype],
-    sizes: dict[str, int],
+    meta: dict[str, torch.Tensor],
     out_dir: Path,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Write ``weights-XXXXX-of-YYYYY.safetensors`` shards (sorted names, fixed metadata: reproducible)."""
+    """Write ``weights-XXXXX-of-YYYYY.safetensors`` shards (sorted names, fixed metadata: reproducible).
+
+    ``meta`` holds each tensor's expected dtype and shape (meta tensors of the captured graph). A shard is
+    streamed: its header is known before any tensor is made, and every tensor goes to the file as soon as it
+    is materialized and is dropped, so host memory holds one tensor (or one derived group, e.g. a quantized
+    layer) at a time, never a shard. Data follow in name order, contiguous, as the safetensors spec requires
+    (the runtime copies any tensor a previous odd-sized one left unaligned)."""
+    sizes = {n: t.numel() * t.element_size() for n, t in meta.items()}
     groups = list(_shards(plan, sizes))
     files = []
     for i, names in enumerate(groups):
         fname = f"weights-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
+        _write_shard(out_dir / fname, names, plan, read, meta, sizes, progress)
+        log.info("wrote %s (%d tensors, %.2f GB)", fname, len(names), sum(sizes[n] for n in names) / 1e9)
+        files.append(fname)
+    return files
+
+
+def _write_shard(path: Path, names: list[str], plan: WeightPlan, read: Callable[[str], torch.Tensor],
+                 meta: dict[str, torch.Tensor], sizes: dict[str, int],
+                 progress: Callable[[int], None] | None) -> None:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for n in names:
+        header[n] = {"dtype": ST_DTYPES[meta[n].dtype], "shape": list(meta[n].shape),
+                     "data_offsets": [off, off + sizes[n]]}
+        off += sizes[n]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the spec allows trailing spaces; 8-aligns the data section
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
         for n in names:
-            tensors[n] = plan.materialize(n, read, dtypes[n])
+            t = plan.materialize(n, read, meta[n].dtype)
+            if t.shape != meta[n].shape:
+                raise ValueError(f"{n}: materialized shape {tuple(t.shape)}, the graph expects "
+                                 f"{tuple(meta[n].shape)}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
             if progress:
                 progress(1)
-        # One metadata key only: safetensors orders metadata keys by a hash map, which would make the
-        # header (and so the file's sha256) differ between otherwise identical builds.
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        log.info("wrote %s (%d tensors)", fname, len(names))
-        files.append(fname)
-        del tensors
-    return files

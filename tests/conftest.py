@@ -38,8 +38,9 @@ FAMILIES = {
 }
 
 
-def make_hf_checkpoint(family: str, out: Path, seed: int = 0, shards: bool = False, **overrides) -> Path:
-    """Write a tiny random-weight checkpoint of ``family`` (a FAMILIES key) with a trained tokenizer."""
+def make_hf_checkpoint(family: str, out: Path, seed: int = 0, shards: bool | str = False, **overrides) -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` (a FAMILIES key) with a trained tokenizer;
+    ``shards``: True for 100KB shards, or a size such as "64MB"."""
     import transformers
 
     cfg_name, model_name, extra = FAMILIES[family]
@@ -47,7 +48,7 @@ def make_hf_checkpoint(family: str, out: Path, seed: int = 0, shards: bool = Fal
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).eval()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size="100KB" if shards else "2GB")
+    model.save_pretrained(out, max_shard_size=shards if isinstance(shards, str) else "100KB" if shards else "2GB")
     train_tokenizer(out, vocab_size=VOCAB)
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return out
