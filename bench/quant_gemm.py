@@ -10,8 +10,10 @@ CUDA graph holding one call, events around each replay; the L2 is emptied before
     bf16      torch.mm(x, W.t()) (cuBLAS), the baseline of every speedup
     w4a16     spanda linear_wna16, 4-bit, group 128 (ours; heuristic config)   w8a16: 8-bit, group 128
     fp8       spanda linear_fp8, dynamic per-token activation scales, per-channel weight scales (ours: the
-              activation-quantization kernel + _scaled_mm);  scaled_mm: torch._scaled_mm alone on pre-quantized
-              inputs with the same row-wise scales
+              activation-quantization kernel + the split-K Triton GEMM up to FP8_TRITON_MAX_M rows, else
+              _scaled_mm);  scaled_mm: torch._scaled_mm alone on pre-quantized inputs with the same row-wise
+              scales; for M <= 64 also fp8_triton_fused / fp8_triton / fp8_triton_upcast / fp8_scaled_mm: each
+              path of the op, and a small sweep of configurations of the fused path
     int8      spanda linear_int8, dynamic per-token (ours: quantization + Triton int8 GEMM);  int8_intmm: ours
               through torch._int_mm (M > 16);  int_mm: torch._int_mm alone (int32 out, no scales)
 Weight bytes (what decode must stream): bf16 2KN; wNa16 KN*bits/8 + G*N*3 (scales, zeros); fp8/int8 KN + 4N.
@@ -37,6 +39,8 @@ import runtime.ops  # noqa: E402,F401
 from compiler.quantize.layout import fp8_weight, int8_weight  # noqa: E402
 from runtime.ops import triton_quant as tq  # noqa: E402
 
+FP8_SWEEP = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in (
+    (64, 256, 4, 4), (128, 128, 4, 4), (64, 128, 4, 6), (32, 256, 2, 4), (64, 512, 4, 3), (128, 256, 8, 3))]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 MS = (1, 16, 4096)
 DTYPE = torch.bfloat16
@@ -165,6 +169,7 @@ def main() -> None:
         wts.clear()
         torch.cuda.empty_cache()
     meta["targets"] = targets(rows)
+    meta["fp8_triton_max_m"], meta["fp8_triton_path"] = tq.FP8_TRITON_MAX_M, tq.FP8_TRITON_PATH
     dump()
     if args.out:
         print(args.out.read_text())
@@ -196,6 +201,14 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
     r["w8a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w8[:3], None, None, 8, GROUP))
     r["w8a16_config"] = str(tq.wna16_config(m, n, k, 8))
     r["fp8_us"] = try_us(lambda: tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, None))
+    r["fp8_path"] = "scaled_mm" if tq.FP8_TRITON_MAX_M is None or m > tq.FP8_TRITON_MAX_M else tq.FP8_TRITON_PATH
+    if m <= 64:  # the decode-sized Triton paths against the op through _scaled_mm (activation quant included)
+        for path in ("triton_fused", "triton", "triton_upcast", "scaled_mm"):
+            r[f"fp8_{path}_us"] = try_us(lambda path=path: tq.linear_fp8_cuda(
+                x, f8["weight"], f8["weight_scale"], None, None, path=path))
+        for cfg in FP8_SWEEP:
+            r.setdefault("fp8_triton_sweep", {})[str(cfg)] = try_us(lambda cfg=cfg: tq.linear_fp8_cuda(
+                x, f8["weight"], f8["weight_scale"], None, None, config=cfg, path="triton_fused"))
     r["fp8_act_quant_us"] = try_us(lambda: tq.quantize_rows(x, None, torch.float8_e4m3fn))
     r["scaled_mm_us"] = try_us(lambda: torch._scaled_mm(xq8, f8["weight"].t(), scale_a=sx8, scale_b=sb,
                                                         out_dtype=DTYPE))
@@ -257,6 +270,8 @@ def targets(rows: list[dict]) -> dict:
             out[f"w4a16_m1_{tag}"] = dict(speedup=r["w4a16_speedup"], target=3.0, met=r["w4a16_speedup"] >= 3.0)
         if r["m"] == 16 and r.get("w4a16_speedup"):
             out[f"w4a16_m16_{tag}"] = dict(speedup=r["w4a16_speedup"], target=2.0, met=r["w4a16_speedup"] >= 2.0)
+        if r["m"] == 1 and r.get("fp8_speedup"):  # the engine's 1.7x bs1 target needs about 1.8-1.9x here
+            out[f"fp8_m1_{tag}"] = dict(speedup=r["fp8_speedup"], target=1.7, met=r["fp8_speedup"] >= 1.7)
         if r["m"] == 4096 and r.get("fp8_vs_scaled_mm"):
             out[f"fp8_m4096_{tag}"] = dict(time_ratio=r["fp8_vs_scaled_mm"], target=1.1,
                                            met=r["fp8_vs_scaled_mm"] <= 1.1)

@@ -171,6 +171,9 @@ def fp8_case(case, m, g):
                          f"{'ch' if c[1] else 'tensor'}{'-b' if c[2] else ''}-{str(c[3])[6:]}-{c[4]}x{c[5]}")
 @pytest.mark.parametrize("m", MS)
 def test_fp8(case, m):
+    """Activation codes and scales bit-exact; every path (Triton split-K quantizing the activation itself, or
+    on E4M3 codes or their float16 copies, _scaled_mm, and the op's own choice) within float32-summation error
+    of the reference."""
     x, w, ws, in_scale, bias = fp8_case(case, m, gen("fp8", case, m))
     xq, sx = tq.quantize_rows(x, in_scale, torch.float8_e4m3fn)
     xq_ref, sx_ref = quantize_activation_fp8(x, in_scale)
@@ -179,6 +182,11 @@ def test_fp8(case, m):
     ref = linear_fp8_ref(x, w, ws, in_scale, bias)
     check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias), ref, "linear_fp8_cuda")
     check(spanda.linear_fp8(x, w, ws, in_scale, bias), ref, "spanda.linear_fp8")
+    for path in ("triton_fused", "triton", "triton_upcast", "scaled_mm"):
+        check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, path=path), ref, f"linear_fp8_cuda {path}")
+    for path in ("triton_fused", "triton"):
+        for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1)):
+            check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
 
 
 INT8_CASES = [  # static input scale, bias, dtype, K, N
@@ -322,6 +330,20 @@ def _interpreter_main() -> None:
         for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2), None):
             out = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
             check(out, ref, f"int8 {cfg}")
+    for static, per_channel, has_bias, k, n, m in ((False, True, True, 96, 48, 3), (True, False, False, 64, 32, 17)):
+        wt = fp8_weight(torch.randn(n, k, generator=g) * 0.05, per_channel=per_channel)
+        x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+        sc = (x.float().abs().amax() / 448 * 0.8).reshape(1) if static else None
+        bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+        # the GEMM against the product of the codes this interpreter made (its E4M3 rounding differs from
+        # torch's in rare codes, above)
+        xq, sx = tq.quantize_rows(x, sc, torch.float8_e4m3fn)
+        w = wt["weight"].float() * wt["weight_scale"].float().reshape(-1, 1)
+        ref = ((xq.float() * sx) @ w.t() + (bias.float() if has_bias else 0)).to(dtype)
+        for path in ("triton_upcast", "triton", "triton_fused"):
+            for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2)):
+                out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
+                check(out, ref, f"fp8 {path} {cfg}")
     print("interpreter ok")
 
 

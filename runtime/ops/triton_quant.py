@@ -23,7 +23,11 @@ linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
 
 linear_fp8 (FP8 W8A8, E4M3)
     A Triton kernel per row of x (amax, scale = amax / 448 rounded as torch on CUDA rounds it, clamp,
-    round-to-nearest-even cast to E4M3; or the static scale), then ``torch._scaled_mm`` with row-wise scales
+    round-to-nearest-even cast to E4M3; or the static scale). Up to FP8_TRITON_MAX_M rows (decode) the codes
+    go to the split-K Triton W8A8 GEMM below (float32 accumulation of exact E4M3 products; the row and
+    column scales and the bias in the epilogue, or in the split reduction): _scaled_mm streams the weight at
+    a fraction of copy bandwidth there. A variant quantizes the activation inside that GEMM (each program
+    computes its rows' amax over the whole row). Above that, ``torch._scaled_mm`` with row-wise scales
     (scale_a [M, 1], scale_b [1, N] float32; a per-tensor weight scale is expanded) or tensor-wise scales
     when both are per tensor, the bias and the output dtype in cuBLAS's epilogue. _scaled_mm needs K and N
     multiples of 16 (M is free); other shapes use the reference. A combination that this torch/cuBLAS
@@ -57,6 +61,14 @@ FAST_DTYPES = (torch.float16, torch.bfloat16)
 QUANT_BLOCK = 4096  # elements of a row per step of the activation-quantization kernel
 DEQUANT_MM_MIN_M = 1024  # M from which linear_wna16 dequantizes + cuBLAS (None: never); from bench data
 INT_MM_MIN_M = None  # M from which linear_int8 uses torch._int_mm (None: never; it needs M > 16)
+# linear_fp8 runs the split-K Triton GEMM up to this many rows (decode), _scaled_mm above; None: always
+# _scaled_mm. Row-wise _scaled_mm streams the weight at a fraction of copy bandwidth at M = 1 (H200,
+# bench/results/quant-gemm-h200.json, activation quantization included: qkv 25.0 us vs 17.5 us here,
+# down 52.2 vs 32.6, gate_up 57.6 vs 45.5; bf16 cuBLAS 18.6 / 34.8 / 60.6).
+FP8_TRITON_MAX_M = 16
+# "triton": the activation-quantization kernel, then the GEMM (timed: bench/results/quant-gemm-h200.json);
+# "triton_fused" quantizes inside the GEMM (one launch fewer; checked on the GPU, not yet timed)
+FP8_TRITON_PATH = "triton"
 DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
 
 
@@ -134,11 +146,18 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
 
 
 @_jit(do_not_specialize=["M"])
-def _int8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M, N, K, TILES: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """int32 acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias
-    (or the int32 partial when split). a [M, K], w [N, K] int8 contiguous."""
+def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in_scale_ptr, M, N, K, stride_am,
+                      TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
+                      UPCAST: tl.constexpr, QUANT_A: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr,
+                      FLOOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      QBLOCK: tl.constexpr, QSTEPS: tl.constexpr):
+    """acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias (or the
+    partial when split). w [N, K] contiguous; a [M, K] (row stride stride_am) int8 (int32 acc, exact) or E4M3
+    (float32 acc: E4M3 products are exact in float32; UPCAST converts the codes to float16 first, also exact;
+    E4M3 codes arrive as uint8 and are reinterpreted here).
+    QUANT_A (E4M3 only): a is the float16/bfloat16 activation, quantized here as _quant_rows_kernel does it (per
+    row s = max(amax * (1 / QMAX), FLOOR) over the whole row, or the static scale; codes = cast(clamp(a / s)));
+    every program computes its rows' scales and the first program of each row block stores them in xs."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -146,22 +165,52 @@ def _int8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, M,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    a_rows = a_ptr + rm.to(tl.int64)[:, None] * K
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if QUANT_A:
+        if STATIC:
+            s_row = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(in_scale_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros((BLOCK_M, QBLOCK), dtype=tl.float32)
+            for qi in range(0, QSTEPS):  # QSTEPS = cdiv(K, QBLOCK)
+                qc = qi * QBLOCK + tl.arange(0, QBLOCK)
+                xv = tl.load(a_rows + qc[None, :], mask=m_mask[:, None] & (qc < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+            s_row = tl.maximum(tl.max(amax, axis=1) * (1.0 / QMAX), FLOOR)
+        tl.store(xs_ptr + rm, s_row, mask=m_mask & (pid_n == 0) & (pid_k == 0))
+        s_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32) + s_row[:, None]
+    if FP8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     kt0 = pid_k * TILES
     for t in range(0, TILES):
         offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         b = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if FP8:
+            if QUANT_A:
+                v = tl.math.div_rn(a.to(tl.float32), s_tile)
+                a = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+            else:
+                a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+            else:
+                acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if SPLIT:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
     else:
-        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
+        if QUANT_A:
+            xs = s_row
+        else:
+            xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
         y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         if HAS_BIAS:
@@ -285,6 +334,12 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
     if m <= 256:
         return GemmConfig(64, 128, 64, num_warps=4, num_stages=4, scale_acc=False)
     return GemmConfig(128, 128, 64, num_warps=8, num_stages=3, scale_acc=False)
+
+
+def fp8_config(m: int, n: int, k: int) -> GemmConfig:
+    """Decode-sized FP8 (M <= FP8_TRITON_MAX_M): the best of a sweep at 8B shapes on an H200
+    (bench/results/quant-gemm-h200.json)."""
+    return GemmConfig(16, 64, 128, num_warps=4, num_stages=6)
 
 
 def int8_config(m: int, n: int, k: int) -> GemmConfig:
@@ -431,7 +486,11 @@ def _scaled_mm(xq, w, sa, sb, bias, dtype, mode: str):
 
 
 def linear_fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+                    input_scale: torch.Tensor | None, bias: torch.Tensor | None, config: GemmConfig | None = None,
+                    path: str | None = None) -> torch.Tensor:
+    """``path``: "triton_fused" (split-K GEMM quantizing the activation itself), "triton" (the activation
+    quantization kernel, then the split-K GEMM on the E4M3 codes), "triton_upcast" (the same on float16 copies
+    of the codes), "scaled_mm"; None picks FP8_TRITON_PATH up to FP8_TRITON_MAX_M rows, _scaled_mm above."""
     m, k = x.shape if x.dim() == 2 else (0, 0)
     n = weight.shape[0]
     # _scaled_mm wants K and N multiples of 16 (cuBLASLt FP8 alignment); other shapes (none in supported
@@ -441,8 +500,24 @@ def linear_fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         return linear_fp8_ref(x, weight, weight_scale, input_scale, bias)
     if m == 0:
         return x.new_empty((0, n))
-    xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
     ws = weight_scale.float()
+    if path is None:
+        path = "scaled_mm" if FP8_TRITON_MAX_M is None or m > FP8_TRITON_MAX_M else FP8_TRITON_PATH
+    if path != "scaled_mm":
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        ws_n = (ws.reshape(n) if ws.numel() == n else ws.reshape(1).expand(n)).contiguous()
+        cfg = config or fp8_config(m, n, k)
+        if path == "triton_fused":  # activation quantization inside the GEMM: one kernel (two when split)
+            if x.stride(1) != 1:
+                x = x.contiguous()
+            sx = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+            _w8a8_gemm(x, weight.contiguous(), sx, ws_n, bias, out, cfg, fp8=True, input_scale=input_scale,
+                       quant_a=True)
+        else:
+            xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
+            _w8a8_gemm(xq, weight.contiguous(), sx, ws_n, bias, out, cfg, fp8=True, upcast=path == "triton_upcast")
+        return out
+    xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
     rowwise = not (input_scale is not None and ws.numel() == 1)
     if rowwise:
         sa = sx
@@ -486,17 +561,35 @@ def linear_int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         _reduce(acc.view(1, m, n), sx, ws, bias, out)
         return out
     cfg = config or int8_config(m, n, k)
+    _w8a8_gemm(xq, w, sx, ws, bias, out, cfg, fp8=False)
+    return out
+
+
+def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: bool = False,
+               input_scale: torch.Tensor | None = None, quant_a: bool = False) -> None:
+    """out = (xq @ w.T) * sx * ws [+ bias] through _w8a8_gemm_kernel (split-K per ``cfg`` or the heuristic).
+    ``quant_a``: xq is the float activation, quantized to E4M3 inside the GEMM (scales written to sx [M])."""
+    (m, k), n = xq.shape, w.shape[0]
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
     k_tiles = triton.cdiv(k, cfg.block_k)
-    split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
-    part = torch.empty((split, m, n), dtype=torch.int32, device=x.device) if split > 1 else out
-    _int8_gemm_kernel[(tiles_n, tiles_m, split)](
-        xq, w, sx, ws, bias if bias is not None else ws, out, part, m, n, k, TILES=k_tiles // split,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+    split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, xq.device)
+    part = (torch.empty((split, m, n), dtype=torch.float32 if fp8 else torch.int32, device=xq.device)
+            if split > 1 else out)
+    if fp8:
+        w = w.view(torch.uint8)
+        if not quant_a:
+            xq = xq.view(torch.uint8)
+    stride_am = xq.stride(0) if quant_a else k
+    qblock = min(1024, triton.next_power_of_2(k))
+    _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](
+        xq, w, sx, ws, bias if bias is not None else ws, out, part,
+        input_scale.float() if input_scale is not None else sx, m, n, k, stride_am, TILES=k_tiles // split,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, FP8=fp8, UPCAST=upcast, QUANT_A=quant_a,
+        STATIC=input_scale is not None, QMAX=FP8_MAX, FLOOR=SCALE_FLOOR, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, QBLOCK=qblock, QSTEPS=triton.cdiv(k, qblock) if quant_a else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         _reduce(part, sx, ws, bias, out)
-    return out
 
 
 # --------------------------------------------------------------------------------------- registration
