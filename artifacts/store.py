@@ -429,7 +429,10 @@ def verify_files(root: Path, manifest: Manifest, *, check_hashes: bool = True,
             for i, ((name, entry), digest) in enumerate(zip(items, digests), 1):
                 if digest != entry.sha256:
                     raise ArtifactCorruptError(root, name, "sha256", entry.sha256, digest)
-                log.info("verified %s (%s, sha256 ok) [%d/%d]", name, format_size(entry.size), i, len(items))
+                # progress for the weight shards and big files; compiled kernels and small files at debug level
+                big = name.startswith("weights-") or entry.size >= 64 << 20
+                log.log(logging.INFO if big else logging.DEBUG, "verified %s (%s, sha256 ok) [%d/%d]", name,
+                        format_size(entry.size), i, len(items))
     extras = sorted(set(list_files(root)) - set(manifest.files))
     if extras:
         log.warning(

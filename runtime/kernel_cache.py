@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 from artifacts.store import Artifact, ArtifactIncompatibleError
@@ -91,13 +92,19 @@ class KernelCache:
 
     def _listen(self, triton) -> None:
         previous = triton.knobs.compilation.listener
+        # Triton's listener is process-global: hold this cache weakly, so that a later build or engine in the
+        # same process is not reported against an engine that is gone
+        ref = weakref.ref(self)
 
         def listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
-            if cache_hit:
-                self.loaded += 1
+            kc = ref()
+            if kc is None:
+                pass
+            elif cache_hit:
+                kc.loaded += 1
             else:
                 name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
-                self.compiled.append(name)
+                kc.compiled.append(name)
                 log.warning("Triton compiled kernel %s at run time (not in the artifact's kernel cache)", name)
             if previous is not None:
                 previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times,

@@ -47,3 +47,30 @@ def test_moved_cache_is_found_after_relocation(tmp_path: Path) -> None:
     found = _group(private)
     assert found is not None and set(found) == {"_kernel.cubin", "_kernel.json"}
     assert all(Path(p).parent.parent == private and Path(p).exists() for p in found.values())
+
+
+def test_compilation_listener_forgets_engines_that_are_gone(caplog) -> None:
+    """Triton's compilation listener is process-global: compilations after an engine is gone (a second build
+    or engine in the same process) are not counted against it nor reported as its run-time JIT."""
+    import gc
+    import logging
+
+    from runtime.kernel_cache import KernelCache
+
+    previous = triton.knobs.compilation.listener
+    try:
+        kc = KernelCache.__new__(KernelCache)  # the counting part only (no artifact)
+        kc.compiled, kc.loaded = [], 0
+        kc._listen(triton)
+        listener = triton.knobs.compilation.listener
+        with caplog.at_level(logging.WARNING, logger="spanda.runtime"):
+            listener(src=None, metadata={"name": "_k"}, metadata_group={}, times=None, cache_hit=False)
+            listener(src=None, metadata={"name": "_k"}, metadata_group={}, times=None, cache_hit=True)
+            assert kc.compiled == ["_k"] and kc.loaded == 1
+            assert caplog.text.count("compiled kernel _k at run time") == 1
+            del kc
+            gc.collect()
+            listener(src=None, metadata={"name": "_later"}, metadata_group={}, times=None, cache_hit=False)
+        assert "_later" not in caplog.text
+    finally:
+        triton.knobs.compilation.listener = previous
