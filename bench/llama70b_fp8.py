@@ -12,7 +12,9 @@ layer; then loads the artifact, generates, measures batch-1 decode and a burst, 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
 import os
 import resource
 import signal
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("llama70b_fp8")
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
              vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -78,36 +81,57 @@ def make_checkpoint(out: Path, layers: int) -> dict:
             "shards": len(shards)}
 
 
-def run_build(ckpt: Path, art: Path) -> dict:
+def run_build(ckpt: Path, art: Path, log_path: Path) -> dict:
+    """``spanda build -v`` in a child process (its log streamed to ``log_path``); its peak RSS from rusage."""
     t = time.perf_counter()
-    cmd = [sys.executable, "-c", "from spanda.cli import main; main()", "build", "--recipe",
+    cmd = [sys.executable, "-c", "from spanda.cli import main; main()", "-v", "build", "--recipe",
            str(REPO / "recipes/llama-70b-fp8.yaml"), "--model", str(ckpt), "--out", str(art)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+    at_peak = ""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        while proc.poll() is None:  # resident memory by kind, and the build's last log line at the peak
+            try:
+                status = dict(ln.split(":", 1) for ln in open(f"/proc/{proc.pid}/status"))
+                now = {k: int(status[k].split()[0]) * 1024 for k in peak}
+                if now["VmRSS"] > peak["VmRSS"]:
+                    lines = [ln for ln in log_path.read_text().splitlines() if " INFO " in ln]
+                    at_peak = lines[-1] if lines else ""
+                for k in peak:
+                    peak[k] = max(peak[k], now[k])
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.05)
+    r = proc
     seconds = time.perf_counter() - t
+    lines = log_path.read_text().strip().splitlines()
     if r.returncode:
-        print(r.stdout[-3000:], r.stderr[-6000:])
+        print("\n".join(lines[-60:]))
         raise SystemExit("build failed")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
-    return {"build_seconds": round(seconds, 1), "build_peak_rss_bytes": peak,
-            "build_log_tail": r.stderr.strip().splitlines()[-6:]}
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+    return {"build_seconds": round(seconds, 1), "build_peak_rss_bytes": peak_rss,
+            "build_sampled_peak_bytes": peak, "build_log_at_sampled_peak": at_peak,
+            "build_log_tail": [ln for ln in lines if " INFO " in ln or "WARNING" in ln][-12:]}
 
 
 def serve_once(art: Path, port: int = 8013) -> dict:
     cmd = [sys.executable, "-c", "from spanda.cli import main; main()", "serve", str(art), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(art.parent / "serve.log", "w")  # not a pipe: nobody would drain it and the server would block
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
+        t0 = deadline = time.time()
+        deadline += 240
         while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}): "
+                                   + (art.parent / "serve.log").read_text()[-1500:])
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 time.sleep(1)
-        body = json.dumps({"model": "llama-70b-fp8", "prompt": "def main():", "max_tokens": 16,
-                           "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                     {"Content-Type": "application/json"})
+        ready_s = time.time() - t0
         models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10))
         body = json.dumps({"model": models["data"][0]["id"], "prompt": "def main():", "max_tokens": 16,
                            "temperature": 0}).encode()
@@ -115,21 +139,26 @@ def serve_once(art: Path, port: int = 8013) -> dict:
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             resp = json.load(r)
-        return {"served": True, "usage": resp["usage"], "text": resp["choices"][0]["text"]}
+        return {"served": True, "serve_ready_s": round(ready_s, 1), "usage": resp["usage"],
+                "text": resp["choices"][0]["text"]}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def engine_figures(art: Path) -> dict:
     from runtime import LLM, SamplingParams
 
+    t = time.perf_counter()
     llm = LLM(str(art), gpu_memory_utilization=0.85)
+    load_s = time.perf_counter() - t
     m = llm.engine.artifact.manifest
-    text = llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0].text
+    text = llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+                        )[0].outputs[0].text
     ids = list(range(100, 228))
     llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     torch.cuda.synchronize()
@@ -141,7 +170,8 @@ def engine_figures(art: Path) -> dict:
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True))
     burst = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
     stats = llm.engine.stats()
-    return {"kv_dtype": m.limits.kv_dtype, "quantization": m.quantization.model_dump(exclude_none=True),
+    return {"engine_load_s": round(load_s, 1), "kv_dtype": m.limits.kv_dtype,
+            "quantization": m.quantization.model_dump(exclude_none=True),
             "generated": text, "batch1_decode_tok_s": round(bs1, 1), "burst_128x128_out_tok_s": round(burst, 1),
             "kv_cache": str(getattr(stats, "kv_cache_usage", "")),
             "new_kernel_compilations": llm.engine.kernels.new_compilations()}
@@ -152,36 +182,49 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint and artifact go (big)")
+    ap.add_argument("--skip-serve", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(tempfile.mkdtemp(dir=args.workdir))
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     res: dict = {"device": torch.cuda.get_device_name(), "layers": args.layers, "shape": SHAPE}
-    t = time.perf_counter()
-    res |= make_checkpoint(work / "hf", args.layers)
-    res["checkpoint_seconds"] = round(time.perf_counter() - t, 1)
-    res |= run_build(work / "hf", work / "art")
-    res["artifact_bytes"] = sum(f.stat().st_size for f in (work / "art").iterdir())
-    res |= engine_figures(work / "art")
-    torch.cuda.empty_cache()
-    try:
-        res |= serve_once(work / "art")
-    except Exception as e:  # report, do not lose the other figures
-        res["served"] = f"failed: {e!r}"
+    t0 = time.perf_counter()
+
+    def phase(name: str, fn) -> None:
+        """Run one phase, log its time and keep what is known so far (a timed-out run still reports)."""
+        t = time.perf_counter()
+        log.info("phase %s ...", name)
+        try:
+            res.update(fn())
+        except Exception as e:  # report, do not lose the other figures
+            res[f"{name}_error"] = repr(e)[:800]
+            log.exception("phase %s failed", name)
+        res[f"{name}_phase_s"] = round(time.perf_counter() - t, 1)
+        log.info("phase %s done in %.1f s (%.1f s total)", name, res[f"{name}_phase_s"], time.perf_counter() - t0)
+        for d in filter(None, (out_dir, args.out and args.out.parent)):
+            d.mkdir(parents=True, exist_ok=True)
+            (d / (args.out.name if args.out and d == args.out.parent else "llama70b-fp8.json")).write_text(
+                json.dumps(res, indent=1) + "\n")
+
+    phase("checkpoint", lambda: make_checkpoint(work / "hf", args.layers))
+    phase("build", lambda: run_build(work / "hf", work / "art", (out_dir or work) / "build.log"))
+    if (work / "art").is_dir():
+        res["artifact_bytes"] = sum(f.stat().st_size for f in (work / "art").iterdir())
+        phase("engine", lambda: engine_figures(work / "art"))
+        gc.collect()
+        torch.cuda.empty_cache()
+        if not args.skip_serve:
+            phase("serve", lambda: serve_once(work / "art"))
     gib = 1024**3
-    rows = [("checkpoint (bf16)", res["checkpoint_bytes"] / gib),
-            ("largest source shard", res["largest_shard_bytes"] / gib),
-            ("one decoder layer (bf16)", res["decoder_layer_bytes"] / gib),
-            ("artifact", res["artifact_bytes"] / gib), ("build peak RSS", res["build_peak_rss_bytes"] / gib)]
     print(json.dumps({k: v for k, v in res.items() if k != "shape"}, indent=1))
-    print(f"\n{res['device']}: Llama-70B shape, {args.layers} layers, FP8 W8A8 + {res['kv_dtype']} KV")
-    for name, v in rows:
-        print(f"  {name:28s} {v:8.2f} GiB")
-    print(f"  build {res['build_seconds']} s; batch-1 decode {res['batch1_decode_tok_s']} tok/s; "
-          f"burst {res['burst_128x128_out_tok_s']} out tok/s; served: {res.get('served')}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "llama70b-fp8.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"\n{res['device']}: Llama-70B shape, {args.layers} layers, FP8 W8A8 + {res.get('kv_dtype')} KV")
+    for name, key in [("checkpoint (bf16)", "checkpoint_bytes"), ("largest source shard", "largest_shard_bytes"),
+                      ("one decoder layer (bf16)", "decoder_layer_bytes"), ("artifact", "artifact_bytes"),
+                      ("build peak RSS", "build_peak_rss_bytes")]:
+        if key in res:
+            print(f"  {name:28s} {res[key] / gib:8.2f} GiB")
+    print(f"  build {res.get('build_seconds')} s; batch-1 decode {res.get('batch1_decode_tok_s')} tok/s; "
+          f"burst {res.get('burst_128x128_out_tok_s')} out tok/s; served: {res.get('served')}")
 
 
 if __name__ == "__main__":

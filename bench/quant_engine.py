@@ -14,6 +14,8 @@ import argparse
 import gc
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -74,9 +76,17 @@ def main() -> None:
 
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
                  "copy_bw_TBps": round(copy_bandwidth() / 1e12, 3), "variants": {}}
+    t0 = time.perf_counter()
+
+    def save(res: dict) -> None:  # after every variant: a run cut short still reports what it measured
+        for path in filter(None, (args.out, os.environ.get("OUT") and Path(os.environ["OUT"], Path(
+                args.out or "quant-engine.json").name))):
+            Path(path).write_text(json.dumps(res, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         res["bf16_weight_GB"] = round(make_checkpoint(args.shape, tmp / "hf") / 1e9, 3)
+        print(f"[{time.perf_counter() - t0:.0f} s] checkpoint written", flush=True)
         for name in args.variants.split(","):
             r: dict = {}
             t = time.perf_counter()
@@ -86,11 +96,12 @@ def main() -> None:
                 res["variants"][name] = {"error": repr(e)[:500]}
                 continue
             r["build_s"] = round(time.perf_counter() - t, 1)
+            print(f"[{time.perf_counter() - t0:.0f} s] {name} built in {r['build_s']} s", flush=True)
             r["weights_GB"] = round(sum(f.stat().st_size for f in art.glob("weights-*.safetensors")) / 1e9, 3)
             llm = LLM(art, gpu_memory_utilization=0.6)
             r["bs1_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
             r["bs16_out_tok_s"] = round(decode_rate(llm, 16), 1)
-            if args.workload and name in ("bf16", "fp8+fp8kv", "fp8"):
+            if args.workload and name in ("bf16", "fp8+fp8kv"):
                 reqs = B.synthetic_workload()
                 B.run_offline(llm.engine, reqs[:16])
                 r["workload_out_tok_s"] = round(B.run_offline(llm.engine, reqs)["output_tokens_per_s"], 1)
@@ -99,7 +110,9 @@ def main() -> None:
             del llm
             gc.collect()
             torch.cuda.empty_cache()
-            print(name, json.dumps(r), flush=True)
+            shutil.rmtree(art, ignore_errors=True)
+            print(f"[{time.perf_counter() - t0:.0f} s]", name, json.dumps(r), flush=True)
+            save(res)
     base = res["variants"].get("bf16", {})
     print(f"\n{res['device']}, {args.shape} shape; bf16 weights {res['bf16_weight_GB']} GB; "
           f"copy bw {res['copy_bw_TBps']} TB/s")
@@ -114,8 +127,7 @@ def main() -> None:
         r["bs1_speedup_vs_bf16"], r["bs16_speedup_vs_bf16"] = round(s1, 2), round(s16, 2)
         print(f"{name:12s} {r['weights_GB']:10.2f} {r['bs1_tok_s']:10.1f} {s1:7.2f} {r['bs16_out_tok_s']:11.1f} "
               f"{s16:7.2f} {r.get('workload_out_tok_s', float('nan')):13.1f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    save(res)
 
 
 if __name__ == "__main__":
