@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -35,9 +36,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from compiler.quantize.packing import _pack
+from compiler.weights import write_safetensors_stream
 
 log = logging.getLogger("spanda.compiler")
 
@@ -161,16 +162,22 @@ def _pack_along_n(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _Reader:
+    """Artifact tensors by name, one weight file open at a time (an open safetensors handle keeps every page
+    read through it resident, so export memory stays near one module rather than the model)."""
+
     def __init__(self, art) -> None:
-        self.handles, self.where = [], {}
+        self.art, self.where = art, {}
+        self._open: tuple[str, Any] | None = None
         for f in art.manifest.weights.files:
-            h = safe_open(str(art.file(f)), framework="pt")
-            self.handles.append(h)
-            for k in h.keys():
-                self.where[k] = h
+            with safe_open(str(art.file(f)), framework="pt") as h:
+                self.where.update({k: f for k in h.keys()})
 
     def __call__(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
+        f = self.where[name]
+        if self._open is None or self._open[0] != f:
+            self._open = None
+            self._open = (f, safe_open(str(self.art.file(f)), framework="pt"))
+        return self._open[1].get_tensor(name)
 
 
 def _module_tensors(read: _Reader, prefix: str, suffixes: dict[str, str], op: str, c: dict[str, Any],
@@ -248,87 +255,139 @@ def _weights_args(key: tuple, sym: bool, per_channel: bool) -> dict[str, Any]:
             "format": "float-quantized" if op == "linear_fp8" else "int-quantized"}
 
 
-def _collect(art) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any] | None]:
-    """All HF modules' tensors (with their final names) and the quantization_config (None: unquantized)."""
-    read = _Reader(art)
-    c = art.manifest.model.config
-    q = art.manifest.quantization.model_dump()
-    modules, other = classify(sorted(read.where))
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    keys: dict[str, tuple] = {}
-    for prefix in sorted(modules):
-        suffixes = modules[prefix]
-        wd = read(suffixes["weight"]).dtype if "weight" in suffixes else None
-        op = _op_of(suffixes, wd)
-        for name, tensors, key in _module_tensors(read, prefix, suffixes, op, c, q):
-            out[name] = tensors
+class _Plan:
+    """What export writes, decided in a first pass over the artifact one module at a time: every HF module's
+    output tensors (name, dtype, shape, in write order), the scheme key of each quantized module, the
+    per-group choices (symmetric zero points, per-channel scales) and the quantization_config."""
+
+    def __init__(self, read: _Reader, c: dict[str, Any], q: dict[str, Any]) -> None:
+        self.read, self.c, self.q = read, c, q
+        self.modules, self.other = classify(sorted(read.where))
+        self.keys: dict[str, tuple] = {}
+        sym_of: dict[str, bool] = {}
+        scale_numel: dict[str, int] = {}
+        shapes: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]] = {}
+        for name, tensors, key in self._raw():
+            shapes[name] = [(local, t.dtype, tuple(t.shape)) for local, t in tensors.items()]
             if key is not None:
-                keys[name] = key
-    for n in other:
-        log.warning("export-hf: tensor %s is not a module parameter; copied as is", n)
-        out[n] = {"": read(n)}
-    if not keys:
-        return out, None
-    # One scheme per (op, bits, group size, activations); symmetry and per-channel scales are decided per group.
-    by_key: dict[tuple, list[str]] = defaultdict(list)
-    for name, key in keys.items():
-        by_key[key].append(name)
-    groups = {}
-    for i, (key, names) in enumerate(sorted(by_key.items(), key=lambda kv: str(kv[0]))):
-        sym = all(bool(out[n].get("_sym", torch.tensor(True))) for n in names)
-        per_channel = any(out[n]["weight_scale"].numel() > 1 for n in names) if key[0] != "linear_wna16" else True
-        for n in names:
-            t = out[n]
-            if key[0] == "linear_wna16":
+                self.keys[name] = key
+                if key[0] == "linear_wna16":
+                    sym_of[name] = bool(tensors["_sym"])
+                else:
+                    scale_numel[name] = tensors["weight_scale"].numel()
+        self.sym: dict[tuple, bool] = {}
+        self.per_channel: dict[tuple, bool] = {}
+        by_key: dict[tuple, list[str]] = defaultdict(list)
+        for name, key in self.keys.items():
+            by_key[key].append(name)
+        self.qconfig = self._qconfig(by_key, sym_of, scale_numel) if self.keys else None
+        # the final tensors' shapes (zero points packed when asymmetric, tensor scales expanded per channel)
+        self.entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name, locals_ in shapes.items():
+            key = self.keys.get(name)
+            for local, dtype, shape in locals_:
+                if local == "_sym":
+                    continue
+                if local == "_zeros":
+                    if self.sym[key]:
+                        continue
+                    per = 32 // key[1]
+                    local, dtype, shape = "weight_zero_point", torch.int32, (-(-shape[0] // per), shape[1])
+                elif (local == "weight_scale" and key is not None and key[0] != "linear_wna16"
+                      and self.per_channel[key] and math.prod(shape) == 1):
+                    shape = (dict((lo, sh) for lo, _, sh in locals_)["weight"][0], 1)
+                self.entries.append((f"{name}.{local}" if local else name, dtype, shape))
+
+    def _raw(self) -> Iterator[tuple[str, dict[str, torch.Tensor], tuple | None]]:
+        for prefix in sorted(self.modules):
+            suffixes = self.modules[prefix]
+            wd = self.read(suffixes["weight"]).dtype if "weight" in suffixes else None
+            yield from _module_tensors(self.read, prefix, suffixes, _op_of(suffixes, wd), self.c, self.q)
+        for n in self.other:
+            yield n, {"": self.read(n)}, None
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Second pass: the final tensors in ``entries`` order, one module in memory at a time."""
+        warned = set()
+        for name, t, key in self._raw():
+            if name in self.other and name not in warned:
+                log.warning("export-hf: tensor %s is not a module parameter; copied as is", name)
+                warned.add(name)
+            if key is not None and key[0] == "linear_wna16":
                 z, _ = t.pop("_zeros"), t.pop("_sym")
-                if not sym:
+                if not self.sym[key]:
                     t["weight_zero_point"] = _pack_along_n(z, key[1])
-            elif per_channel and t["weight_scale"].numel() == 1:
+            elif key is not None and self.per_channel[key] and t["weight_scale"].numel() == 1:
                 t["weight_scale"] = t["weight_scale"].expand(t["weight"].shape[0]).reshape(-1, 1).contiguous()
-        scheme = _weights_args(key, sym, per_channel)
-        scheme["targets"] = sorted(names)
-        groups[f"group_{i}"] = scheme
-    formats = {g["format"] for g in groups.values()}
-    if len(groups) == 1:
-        next(iter(groups.values()))["targets"] = ["Linear"]
-    ignore = sorted(n for n in out if n.rpartition(".")[2] in LINEAR_LEAVES and n not in keys)
-    qconfig = {
-        "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-        "quantization_status": "compressed",
-        "config_groups": groups,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-    }
-    if len(groups) == 1:
-        next(iter(groups.values())).pop("format")  # the top-level format says it
-    return out, qconfig
+            for local, tensor in t.items():
+                yield (f"{name}.{local}" if local else name), tensor.contiguous()
+
+    def _qconfig(self, by_key: dict[tuple, list[str]], sym_of: dict[str, bool], scale_numel: dict[str, int]
+                 ) -> dict[str, Any]:
+        # One scheme per (op, bits, group size, activations); symmetry and per-channel scales per group.
+        groups = {}
+        for i, (key, names) in enumerate(sorted(by_key.items(), key=lambda kv: str(kv[0]))):
+            self.sym[key] = all(sym_of.get(n, True) for n in names)
+            self.per_channel[key] = (True if key[0] == "linear_wna16" else
+                                     any(scale_numel[n] > 1 for n in names))
+            scheme = _weights_args(key, self.sym[key], self.per_channel[key])
+            scheme["targets"] = sorted(names)
+            groups[f"group_{i}"] = scheme
+        formats = {g["format"] for g in groups.values()}
+        if len(groups) == 1:
+            next(iter(groups.values()))["targets"] = ["Linear"]
+        names = [n for n, _ in self.modules_out()]
+        ignore = sorted(n for n in names if n.rpartition(".")[2] in LINEAR_LEAVES and n not in self.keys)
+        qconfig = {
+            "quant_method": "compressed-tensors",
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
+            "config_groups": groups,
+            "ignore": ignore,
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+        }
+        if len(groups) == 1:
+            next(iter(groups.values())).pop("format")  # the top-level format says it
+        return qconfig
+
+    def modules_out(self) -> Iterator[tuple[str, str]]:
+        """(HF module name, artifact prefix) of every module export writes."""
+        for prefix in sorted(self.modules):
+            parent, _, leaf = prefix.rpartition(".")
+            for part in FUSED_MODULES.get(leaf, (leaf,)):
+                yield (f"{parent}.{part}" if parent else part), prefix
+        for n in self.other:
+            yield n, n
 
 
-def _write_shards(tmp: Path, modules: dict[str, dict[str, torch.Tensor]]) -> None:
-    flat: dict[str, torch.Tensor] = {}
-    for name, tensors in modules.items():
-        for local, tensor in tensors.items():
-            flat[f"{name}.{local}" if local else name] = tensor.contiguous()
-    shards: list[list[str]] = [[]]
+def _write_shards(tmp: Path, plan: _Plan) -> None:
+    """Shards of at most SHARD_BYTES in write order, each streamed (one module's tensors in memory)."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
-    for n in sorted(flat):
-        b = flat[n].numel() * flat[n].element_size()
+    for e in plan.entries:
+        b = math.prod(e[2]) * e[1].itemsize
         if shards[-1] and size + b > SHARD_BYTES:
             shards.append([])
             size = 0
-        shards[-1].append(n)
+        shards[-1].append(e)
         size += b
+    tensors = plan.tensors()
+
+    def take(n: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for _ in range(n):
+            yield next(tensors)
+
     if len(shards) == 1:
-        save_file({n: flat[n] for n in shards[0]}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors_stream(tmp / "model.safetensors", shards[0], take(len(shards[0])))
         return
     weight_map = {}
-    for i, names in enumerate(shards):
+    for i, entries in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: flat[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in names})
-    total = sum(t.numel() * t.element_size() for t in flat.values())
+        write_safetensors_stream(tmp / fname, entries, take(len(entries)))
+        weight_map.update({e[0]: fname for e in entries})
+        log.info("export-hf: wrote %s (%d tensors)", fname, len(entries))
+    total = sum(math.prod(e[2]) * e[1].itemsize for e in plan.entries)
     (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                              indent=2, sort_keys=True) + "\n")
 
@@ -363,12 +422,13 @@ def export_hf(artifact_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()
     try:
-        modules, qconfig = _collect(art)
+        plan = _Plan(_Reader(art), art.manifest.model.config, art.manifest.quantization.model_dump())
+        qconfig = plan.qconfig
         cfg = hf_config(art.manifest)
         if qconfig is not None:
             cfg["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _write_shards(tmp, modules)
+        _write_shards(tmp, plan)
         for f in art.manifest.tokenizer.files:
             shutil.copyfile(art.file(f), tmp / f)
         _publish(tmp, out, overwrite)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,23 +160,40 @@ def write_weights(
 def _write_shard(path: Path, names: list[str], plan: WeightPlan, read: Callable[[str], torch.Tensor],
                  meta: dict[str, torch.Tensor], sizes: dict[str, int],
                  progress: Callable[[int], None] | None) -> None:
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for n in names:
+            yield n, plan.materialize(n, read, meta[n].dtype)
+            if progress:
+                progress(1)
+
+    write_safetensors_stream(path, [(n, meta[n].dtype, tuple(meta[n].shape)) for n in names], tensors())
+
+
+def write_safetensors_stream(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                             tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file whose tensors are produced one at a time: the header comes from ``entries`` (name,
+    dtype, shape, in data order), then each tensor of ``tensors`` (the same names, in the same order, checked)
+    is written and dropped. Metadata is ``{"format": "pt"}`` only (reproducible bytes)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     off = 0
-    for n in names:
-        header[n] = {"dtype": ST_DTYPES[meta[n].dtype], "shape": list(meta[n].shape),
-                     "data_offsets": [off, off + sizes[n]]}
-        off += sizes[n]
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the spec allows trailing spaces; 8-aligns the data section
+    expected = iter(entries)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for n in names:
-            t = plan.materialize(n, read, meta[n].dtype)
-            if t.shape != meta[n].shape:
-                raise ValueError(f"{n}: materialized shape {tuple(t.shape)}, the graph expects "
-                                 f"{tuple(meta[n].shape)}")
+        for name, t in tensors:
+            want = next(expected, None)
+            if want is None or want[0] != name:
+                raise ValueError(f"{path.name}: got tensor {name!r}, expected {want and want[0]!r}")
+            if t.dtype != want[1] or tuple(t.shape) != tuple(want[2]):
+                raise ValueError(f"{name}: materialized {t.dtype}{list(t.shape)}, expected {want[1]}{list(want[2])}")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del t
-            if progress:
-                progress(1)
+    missing = [e[0] for e in expected]
+    if missing:
+        raise ValueError(f"{path.name}: tensors never produced: {missing[:3]}")

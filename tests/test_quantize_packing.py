@@ -71,3 +71,19 @@ def test_rtn_error_is_about_half_a_step(symmetric, bits, group_size):
     bound = 0.5 + 2 ** (bits - 1) * 2.0**-11 + 1e-4
     assert float(((w_hat - w).abs() / step).max()) <= bound
     assert torch.equal(ql.g_idx, default_g_idx(256, group_size))
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (4, 32, False), (8, -1, True)])
+def test_rtn_tensors_by_row_chunks_equal_the_whole_weight(monkeypatch, bits, group_size, symmetric):
+    """The build quantizes a big linear ROW_CHUNK output channels at a time (bounded float32 temporaries); the
+    result is the one-piece quantization of the whole weight, including a ragged last chunk."""
+    from compiler.quantize import layout
+    from compiler.quantize.layout import wna16_tensors
+
+    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    whole = wna16_tensors(quantize_rtn(w, bits, group_size, symmetric, scale_dtype=torch.bfloat16), torch.bfloat16)
+    monkeypatch.setattr(layout, "ROW_CHUNK", 24)
+    chunked = layout.rtn_tensors(w, bits, group_size, symmetric, torch.bfloat16)
+    assert chunked.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(chunked[k], whole[k]), k

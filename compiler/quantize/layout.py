@@ -40,7 +40,13 @@ def wna16_tensors(ql: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Te
 
 def rtn_tensors(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, dtype: torch.dtype
                 ) -> dict[str, torch.Tensor]:
-    return wna16_tensors(quantize_rtn(w, bits, group_size, symmetric, scale_dtype=dtype), dtype)
+    """RTN of w [N, K] in the op's layout, ROW_CHUNK output channels at a time (each channel's groups are its
+    own: the chunks' columns are concatenated), so the float32 temporaries stay a chunk's size."""
+    parts = [wna16_tensors(quantize_rtn(w[i:i + ROW_CHUNK], bits, group_size, symmetric, scale_dtype=dtype), dtype)
+             for i in range(0, w.shape[0], ROW_CHUNK)]
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts], dim=1).contiguous() for k in parts[0]}
 
 
 ROW_CHUNK = 2048  # rows converted to float32 at a time: a 70B FFN weight never exists in float32 whole
