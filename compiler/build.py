@@ -180,11 +180,9 @@ def _kv_scales(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint, device: str
 
     if recipe.target.kv_dtype not in KV_QUANT_DTYPES:
         return None, None
-    from compiler.quantize.calibrate import load_calibration
-    from runtime.tokenizer import Tokenizer
+    from compiler.quantize.calibrate import checkpoint_calibration
 
-    c = recipe.quantization.calibration
-    ids, sha = load_calibration(c.data, Tokenizer.from_dir(ckpt.path).encode, c.num_samples, c.seq_len)
+    ids, sha = checkpoint_calibration(recipe.quantization.calibration, ckpt.path, cfg.vocab_size)
     scales = calibrate_kv_scales(cfg, ckpt.read, ids, recipe.target.kv_dtype, device)
     return [[k, v] for k, v in scales], sha
 
@@ -272,10 +270,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
         torch.export.save(ep, str(writer.path / GRAPH_FILE))
         meta = _meta_state(ep)
         if quant is not None and recipe.quantization.calibrated:
-            from runtime.tokenizer import Tokenizer
-
-            tok = Tokenizer.from_dir(ckpt.path)
-            quant.calibrate(ckpt.read, tok.encode, plan, Path(scratch), device)
+            quant.calibrate(ckpt.read, ckpt.path, plan, Path(scratch), device)
         kv_scales, kv_calib_sha = _kv_scales(recipe, cfg, ckpt, device)
         with tqdm(total=len(plan.entries), desc="writing weights", unit="tensor", disable=None) as bar:
             shards = write_weights(plan, ckpt.read, meta, writer.path, bar.update)

@@ -329,6 +329,43 @@ def test_default_calibration_set():
     assert ids.shape == (16, 512) and bool((ids[:, 0] == 1).all())  # whole rows
 
 
+def test_default_calibration_set_follows_the_checkpoint_tokenizer(tmp_path, tokenizer_dir):
+    """The shipped set's ids belong to the shipped models' tokenizer: a build of that model uses them as they
+    are (same ids, same provenance hash); a checkpoint with another tokenizer gets the rows' text tokenized
+    by its own tokenizer (a 70B Llama would otherwise calibrate on the ids of another vocabulary)."""
+    from artifacts.store import sha256_file
+    from compiler.quantize.calibrate import CalibrationError, checkpoint_calibration
+    from compiler.recipe import load_recipe
+    from runtime.tokenizer import Tokenizer
+
+    c = load_recipe(REPO / "recipes" / "llama-70b-fp8.yaml").quantization.calibration
+    c = c.model_copy(update={"data": str(REPO / c.data), "num_samples": 8, "seq_len": 512})
+    plain, sha_plain = load_calibration(c.data, None, 8, 512)
+    own, sha_own = checkpoint_calibration(c, REPO / "models" / "spanda-py-target", 8192)
+    assert torch.equal(own, plain) and sha_own == sha_plain
+    other, _ = checkpoint_calibration(c, tokenizer_dir, 512)  # the tests' 512-token tokenizer
+    assert int(other.max()) < 512 and not torch.equal(other, plain)
+    # a row of another tokenizer's ids is read from its text, tokenized by this checkpoint's tokenizer
+    enc = Tokenizer.from_dir(tokenizer_dir).encode
+    texts = [json.loads(line)["text"] for line in Path(c.data).read_text().splitlines()[:2]]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"tokenizer_sha256": "0" * 64, "text": t, "token_ids": [1, 9999]}) + "\n"
+                             for t in texts))
+    stream = [i for t in texts for i in enc(t)]
+    got, _ = load_calibration(mixed, enc, len(stream) // 64, 64,
+                              tokenizer_sha256=sha256_file(tokenizer_dir / "tokenizer.json"), vocab_size=512)
+    assert got.reshape(-1).tolist() == stream[:got.numel()]
+    # a foreign row without text, and ids beyond the vocabulary, are refused with the reason
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"tokenizer_sha256": "0" * 64, "token_ids": [1, 2, 3] * 10}) + "\n")
+    with pytest.raises(CalibrationError, match="made by the tokenizer with sha256 0000"):
+        load_calibration(foreign, None, 1, 8, tokenizer_sha256=sha256_file(tokenizer_dir / "tokenizer.json"))
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"token_ids": [1, 700, 3] * 10}) + "\n")
+    with pytest.raises(CalibrationError, match="token id 700 is outside the model's vocabulary \\(512 tokens\\)"):
+        load_calibration(big, None, 1, 8, vocab_size=512)
+
+
 # ------------------------------------------------------------------------------------------ the shipped model
 
 

@@ -141,7 +141,13 @@ class QuantSpec:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _read_docs(path: Path, encode: Callable[[str], Sequence[int]] | None) -> list[list[int]]:
+def _read_docs(path: Path, encode: Callable[[str], Sequence[int]] | None, tokenizer_sha256: str | None = None,
+               used: dict[str, int] | None = None) -> list[list[int]]:
+    """Documents as token ids. A jsonl row's ``token_ids`` are used as they are unless the row names the
+    tokenizer that made them (``tokenizer_sha256``, the sha256 of its tokenizer.json) and that is not this
+    checkpoint's: then the row's ``text`` is tokenized instead (ids of another vocabulary would be other
+    tokens, or out of range). ``used`` counts rows by source ("token_ids" / "text")."""
+    used = used if used is not None else {}
     def enc(text: str, where: str) -> list[int]:
         if encode is None:
             raise CalibrationError(f"{where}: text needs a tokenizer (encode is None)")
@@ -165,12 +171,23 @@ def _read_docs(path: Path, encode: Callable[[str], Sequence[int]] | None) -> lis
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise CalibrationError(f"{path}:{n}: not valid JSON ({e})") from None
-                if isinstance(row, dict) and "token_ids" in row:
+                if not isinstance(row, dict):
+                    raise CalibrationError(f'{path}:{n}: expected {{"token_ids": [...]}} or {{"text": "..."}}')
+                made_by = row.get("tokenizer_sha256")
+                foreign = made_by is not None and tokenizer_sha256 is not None and made_by != tokenizer_sha256
+                if foreign and not isinstance(row.get("text"), str):
+                    raise CalibrationError(
+                        f"{path}:{n}: token_ids were made by the tokenizer with sha256 {made_by[:16]}..., this "
+                        f"checkpoint's tokenizer.json is {tokenizer_sha256[:16]}...; give the row's text, or ids "
+                        "from this tokenizer")
+                if "token_ids" in row and not foreign:
+                    used["token_ids"] = used.get("token_ids", 0) + 1
                     ids = row["token_ids"]
                     if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
                         raise CalibrationError(f"{path}:{n}: token_ids must be a list of non-negative integers")
                     docs.append(ids)
-                elif isinstance(row, dict) and isinstance(row.get("text"), str):
+                elif isinstance(row.get("text"), str):
+                    used["text"] = used.get("text", 0) + 1
                     docs.append(enc(row["text"], f"{path}:{n}"))
                 else:
                     raise CalibrationError(f'{path}:{n}: expected {{"token_ids": [...]}} or {{"text": "..."}}')
@@ -179,19 +196,26 @@ def _read_docs(path: Path, encode: Callable[[str], Sequence[int]] | None) -> lis
 
 
 def load_calibration(path: str | Path, encode: Callable[[str], Sequence[int]] | None, num_samples: int,
-                     seq_len: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+                     seq_len: int, seed: int = 0, tokenizer_sha256: str | None = None,
+                     vocab_size: int | None = None) -> tuple[torch.Tensor, str]:
     """Calibration token ids ``[num_samples, seq_len]`` int64 and the sha256 of those ids (int64 LE bytes).
 
     ``path``: a ``.jsonl`` of ``{"token_ids": [...]}`` or ``{"text": "..."}`` rows, a text file, or a folder of
     text files (read recursively in sorted relative-path order). The documents are concatenated in order, cut
     into consecutive non-overlapping windows of ``seq_len`` tokens (so rows of a jsonl of ``seq_len`` ids stay
     whole), and ``num_samples`` windows are drawn without replacement by a generator seeded with ``seed``,
-    kept in stream order."""
+    kept in stream order. ``tokenizer_sha256``: this checkpoint's tokenizer.json (rows whose ids another
+    tokenizer made are re-tokenized from their text); ``vocab_size``: ids at or above it are refused."""
     if num_samples < 1 or seq_len < 1:
         raise CalibrationError(f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive")
     path = Path(path)
-    docs = _read_docs(path, encode)
+    used: dict[str, int] = {}
+    docs = _read_docs(path, encode, tokenizer_sha256, used)
     stream = torch.tensor([t for d in docs for t in d], dtype=torch.int64)
+    if vocab_size is not None and stream.numel() and int(stream.max()) >= vocab_size:
+        raise CalibrationError(
+            f"{path}: token id {int(stream.max())} is outside the model's vocabulary ({vocab_size} tokens): these "
+            "ids were made by another tokenizer; give text rows (or a text file) to tokenize with the checkpoint's")
     n_windows = stream.numel() // seq_len
     if n_windows < num_samples:
         raise CalibrationError(
@@ -201,8 +225,9 @@ def load_calibration(path: str | Path, encode: Callable[[str], Sequence[int]] | 
     pick = torch.randperm(n_windows, generator=g)[:num_samples].sort().values
     ids = stream[pick.unsqueeze(1) * seq_len + torch.arange(seq_len)].contiguous()
     sha = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()
-    log.info("calibration data %s: %d documents, %d tokens; %d samples x %d (seed %d), sha256 %s",
-             path, len(docs), stream.numel(), num_samples, seq_len, seed, sha[:16])
+    how = ", ".join(f"{v} rows from {k}" for k, v in sorted(used.items()))
+    log.info("calibration data %s: %d documents%s, %d tokens; %d samples x %d (seed %d), sha256 %s",
+             path, len(docs), f" ({how})" if how else "", stream.numel(), num_samples, seq_len, seed, sha[:16])
     return ids, sha
 
 
@@ -1020,3 +1045,14 @@ def default_sites(cfg: ModelConfig, fused: bool = True) -> list[Site]:
             out += [Site(f"{p}self_attn.{n}_proj.weight", src("self_attn", n)) for n in "qkvo"]
             out += [Site(f"{p}mlp.{n}_proj.weight", src("mlp", (n,))) for n in ("gate", "up", "down")]
     return out
+
+
+def checkpoint_calibration(c, ckpt_dir: str | Path, vocab_size: int) -> tuple[torch.Tensor, str]:
+    """The recipe's ``quantization.calibration`` (``c``) as token ids of the checkpoint in ``ckpt_dir``: its
+    tokenizer encodes text, and ids made by another tokenizer are not taken as they are."""
+    from artifacts.store import sha256_file
+    from runtime.tokenizer import Tokenizer
+
+    tok = Path(ckpt_dir) / "tokenizer.json"
+    return load_calibration(c.data, Tokenizer.from_dir(ckpt_dir).encode, c.num_samples, c.seq_len,
+                            tokenizer_sha256=sha256_file(tok) if tok.exists() else None, vocab_size=vocab_size)

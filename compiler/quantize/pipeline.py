@@ -95,15 +95,15 @@ class QuantPipeline:
 
     # ------------------------------------------------------------------ calibration
 
-    def calibrate(self, read, encode, plan: WeightPlan, scratch_dir: Path, device: str = "cpu") -> None:
+    def calibrate(self, read, ckpt_dir: Path, plan: WeightPlan, scratch_dir: Path, device: str = "cpu") -> None:
         """Run the calibrated method over the checkpoint (layer by layer), parking results in scratch files;
         norm weights the method rescales replace their plan entries."""
         if not self.q.calibrated:
             return
-        from compiler.quantize.calibrate import QuantSpec, Site, calibrate_and_quantize, load_calibration
+        from compiler.quantize.calibrate import QuantSpec, Site, calibrate_and_quantize, checkpoint_calibration
 
         c = self.q.calibration
-        ids, self.calibration_sha256 = load_calibration(c.data, encode, c.num_samples, c.seq_len)
+        ids, self.calibration_sha256 = checkpoint_calibration(c, ckpt_dir, self.cfg.vocab_size)
         method = {"gptq": "gptq", "awq": "awq", "int8": "int8_smoothquant", "fp8": "fp8_static"}[self.q.method]
         spec = QuantSpec(method=method, bits=self.q.weight_bits, group_size=self.q.group_size,
                          symmetric=self.q.is_symmetric, act_order=self.q.act_order, damp_percent=self.q.damp_percent,
