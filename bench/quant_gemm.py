@@ -25,6 +25,7 @@ cuBLAS) to check the heuristics. Never asserts; inputs are random (never zeros).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -115,6 +116,8 @@ def sweep_configs(m: int) -> list[tq.GemmConfig]:
         out = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=3) for bn, bk, w in (
             (32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 2), (128, 64, 4), (128, 128, 4), (128, 128, 8))]
         out += [tq.GemmConfig(16, 64, 128, num_stages=4), tq.GemmConfig(16, 64, 128, num_stages=3, reshape=False)]
+        out += [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st, magic=True) for bn, bk, w, st in (
+            (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 128, 2, 4))]
         return out + [tq.GemmConfig(16, 64, 128, num_stages=3, split=s) for s in (1, 2, 4, 8, 16)]
     return [tq.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st, scale_acc=a)
             for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
@@ -198,6 +201,9 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
             lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP), return_mode="median") * 1e3
     r["w4a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP))
     r["w4a16_config"] = str(tq.wna16_config(m, n, k, 4))
+    if m <= 16:  # the magic-number unpacker (not the default until timed here)
+        cfg_magic = dataclasses.replace(tq.wna16_config(m, n, k, 4), magic=True)
+        r["w4a16_magic_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg_magic))
     r["w8a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w8[:3], None, None, 8, GROUP))
     r["w8a16_config"] = str(tq.wna16_config(m, n, k, 8))
     r["fp8_us"] = try_us(lambda: tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, None))

@@ -117,9 +117,12 @@ def test_wna16(case, m):
     check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs), ref, "linear_wna16_cuda")
     out = spanda.linear_wna16(x, qw, s, z, perm, bias, bits, gs)
     check(out, ref, "spanda.linear_wna16")
+    cfg = dataclasses.replace(tq.wna16_config(m, n, k, bits), magic=True)  # the magic-number unpacker
+    check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "linear_wna16_cuda magic")
 
 
 VARIANTS = [dict(scale_acc=a, reshape=r, split=sp) for a in (True, False) for r in (True, False) for sp in (1, 4)]
+VARIANTS += [dict(magic=True, scale_acc=a, reshape=r, split=4) for a, r in ((True, True), (False, True), (True, False))]
 
 
 @pytest.mark.gpu
@@ -287,7 +290,9 @@ def _interpreter_main() -> None:
     g = torch.Generator().manual_seed(0)
     cfgs = [tq.GemmConfig(16, 32, 32, split=1), tq.GemmConfig(16, 32, 64, split=2, scale_acc=False),
             tq.GemmConfig(32, 16, 32, split=2, reshape=False), tq.GemmConfig(16, 64, 16, split=3,
-                                                                             scale_acc=False, reshape=False)]
+                                                                             scale_acc=False, reshape=False),
+            tq.GemmConfig(16, 32, 32, split=2, magic=True), tq.GemmConfig(16, 32, 32, split=1, magic=True,
+                                                                          scale_acc=False)]
     for bits, gs, act, has_bias, k, n, m in ((4, 32, False, True, 96, 40, 3), (4, 32, True, False, 96, 40, 17),
                                              (8, 16, True, True, 64, 24, 5), (4, -1, False, True, 72, 20, 2),
                                              (8, -1, True, False, 60, 33, 18)):

@@ -85,7 +85,8 @@ def _jit(fn=None, **kw):
 def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm,
                   group_size, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SCALE_ACC: tl.constexpr, RESHAPE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False,
+                  MAGIC_BITS: tl.constexpr = 0, MAGIC_VAL: tl.constexpr = 0):
     """y[rm, rn] (or its K-split partial) = x[rm, perm[k]] @ ((q[k, rn] - z[g(k), rn]) * s[g(k), rn]) over the
     program's K tiles [pid_k * TILES, +TILES). Grouped: BLOCK_K divides group_size."""
     PER: tl.constexpr = 32 // BITS
@@ -127,12 +128,23 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
             g = k0 // group_size
             z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)
             s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-            if SCALE_ACC:
-                acc += tl.dot(a, (q - z[None, :]).to(dt)) * s[None, :]
-            else:
-                acc = tl.dot(a, ((q - z[None, :]).to(tl.float32) * s[None, :]).to(dt), acc)
         else:
-            acc = tl.dot(a, (q - z0[None, :]).to(dt), acc)
+            z = z0
+        if MAGIC:
+            # (q | bits of 2^E) read as a float of x's dtype is 2^E + q exactly (q fits the mantissa below
+            # 2^E: E = 7 for bf16 4-bit codes, 10 for fp16); minus (2^E + z) leaves q - z, exact, with integer
+            # ops and one subtraction per weight instead of an int -> float conversion
+            wq = ((q | MAGIC_BITS).to(tl.int16).to(dt, bitcast=True)
+                  - (z + MAGIC_VAL).to(tl.float32).to(dt)[None, :])
+        else:
+            wq = (q - z[None, :]).to(dt)
+        if GROUPED:
+            if SCALE_ACC:
+                acc += tl.dot(a, wq) * s[None, :]
+            else:
+                acc = tl.dot(a, (wq.to(tl.float32) * s[None, :]).to(dt), acc)
+        else:
+            acc = tl.dot(a, wq, acc)
     if not GROUPED:
         acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -309,6 +321,9 @@ class GemmConfig:
     scale_acc: bool = True  # wna16: scale the group's partial product (else the weight tile)
     reshape: bool = True  # wna16: unpack words in registers (else one load per row of the tile)
     dequant_mm: bool = False  # wna16: dequantize to a [K, N] buffer, then cuBLAS
+    magic: bool = False  # wna16: codes to floats by the magic-number bit trick (no int -> float conversion);
+    # correct under the interpreter in fp16 (its bf16 arithmetic on bit-cast values is broken), not yet run
+    # or timed on a GPU: not a default
 
 
 _SMS: dict[int, int] = {}
@@ -427,12 +442,15 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     k_tiles = triton.cdiv(k, bk)
     split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    # magic-number conversion: bf16 holds 2^7 + q exactly for 4-bit codes only, fp16 2^10 + q for 4 and 8 bits
+    magic = cfg.magic and (bits == 4 or x.dtype == torch.float16)
+    magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
     _wna16_kernel[(tiles_n, tiles_m, split)](
         x, qweight, scales, zeros, perm_c if perm_c is not None else qweight, bias if bias is not None else scales,
         out, part, m, n, k, x.stride(0), gs, TILES=k_tiles // split, BITS=bits, GROUPED=grouped,
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, SCALE_ACC=cfg.scale_acc,
-        RESHAPE=cfg.reshape, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        RESHAPE=cfg.reshape, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, MAGIC=magic,
+        MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         _reduce(part, None, None, bias, out)
     return out
