@@ -102,10 +102,9 @@ def run_build(ckpt: Path, art: Path, log_path: Path) -> dict:
             except (OSError, KeyError, ValueError):
                 pass
             time.sleep(0.05)
-    r = proc
     seconds = time.perf_counter() - t
     lines = log_path.read_text().strip().splitlines()
-    if r.returncode:
+    if proc.returncode:
         print("\n".join(lines[-60:]))
         raise SystemExit("build failed")
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB

@@ -30,13 +30,14 @@ import os
 import secrets
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from compiler.hf_loader import HFCheckpoint
 from compiler.quantize.packing import _pack
 from compiler.weights import write_safetensors_stream
 
@@ -157,31 +158,23 @@ def _pack_along_n(z: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     pad = (-z.shape[0]) % per
     if pad:  # compressed-tensors pads with zeros (signed), i.e. the offset, and truncates on unpack
-        z = torch.cat([z, torch.full((pad, z.shape[1]), 1 << (bits - 1), dtype=z.dtype)])
+        z = torch.cat([z, torch.full((pad, z.shape[1]), 1 << (bits - 1), dtype=z.dtype, device=z.device)])
     return _pack(z, bits, dim=0).contiguous()
 
 
-class _Reader:
-    """Artifact tensors by name, one weight file open at a time (an open safetensors handle keeps every page
-    read through it resident, so export memory stays near one module rather than the model)."""
-
-    def __init__(self, art) -> None:
-        self.art, self.where = art, {}
-        self._open: tuple[str, Any] | None = None
-        for f in art.manifest.weights.files:
-            with safe_open(str(art.file(f)), framework="pt") as h:
-                self.where.update({k: f for k in h.keys()})
-
-    def __call__(self, name: str) -> torch.Tensor:
-        f = self.where[name]
-        if self._open is None or self._open[0] != f:
-            self._open = None
-            self._open = (f, safe_open(str(self.art.file(f)), framework="pt"))
-        return self._open[1].get_tensor(name)
+def _artifact_reader(art) -> HFCheckpoint:
+    """The artifact's weight files read like a checkpoint: tensors by name, one file open at a time (an open
+    safetensors handle keeps every page read through it resident), so export memory stays near one module."""
+    where = {}
+    for f in art.manifest.weights.files:
+        with safe_open(str(art.file(f)), framework="pt") as h:
+            where.update({k: f for k in h.keys()})
+    return HFCheckpoint(art.path, art.manifest.model.config, where)
 
 
-def _module_tensors(read: _Reader, prefix: str, suffixes: dict[str, str], op: str, c: dict[str, Any],
-                    q: dict[str, Any]) -> Iterator[tuple[str, dict[str, torch.Tensor], tuple | None]]:
+def _module_tensors(read: Callable[[str], torch.Tensor], prefix: str, suffixes: dict[str, str], op: str,
+                    c: dict[str, Any], q: dict[str, Any]
+                    ) -> Iterator[tuple[str, dict[str, torch.Tensor], tuple | None]]:
     """(HF module name, its checkpoint tensors by local name, scheme key or None for float) per HF module."""
     parent, _, leaf = prefix.rpartition(".")
     parts = FUSED_MODULES.get(leaf, (leaf,))
@@ -256,47 +249,31 @@ def _weights_args(key: tuple, sym: bool, per_channel: bool) -> dict[str, Any]:
 
 
 class _Plan:
-    """What export writes, decided in a first pass over the artifact one module at a time: every HF module's
-    output tensors (name, dtype, shape, in write order), the scheme key of each quantized module, the
-    per-group choices (symmetric zero points, per-channel scales) and the quantization_config."""
+    """What export writes, decided in a first pass over the artifact one module at a time: the scheme key of
+    each quantized module, the per-group choices (symmetric zero points, per-channel scales), the
+    quantization_config, and every output tensor (name, dtype, shape, in write order)."""
 
-    def __init__(self, read: _Reader, c: dict[str, Any], q: dict[str, Any]) -> None:
-        self.read, self.c, self.q = read, c, q
-        self.modules, self.other = classify(sorted(read.where))
+    def __init__(self, ckpt: HFCheckpoint, q: dict[str, Any]) -> None:
+        self.read, self.c, self.q = ckpt.read, ckpt.config, q
+        self.modules, self.other = classify(sorted(ckpt.weight_map))
         self.keys: dict[str, tuple] = {}
-        sym_of: dict[str, bool] = {}
-        scale_numel: dict[str, int] = {}
-        shapes: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]] = {}
+        metas: dict[str, dict[str, torch.Tensor]] = {}  # each module's raw tensors, shapes only
         for name, tensors, key in self._raw():
-            shapes[name] = [(local, t.dtype, tuple(t.shape)) for local, t in tensors.items()]
+            metas[name] = {local: t.to("meta") for local, t in tensors.items() if local != "_sym"}
             if key is not None:
                 self.keys[name] = key
                 if key[0] == "linear_wna16":
-                    sym_of[name] = bool(tensors["_sym"])
-                else:
-                    scale_numel[name] = tensors["weight_scale"].numel()
-        self.sym: dict[tuple, bool] = {}
-        self.per_channel: dict[tuple, bool] = {}
+                    metas[name]["_sym"] = tensors["_sym"]  # a bool: the group's symmetry needs its value
         by_key: dict[tuple, list[str]] = defaultdict(list)
         for name, key in self.keys.items():
             by_key[key].append(name)
-        self.qconfig = self._qconfig(by_key, sym_of, scale_numel) if self.keys else None
-        # the final tensors' shapes (zero points packed when asymmetric, tensor scales expanded per channel)
-        self.entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        for name, locals_ in shapes.items():
-            key = self.keys.get(name)
-            for local, dtype, shape in locals_:
-                if local == "_sym":
-                    continue
-                if local == "_zeros":
-                    if self.sym[key]:
-                        continue
-                    per = 32 // key[1]
-                    local, dtype, shape = "weight_zero_point", torch.int32, (-(-shape[0] // per), shape[1])
-                elif (local == "weight_scale" and key is not None and key[0] != "linear_wna16"
-                      and self.per_channel[key] and math.prod(shape) == 1):
-                    shape = (dict((lo, sh) for lo, _, sh in locals_)["weight"][0], 1)
-                self.entries.append((f"{name}.{local}" if local else name, dtype, shape))
+        self.sym = {key: all(bool(metas[n].get("_sym", True)) for n in names) for key, names in by_key.items()}
+        self.per_channel = {key: key[0] == "linear_wna16" or any(metas[n]["weight_scale"].numel() > 1 for n in names)
+                            for key, names in by_key.items()}
+        self.qconfig = self._qconfig(by_key) if self.keys else None
+        # the final shapes come from the same conversion the writer applies, run on the meta tensors
+        self.entries = [(n, t.dtype, tuple(t.shape)) for name, meta in metas.items()
+                        for n, t in self._finalize(name, meta, self.keys.get(name))]
 
     def _raw(self) -> Iterator[tuple[str, dict[str, torch.Tensor], tuple | None]]:
         for prefix in sorted(self.modules):
@@ -306,30 +283,33 @@ class _Plan:
         for n in self.other:
             yield n, {"": self.read(n)}, None
 
+    def _finalize(self, name: str, t: dict[str, torch.Tensor], key: tuple | None
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        """A module's checkpoint tensors with their final names: zero points packed when the group is
+        asymmetric (dropped when symmetric), a tensor scale expanded when the group's scales are per channel."""
+        t = dict(t)
+        if key is not None and key[0] == "linear_wna16":
+            z = t.pop("_zeros")
+            t.pop("_sym", None)
+            if not self.sym[key]:
+                t["weight_zero_point"] = _pack_along_n(z, key[1])
+        elif key is not None and self.per_channel[key] and t["weight_scale"].numel() == 1:
+            t["weight_scale"] = t["weight_scale"].expand(t["weight"].shape[0]).reshape(-1, 1).contiguous()
+        for local, tensor in t.items():
+            yield (f"{name}.{local}" if local else name), tensor
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Second pass: the final tensors in ``entries`` order, one module in memory at a time."""
-        warned = set()
         for name, t, key in self._raw():
-            if name in self.other and name not in warned:
+            if name in self.other:
                 log.warning("export-hf: tensor %s is not a module parameter; copied as is", name)
-                warned.add(name)
-            if key is not None and key[0] == "linear_wna16":
-                z, _ = t.pop("_zeros"), t.pop("_sym")
-                if not self.sym[key]:
-                    t["weight_zero_point"] = _pack_along_n(z, key[1])
-            elif key is not None and self.per_channel[key] and t["weight_scale"].numel() == 1:
-                t["weight_scale"] = t["weight_scale"].expand(t["weight"].shape[0]).reshape(-1, 1).contiguous()
-            for local, tensor in t.items():
-                yield (f"{name}.{local}" if local else name), tensor.contiguous()
+            for n, tensor in self._finalize(name, t, key):
+                yield n, tensor.contiguous()
 
-    def _qconfig(self, by_key: dict[tuple, list[str]], sym_of: dict[str, bool], scale_numel: dict[str, int]
-                 ) -> dict[str, Any]:
+    def _qconfig(self, by_key: dict[tuple, list[str]]) -> dict[str, Any]:
         # One scheme per (op, bits, group size, activations); symmetry and per-channel scales per group.
         groups = {}
         for i, (key, names) in enumerate(sorted(by_key.items(), key=lambda kv: str(kv[0]))):
-            self.sym[key] = all(sym_of.get(n, True) for n in names)
-            self.per_channel[key] = (True if key[0] == "linear_wna16" else
-                                     any(scale_numel[n] > 1 for n in names))
             scheme = _weights_args(key, self.sym[key], self.per_channel[key])
             scheme["targets"] = sorted(names)
             groups[f"group_{i}"] = scheme
@@ -422,7 +402,7 @@ def export_hf(artifact_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()
     try:
-        plan = _Plan(_Reader(art), art.manifest.model.config, art.manifest.quantization.model_dump())
+        plan = _Plan(_artifact_reader(art), art.manifest.quantization.model_dump())
         qconfig = plan.qconfig
         cfg = hf_config(art.manifest)
         if qconfig is not None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.weight_loader import DTYPES
+
 log = logging.getLogger("spanda.compiler")
 
 SHARD_BYTES = 2 * 1024**3
@@ -123,13 +125,7 @@ def _shards(plan: WeightPlan, sizes: dict[str, int]) -> Iterator[list[str]]:
         yield shard
 
 
-# torch dtype -> safetensors dtype name (the format's spec)
-ST_DTYPES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
-    torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+ST_DTYPES = {t: name for name, t in DTYPES.items()}  # torch dtype -> safetensors dtype name
 
 
 def write_weights(

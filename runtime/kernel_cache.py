@@ -98,11 +98,9 @@ class KernelCache:
 
         def listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
             kc = ref()
-            if kc is None:
-                pass
-            elif cache_hit:
+            if kc is not None and cache_hit:
                 kc.loaded += 1
-            else:
+            elif kc is not None:
                 name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
                 kc.compiled.append(name)
                 log.warning("Triton compiled kernel %s at run time (not in the artifact's kernel cache)", name)

@@ -33,7 +33,7 @@ def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"dimension {dim} of size {values.shape[dim]} is not a multiple of {per}")
     v = values.to(torch.int64).movedim(dim, -1)
     v = v.reshape(*v.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=v.device) * bits
     words = (v << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # as signed int32
     return words.to(torch.int32).movedim(-1, dim)
@@ -42,7 +42,7 @@ def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def _unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     per = 32 // bits
     w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=w.device) * bits
     v = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return v.reshape(*w.shape[:-1], -1).movedim(-1, dim).to(torch.int32)
 
