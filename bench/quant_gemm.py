@@ -125,6 +125,90 @@ def sweep_configs(m: int) -> list[tq.GemmConfig]:
             for a in (False, True)] + [tq.GemmConfig(128, 128, 64, dequant_mm=True)]
 
 
+def decode_candidates(m: int) -> dict[str, list]:
+    """--decode: the decode-sized candidates per op, (label, config, fp8 path)."""
+    g = tq.GemmConfig
+    w4 = [("default", None, None)]
+    if m == 1:
+        w4 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {'serial' if se else 'reduce'} split{sp or 'auto'}",
+                g(bm, bn, bk, num_warps=w, num_stages=st, split=sp, gemv=True, serial=se), None)
+               for bm in sorted({1, m}) for bn, bk, w, st, sp, se in (
+                   (128, 128, 4, 3, 0, True), (128, 128, 4, 3, 0, False), (64, 128, 4, 3, 0, True),
+                   (256, 128, 8, 3, 0, True), (128, 128, 4, 4, 0, True), (64, 128, 2, 3, 0, True),
+                   (128, 64, 4, 3, 0, True), (128, 128, 4, 3, 4, True), (256, 128, 4, 3, 0, True),
+                   (64, 128, 1, 4, 0, True), (128, 128, 8, 2, 0, True), (128, 128, 4, 3, 2, True))]
+    elif m <= 4:
+        w4 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} serial", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
+                                                             serial=True), None)
+               for bm, bn, bk, w, st in ((m, 128, 128, 4, 3), (m, 64, 128, 4, 3), (m, 128, 64, 4, 3),
+                                         (m, 256, 128, 8, 3), (m, 64, 128, 2, 4))]
+    base = tq.wna16_config(16, 4096, 4096, 4)
+    w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
+        ("serial", dict(serial=True)), ("magic", dict(magic=True)), ("magic serial", dict(magic=True, serial=True)),
+        ("magic serial n128", dict(magic=True, serial=True, block_n=128)),
+        ("magic serial n128 w8", dict(magic=True, serial=True, block_n=128, num_warps=8)),
+        ("magic serial n256 w8", dict(magic=True, serial=True, block_n=256, num_warps=8)),
+        ("magic serial n128 s4", dict(magic=True, serial=True, block_n=128, num_stages=4)),
+        ("magic serial n128 noreshape", dict(magic=True, serial=True, block_n=128, reshape=False)))]
+    f8 = [("default", None, None), ("triton_fused", None, "triton_fused"),
+          ("triton serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton"),
+          ("triton_fused serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton_fused")]
+    f8 += [(f"triton serial n{bn} k{bk} w{w} s{st}", g(16, bn, bk, num_warps=w, num_stages=st, serial=True), "triton")
+           for bn, bk, w, st in ((128, 128, 4, 6), (64, 256, 4, 4), (128, 256, 8, 4), (32, 256, 4, 6), (64, 128, 8, 6),
+                                 (64, 128, 4, 8))]
+    if m == 1:
+        f8 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {path}", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
+                                                             serial=True), path)
+               for bm in sorted({1, m}) for bn, bk, w, st, path in (
+                   (64, 128, 4, 3, "triton_fused"), (32, 256, 4, 3, "triton_fused"), (64, 128, 4, 3, "triton"),
+                   (128, 64, 4, 3, "triton_fused"), (64, 256, 8, 3, "triton_fused"), (64, 128, 4, 5, "triton_fused"))]
+    elif m <= 4:
+        f8 += [(f"gemv{m} n{bn} k{bk} w{w} s{st} {path}", g(m, bn, bk, num_warps=w, num_stages=st, gemv=True,
+                                                            serial=True), path)
+               for bn, bk, w, st, path in ((64, 128, 4, 3, "triton_fused"), (32, 128, 4, 3, "triton_fused"),
+                                           (64, 64, 4, 3, "triton_fused"))]
+    return dict(w4a16=w4, fp8=f8)
+
+
+def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
+    if op == "bf16":
+        return lambda: torch.mm(x, w["bf16"].t())
+    if op == "w4a16":
+        return lambda: tq.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
+    return lambda: tq.linear_fp8_cuda(x, w["f8"]["weight"], w["f8"]["weight_scale"], None, None, config=cfg, path=path)
+
+
+def run_decode(args, meta: dict) -> None:
+    """Per-layer time (sum over the four shapes) of each decode candidate at the --decode-ms sizes."""
+    res = []
+    sums: dict[tuple, float] = {}
+    wts = {name: weights(*SHAPES[name]) for name in SHAPES}
+    for m in (int(v) for v in args.decode_ms.split(",")):
+        cands = decode_candidates(m)
+        for name, (k, _) in SHAPES.items():
+            x = torch.randn(m, k, device="cuda").to(DTYPE)
+            w = wts[name]
+            bf = try_us(decode_call("bf16", x, w, None, None))
+            res.append(dict(m=m, shape=name, op="bf16", label="cublas", us=bf))
+            sums[(m, "bf16", "cublas")] = sums.get((m, "bf16", "cublas"), 0.0) + (bf or float("nan"))
+            for op, lst in cands.items():
+                if op not in args.decode_ops.split(","):
+                    continue
+                for label, cfg, path in lst:
+                    us = try_us(decode_call(op, x, w, cfg, path))
+                    res.append(dict(m=m, shape=name, op=op, label=label, config=str(cfg), path=path, us=us))
+                    sums[(m, op, label)] = sums.get((m, op, label), 0.0) + (us if us is not None else float("nan"))
+            print(f"decode M={m} {name} done", flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(dict(meta=meta, decode=res), indent=1) + "\n")
+    meta["decode_layer_us"] = [dict(m=m, op=op, label=lab, layer_us=v) for (m, op, lab), v in sums.items()]
+    if args.out:
+        args.out.write_text(json.dumps(dict(meta=meta, decode=res), indent=1) + "\n")
+    print(f"\nper-layer GEMM time (qkv + o + gate_up + down), us, {meta['device']}")
+    for (m, op, lab), v in sorted(sums.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[1])):
+        print(f"  M={m:<3} {op:<6} {v:8.1f}  {lab}")
+
+
 def int8_sweep_configs(m: int) -> list[tq.GemmConfig]:
     if m <= 16:
         return [tq.GemmConfig(16, bn, bk, num_warps=4, num_stages=st) for bn, bk, st in (
@@ -140,6 +224,10 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time other wna16 configurations")
     ap.add_argument("--sweep-budget", type=float, default=150.0, help="seconds the sweep may take")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--decode", action="store_true",
+                    help="only the decode candidates (GEMV, serial split-K, fused FP8), per layer")
+    ap.add_argument("--decode-ms", default="1,4,16", help="the M values of --decode")
+    ap.add_argument("--decode-ops", default="w4a16,fp8", help="the ops of --decode")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -150,6 +238,8 @@ def main() -> None:
                 copy_gb_s=bw / 1e9, sms=torch.cuda.get_device_properties(0).multi_processor_count,
                 timing="median of 40 CUDA-graph replays (events), L2 emptied by a 256 MiB read before each")
     meta["floor_us"] = graph_us(lambda: torch.empty(1, device="cuda").add_(1))  # one tiny kernel, same method
+    if args.decode:
+        return run_decode(args, meta)
     rows, sweep = [], []
 
     def dump():

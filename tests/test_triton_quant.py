@@ -119,10 +119,18 @@ def test_wna16(case, m):
     check(out, ref, "spanda.linear_wna16")
     cfg = dataclasses.replace(tq.wna16_config(m, n, k, bits), magic=True)  # the magic-number unpacker
     check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "linear_wna16_cuda magic")
+    for cfg in GEMV_CONFIGS:  # the float32-FMA decode kernel, with and without serial split-K
+        check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {cfg}")
+    assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
+
+
+GEMV_CONFIGS = [tq.GemmConfig(1, 128, 128, split=0, gemv=True, serial=True), tq.GemmConfig(4, 64, 128, gemv=True),
+                tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True)]
 
 
 VARIANTS = [dict(scale_acc=a, reshape=r, split=sp) for a in (True, False) for r in (True, False) for sp in (1, 4)]
 VARIANTS += [dict(magic=True, scale_acc=a, reshape=r, split=4) for a, r in ((True, True), (False, True), (True, False))]
+VARIANTS += [dict(serial=True, split=4), dict(serial=True, magic=True, split=0)]
 
 
 @pytest.mark.gpu
@@ -188,7 +196,9 @@ def test_fp8(case, m):
     for path in ("triton_fused", "triton", "triton_upcast", "scaled_mm"):
         check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, path=path), ref, f"linear_fp8_cuda {path}")
     for path in ("triton_fused", "triton"):
-        for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1)):
+        for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1),
+                    tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(1, 64, 128, gemv=True, serial=True),
+                    tq.GemmConfig(4, 32, 256, split=2, gemv=True)):
             check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
 
 
@@ -225,8 +235,10 @@ def test_int8(case, m):
     if m > 16:
         check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, use_int_mm=True), ref, "linear_int8_cuda _int_mm")
     check(spanda.linear_int8(x, w, ws, in_scale, bias), ref, "spanda.linear_int8")
-    for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(64, 64, 64, split=1)):
+    for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(64, 64, 64, split=1),
+                tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(2, 64, 128, gemv=True, serial=True)):
         check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, config=cfg), ref, f"int8 {cfg}")
+    assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
 
 
 @pytest.mark.gpu
@@ -243,10 +255,16 @@ def test_cuda_graph_capture(m):
     bias = torch.randn(n, generator=g).to(dtype).cuda()
     x = torch.randn(m, k, generator=g).to(dtype).cuda()
 
+    serial = tq.GemmConfig(min(m, 4), 64, 128, split=4, gemv=m <= 4, serial=True)
+    serial_fp8 = tq.GemmConfig(16, 64, 128, split=4, serial=True)
+
     def step():
         return (spanda.linear_wna16(x, qw, s, z, perm, bias, 4, 128),
                 spanda.linear_fp8(x, f8["weight"], f8["weight_scale"], None, bias),
-                spanda.linear_int8(x, i8["weight"], i8["weight_scale"], None, bias))
+                spanda.linear_int8(x, i8["weight"], i8["weight_scale"], None, bias),
+                tq.linear_wna16_cuda(x, qw, s, z, perm, bias, 4, 128, config=serial),
+                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8,
+                                   path="triton_fused"))
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -263,8 +281,10 @@ def test_cuda_graph_capture(m):
         refs = (linear_wna16_ref(x, qw, s, z, perm, bias, 4, 128),
                 linear_fp8_ref(x, f8["weight"], f8["weight_scale"], None, bias),
                 linear_int8_ref(x, i8["weight"], i8["weight_scale"], None, bias))
-        for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8")):
+        refs += refs[:2]
+        for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8", "wna16 serial", "fp8 fused serial"), strict=True):
             check(o, r, f"graph {what}")
+        assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
 
 
 @pytest.mark.gpu
@@ -292,7 +312,9 @@ def _interpreter_main() -> None:
             tq.GemmConfig(32, 16, 32, split=2, reshape=False), tq.GemmConfig(16, 64, 16, split=3,
                                                                              scale_acc=False, reshape=False),
             tq.GemmConfig(16, 32, 32, split=2, magic=True), tq.GemmConfig(16, 32, 32, split=1, magic=True,
-                                                                          scale_acc=False)]
+                                                                          scale_acc=False),
+            tq.GemmConfig(16, 32, 32, split=3, serial=True), tq.GemmConfig(1, 32, 32, split=1, gemv=True),
+            tq.GemmConfig(2, 16, 64, split=2, gemv=True), tq.GemmConfig(4, 32, 32, split=3, gemv=True, serial=True)]
     for bits, gs, act, has_bias, k, n, m in ((4, 32, False, True, 96, 40, 3), (4, 32, True, False, 96, 40, 17),
                                              (8, 16, True, True, 64, 24, 5), (4, -1, False, True, 72, 20, 2),
                                              (8, -1, True, False, 60, 33, 18)):
@@ -302,6 +324,7 @@ def _interpreter_main() -> None:
         ref = linear_wna16_ref(x, qw, s, z, perm, bias, bits, gs)
         for cfg in cfgs + [None]:
             check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {bits} {gs} {cfg}")
+            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
         w = tq.wna16_dequantize(qw, s, z, perm, bits, gs, torch.float32)
         w_ref = dequantize_wna16(qw, s, z, bits, gs)
         assert torch.allclose(w if perm is None else w[perm.long()], w_ref, rtol=1e-6, atol=1e-6), "dequantize"
@@ -332,9 +355,12 @@ def _interpreter_main() -> None:
         sc = (x.float().abs().amax() / 127 * 0.8).reshape(1) if static else None
         bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
         ref = linear_int8_ref(x, wt["weight"], wt["weight_scale"], sc, bias)
-        for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2), None):
+        for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
+                    tq.GemmConfig(16, 16, 32, split=3, serial=True), tq.GemmConfig(2, 16, 32, split=2, gemv=True),
+                    tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True), None):
             out = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
             check(out, ref, f"int8 {cfg}")
+            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     for static, per_channel, has_bias, k, n, m in ((False, True, True, 96, 48, 3), (True, False, False, 64, 32, 17)):
         wt = fp8_weight(torch.randn(n, k, generator=g) * 0.05, per_channel=per_channel)
         x = (torch.randn(m, k, generator=g) * 2).to(dtype)
@@ -346,7 +372,9 @@ def _interpreter_main() -> None:
         w = wt["weight"].float() * wt["weight_scale"].float().reshape(-1, 1)
         ref = ((xq.float() * sx) @ w.t() + (bias.float() if has_bias else 0)).to(dtype)
         for path in ("triton_upcast", "triton", "triton_fused"):
-            for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2)):
+            for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
+                        tq.GemmConfig(16, 16, 32, split=2, serial=True), tq.GemmConfig(4, 16, 32, split=1, gemv=True),
+                        tq.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True)):
                 out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
                 check(out, ref, f"fp8 {path} {cfg}")
     print("interpreter ok")

@@ -17,7 +17,11 @@ linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
     group) apply the scale once, after the loop.
     Small M (decode) is bandwidth-bound on the packed weights, and cdiv(N, BLOCK_N) programs are too few to
     stream them: split-K spreads K over ``split`` programs per tile, each writes a float32 partial
-    [split, M, N] and a second kernel sums them (fixed order: deterministic), adds the bias and rounds.
+    [split, M, N] and a second kernel sums them (fixed order: deterministic), adds the bias and rounds; with
+    ``serial`` (the default) the last program of each tile to finish does that sum itself (tile counters that
+    every launch re-arms; no second launch). Up to WNA16_GEMV_MAX_M rows, _wna16_gemv_kernel replaces the
+    tensor-core kernel: one row per program, codes turned into float32 by masking them in place and ORing
+    the bits of 2^23 (no int -> float conversion), float32 FMAs.
     Large M may instead dequantize the weight once into a [K, N] buffer in x's dtype (rows un-permuted)
     and call cuBLAS (``DEQUANT_MM_MIN_M``), at the cost of that transient buffer.
 
@@ -44,6 +48,7 @@ linear_int8 (INT8 W8A8, symmetric)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +72,20 @@ INT_MM_MIN_M = None  # M from which linear_int8 uses torch._int_mm (None: never;
 # down 52.2 vs 32.6, gate_up 57.6 vs 45.5; bf16 cuBLAS 18.6 / 34.8 / 60.6).
 FP8_TRITON_MAX_M = 16
 # "triton": the activation-quantization kernel, then the GEMM (timed: bench/results/quant-gemm-h200.json);
-# "triton_fused" quantizes inside the GEMM (one launch fewer; checked on the GPU, not yet timed)
+# "triton_fused" quantizes inside the GEMM (one launch fewer, but every program recomputes its rows' amax over
+# the whole row: 5x slower per layer on an H200, bench/results/quant-gemm-decode-h200.json)
 FP8_TRITON_PATH = "triton"
 DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
+# decode: up to WNA16_GEMV_MAX_M / FP8_GEMV_MAX_M rows the GEMV kernels (no tensor cores) run, with these tiles
+# (block_m becomes M); None: never. SERIAL_SPLIT: split-K launches sum their partials in the tile's last
+# program instead of a second kernel.
+# H200 figures (bench/results/quant-gemm-decode-h200.json, us per layer of 8B GEMMs at M = 1): the W4A16 GEMV
+# 92.3 against 173.3 for the tensor-core kernel (bf16 cuBLAS 130.1), but 239 against 168 at M = 4 (it
+# dequantizes once per row); the FP8 GEMV 143 against 101 for the split-K tensor-core kernel: not used.
+# Serial split-K: FP8 100.6 against 102.8 us, W4A16 GEMV 92.3 against 95.3.
+WNA16_GEMV_MAX_M = 1
+FP8_GEMV_MAX_M = None
+SERIAL_SPLIT = True
 
 
 def _jit(fn=None, **kw):
@@ -82,9 +98,10 @@ def _jit(fn=None, **kw):
 # ---------------------------------------------------------------------------------------------- kernels
 
 @_jit(do_not_specialize=["M"])
-def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, M, N, K, stride_xm,
+def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                   group_size, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SCALE_ACC: tl.constexpr, RESHAPE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, SCALE_ACC: tl.constexpr,
+                  RESHAPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False,
                   MAGIC_BITS: tl.constexpr = 0, MAGIC_VAL: tl.constexpr = 0):
     """y[rm, rn] (or its K-split partial) = x[rm, perm[k]] @ ((q[k, rn] - z[g(k), rn]) * s[g(k), rn]) over the
@@ -149,27 +166,138 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
         acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    if SPLIT:
+    last = True
+    if SPLIT > 1:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
-    else:
+        last = False
+        if SERIAL:
+            last, acc = _split_last(part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, offs, out_mask, M, N,
+                                    SPLIT, acc)
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @_jit(do_not_specialize=["M"])
-def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in_scale_ptr, M, N, K, stride_am,
-                      TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
+def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
+                       group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr,
+                       HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN: tl.constexpr = False):
+    """The same product as _wna16_kernel for one row of x per program (decode; BLOCK_M is 1, a few rows re-read
+    the tile from L2), without tensor cores: float32 FMAs on codes turned into floats by bit tricks. A tile of
+    R = BLOCK_K / PER packed rows x BLOCK_N columns is read once; for each of its PER codes per word, code j of
+    every word is masked in place (the low half of the word, or the high half shifted down once per word), ORed
+    into the mantissa of 2^23 and read as a float32 (= 2^23 + q * 2^sh exactly), then one FMA gives q - z
+    exactly (f * 2^-sh - (2^(23-sh) + z)) and one FMA accumulates (q - z) * x[k] into an [R, BLOCK_N] float32
+    partial in the words' own register layout: no int -> float conversion, no layout shuffle, no reduction
+    inside the loop. Each group's partial is scaled once; the R axis is summed at the end. Split-K as in
+    _wna16_kernel; SERIAL: the last program of a tile to finish sums the partials itself (_split_last), no
+    second launch. ``magic`` is 0x4B000000 (the bits of 2^23), passed at run time so that it sits in a register
+    and the mask and the OR are one LOP3 per code. EVEN: K and N are multiples of the tile (no masks)."""
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2
+    R: tl.constexpr = BLOCK_K // PER
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R)
+    n_mask = rn < N
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    if not GROUPED:
+        zf = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+        s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    kt0 = pid_k * TILES
+    for t in range(0, TILES):
+        k0 = (kt0 + t) * BLOCK_K
+        offs_w = k0 // PER + rr
+        w_ptrs = qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :]
+        if EVEN:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+        high = words >> 16
+        if GROUPED:
+            g = k0 // group_size
+            zf = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            if j < HALF:
+                bits = (words & (QMASK << (BITS * (j % HALF)))) | magic
+            else:
+                bits = (high & (QMASK << (BITS * (j % HALF)))) | magic
+            wq = (bits.to(tl.float32, bitcast=True) * (1.0 / (1 << (BITS * (j % HALF))))
+                  - ((1 << (23 - BITS * (j % HALF))) + zf))
+            kk = k0 + rr * PER + j
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+            else:
+                cols = kk
+            if EVEN:
+                xj = tl.load(x_row + cols).to(tl.float32)
+            else:
+                xj = tl.load(x_row + cols, mask=kk < K, other=0.0).to(tl.float32)
+            part += wq * xj[:, None]
+        if GROUPED:
+            acc += part * s
+        else:
+            acc += part
+    y = tl.sum(acc, axis=0)
+    if not GROUPED:
+        y = y * s0
+    offs = row.to(tl.int64) * N + rn
+    last = True
+    if SPLIT > 1:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, y, mask=n_mask)
+        last = False
+        if SERIAL:
+            last, y = _split_last(part_ptr, lock_ptr, pid_n * M + row, offs, n_mask, M, N, SPLIT, y)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@_jit
+def _split_last(part_ptr, lock_ptr, tile, offs, mask, M, N, NSPLIT: tl.constexpr, acc):
+    """Serial split-K fix-up, called by every program of a split tile after it stored its partial: counts the
+    finished programs of the tile on lock_ptr[tile]; the last one reads all partials back (fixed order, the
+    same sum as _split_reduce_kernel: deterministic), re-arms the counter and returns (True, sum); the others
+    return (False, acc). The barrier before the acq_rel atomic orders every thread's partial store before the
+    count, the loads bypass L1."""
+    tl.debug_barrier()
+    done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    last = done == NSPLIT - 1
+    if last:
+        acc = tl.load(part_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+        for s in range(1, NSPLIT):
+            acc += tl.load(part_ptr + (s * M).to(tl.int64) * N + offs, mask=mask, other=0, cache_modifier=".cg")
+        tl.atomic_xchg(lock_ptr + tile, 0)
+    return last, acc
+
+
+@_jit(do_not_specialize=["M"])
+def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in_scale_ptr, lock_ptr, M, N, K,
+                      stride_am, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      SERIAL: tl.constexpr, FP8: tl.constexpr,
                       UPCAST: tl.constexpr, QUANT_A: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr,
                       FLOOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      QBLOCK: tl.constexpr, QSTEPS: tl.constexpr):
+                      QBLOCK: tl.constexpr, QSTEPS: tl.constexpr, GEMV: tl.constexpr = False):
     """acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias (or the
     partial when split). w [N, K] contiguous; a [M, K] (row stride stride_am) int8 (int32 acc, exact) or E4M3
     (float32 acc: E4M3 products are exact in float32; UPCAST converts the codes to float16 first, also exact;
     E4M3 codes arrive as uint8 and are reinterpreted here).
     QUANT_A (E4M3 only): a is the float16/bfloat16 activation, quantized here as _quant_rows_kernel does it (per
     row s = max(amax * (1 / QMAX), FLOOR) over the whole row, or the static scale; codes = cast(clamp(a / s)));
-    every program computes its rows' scales and the first program of each row block stores them in xs."""
+    every program computes its rows' scales and the first program of each row block stores them in xs.
+    GEMV (a few rows, decode): no tensor cores; the products are accumulated elementwise into a [BLOCK_M,
+    BLOCK_K, BLOCK_N] float32 (int32) tile, summed over K once at the end (same exact products).
+    SERIAL: split partials summed by the tile's last program (_split_last)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -193,8 +321,12 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
         s_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32) + s_row[:, None]
     if FP8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GEMV:
+            acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        if GEMV:
+            acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
     kt0 = pid_k * TILES
     for t in range(0, TILES):
         offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -208,17 +340,28 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
             else:
                 a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
-            if UPCAST:
+            if GEMV:
+                acc3 += a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
+            elif UPCAST:
                 acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
             else:
                 acc = tl.dot(a, b, acc)
+        elif GEMV:
+            acc3 += a.to(tl.int32)[:, :, None] * b.to(tl.int32)[None, :, :]
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    if GEMV:
+        acc = tl.sum(acc3, axis=1)
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    if SPLIT:
+    last = True
+    if SPLIT > 1:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
-    else:
+        last = False
+        if SERIAL:
+            last, acc = _split_last(part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, offs, out_mask, M, N,
+                                    SPLIT, acc)
+    if last:
         if QUANT_A:
             xs = s_row
         else:
@@ -321,12 +464,27 @@ class GemmConfig:
     scale_acc: bool = True  # wna16: scale the group's partial product (else the weight tile)
     reshape: bool = True  # wna16: unpack words in registers (else one load per row of the tile)
     dequant_mm: bool = False  # wna16: dequantize to a [K, N] buffer, then cuBLAS
-    magic: bool = False  # wna16: codes to floats by the magic-number bit trick (no int -> float conversion);
-    # correct under the interpreter in fp16 (its bf16 arithmetic on bit-cast values is broken), not yet run
-    # or timed on a GPU: not a default
+    magic: bool = False  # wna16: codes to floats by the magic-number bit trick (no int -> float conversion)
+    gemv: bool = False  # no tensor cores (decode): wna16 through _wna16_gemv_kernel, fp8/int8 elementwise products
+    serial: bool = False  # split-K partials summed by the tile's last program (_split_last): no reduce launch
 
 
+WNA16_GEMV = GemmConfig(1, 128, 128, num_warps=4, num_stages=3, gemv=True)  # block_k capped by the group size
+FP8_GEMV = GemmConfig(1, 64, 128, num_warps=4, num_stages=3, gemv=True)
 _SMS: dict[int, int] = {}
+LOCK_SLOTS = 1 << 14  # split tiles one serial split-K launch may count (more: the reduce kernel instead)
+_LOCKS: dict[str, torch.Tensor] = {}
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    """The device's tile counters for serial split-K: zero between launches (each launch re-arms the counters it
+    used). Launches on one device share them, so they must not run concurrently: Spanda runs a device's
+    forward passes on one stream at a time."""
+    key = str(device)
+    t = _LOCKS.get(key)
+    if t is None:
+        t = _LOCKS[key] = torch.zeros(LOCK_SLOTS, dtype=torch.int32, device=device)
+    return t
 
 
 def _sm_count(device: torch.device) -> int:
@@ -342,8 +500,12 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
     """Fixed heuristics per M range (H100 measurements in bench/results/quant-gemm-h100.json)."""
     if DEQUANT_MM_MIN_M is not None and m >= DEQUANT_MM_MIN_M:
         return GemmConfig(128, 128, 64, dequant_mm=True)
+    if WNA16_GEMV_MAX_M is not None and m <= WNA16_GEMV_MAX_M:
+        return dataclasses.replace(WNA16_GEMV, block_m=m, serial=SERIAL_SPLIT)
     if m <= 16:
-        return GemmConfig(16, 64, 128 if bits == 4 else 64, num_warps=4, num_stages=3)
+        if bits == 4:  # magic-number unpacking, 128-wide tiles: 168 us per 8B layer at M = 4, 172 at M = 16 (H200)
+            return GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=True, serial=SERIAL_SPLIT)
+        return GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)
     if m <= 64:
         return GemmConfig(32 if m <= 32 else 64, 64, 64, num_warps=4, num_stages=4)
     if m <= 256:
@@ -354,12 +516,14 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
 def fp8_config(m: int, n: int, k: int) -> GemmConfig:
     """Decode-sized FP8 (M <= FP8_TRITON_MAX_M): the best of a sweep at 8B shapes on an H200
     (bench/results/quant-gemm-h200.json)."""
-    return GemmConfig(16, 64, 128, num_warps=4, num_stages=6)
+    if FP8_GEMV_MAX_M is not None and m <= FP8_GEMV_MAX_M:
+        return dataclasses.replace(FP8_GEMV, block_m=m, serial=SERIAL_SPLIT)
+    return GemmConfig(16, 64, 128, num_warps=4, num_stages=6, serial=SERIAL_SPLIT)
 
 
 def int8_config(m: int, n: int, k: int) -> GemmConfig:
     if m <= 16:
-        return GemmConfig(16, 64, 256, num_warps=4, num_stages=4)
+        return GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
     if m <= 64:
         return GemmConfig(32 if m <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
     if m <= 256:
@@ -438,20 +602,29 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             return linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits, group_size)
     if x.stride(1) != 1:
         x = x.contiguous()
+    if cfg.gemv:
+        cfg = dataclasses.replace(cfg, block_m=1)  # one row of x per program
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
     k_tiles = triton.cdiv(k, bk)
     split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    # magic-number conversion: bf16 holds 2^7 + q exactly for 4-bit codes only, fp16 2^10 + q for 4 and 8 bits
-    magic = cfg.magic and (bits == 4 or x.dtype == torch.float16)
-    magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
-    _wna16_kernel[(tiles_n, tiles_m, split)](
-        x, qweight, scales, zeros, perm_c if perm_c is not None else qweight, bias if bias is not None else scales,
-        out, part, m, n, k, x.stride(0), gs, TILES=k_tiles // split, BITS=bits, GROUPED=grouped,
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, SCALE_ACC=cfg.scale_acc,
-        RESHAPE=cfg.reshape, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, MAGIC=magic,
-        MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
+    serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
+    locks = _locks(x.device) if serial else part
+    common = (x, qweight, scales, zeros, perm_c if perm_c is not None else qweight,
+              bias if bias is not None else scales, out, part, locks, m, n, k, x.stride(0), gs)
+    flags = dict(TILES=k_tiles // split, BITS=bits, GROUPED=grouped, HAS_PERM=perm is not None,
+                 HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.gemv:
+        even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
+        _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, **flags)
+    else:
+        # magic-number conversion: bf16 holds 2^7 + q exactly for 4-bit codes only, fp16 2^10 + q for 4 and 8 bits
+        magic = cfg.magic and (bits == 4 or x.dtype == torch.float16)
+        magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
+        _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape, MAGIC=magic,
+                                                 MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, **flags)
+    if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
 
@@ -598,15 +771,17 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
         if not quant_a:
             xq = xq.view(torch.uint8)
     stride_am = xq.stride(0) if quant_a else k
-    qblock = min(1024, triton.next_power_of_2(k))
+    qblock = min(max(16, 2048 // cfg.block_m), triton.next_power_of_2(k))  # [block_m, qblock] fits registers
+    serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
     _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](
         xq, w, sx, ws, bias if bias is not None else ws, out, part,
-        input_scale.float() if input_scale is not None else sx, m, n, k, stride_am, TILES=k_tiles // split,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, FP8=fp8, UPCAST=upcast, QUANT_A=quant_a,
+        input_scale.float() if input_scale is not None else sx, _locks(xq.device) if serial else part, m, n, k,
+        stride_am, TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, FP8=fp8,
+        UPCAST=upcast, QUANT_A=quant_a,
         STATIC=input_scale is not None, QMAX=FP8_MAX, FLOOR=SCALE_FLOOR, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, QBLOCK=qblock, QSTEPS=triton.cdiv(k, qblock) if quant_a else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
+        GEMV=cfg.gemv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1 and not serial:
         _reduce(part, sx, ws, bias, out)
 
 
