@@ -150,6 +150,8 @@ def decode_candidates(m: int) -> dict[str, list]:
         ("magic serial n256 w8", dict(magic=True, serial=True, block_n=256, num_warps=8)),
         ("magic serial n128 s4", dict(magic=True, serial=True, block_n=128, num_stages=4)),
         ("magic serial n128 noreshape", dict(magic=True, serial=True, block_n=128, reshape=False)))]
+    w4 += [(f"splitdot n{bn} w{w} s{st}", g(16, bn, 128, num_warps=w, num_stages=st, split_dot=True, serial=True),
+            None) for bn, w, st in ((128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 4, 4), (128, 8, 3))]
     f8 = [("default", None, None), ("triton_fused", None, "triton_fused"),
           ("triton serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton"),
           ("triton_fused serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton_fused")]
@@ -195,6 +197,8 @@ def run_decode(args, meta: dict) -> None:
                 if op not in args.decode_ops.split(","):
                     continue
                 for label, cfg, path in lst:
+                    if args.decode_labels and not any(label.startswith(p) for p in args.decode_labels.split(",")):
+                        continue
                     us = try_us(decode_call(op, x, w, cfg, path))
                     res.append(dict(m=m, shape=name, op=op, label=label, config=str(cfg), path=path, us=us))
                     sums[(m, op, label)] = sums.get((m, op, label), 0.0) + (us if us is not None else float("nan"))
@@ -228,6 +232,7 @@ def main() -> None:
                     help="only the decode candidates (GEMV, serial split-K, fused FP8), per layer")
     ap.add_argument("--decode-ms", default="1,4,16", help="the M values of --decode")
     ap.add_argument("--decode-ops", default="w4a16,fp8", help="the ops of --decode")
+    ap.add_argument("--decode-labels", default="", help="only candidates whose label starts with one of these")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()

@@ -125,7 +125,8 @@ def test_wna16(case, m):
 
 
 GEMV_CONFIGS = [tq.GemmConfig(1, 128, 128, split=0, gemv=True, serial=True), tq.GemmConfig(4, 64, 128, gemv=True),
-                tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True)]
+                tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True),
+                tq.GemmConfig(16, 128, 128, split_dot=True, serial=True), tq.GemmConfig(32, 64, 128, split_dot=True)]
 
 
 VARIANTS = [dict(scale_acc=a, reshape=r, split=sp) for a in (True, False) for r in (True, False) for sp in (1, 4)]
@@ -315,9 +316,15 @@ def _interpreter_main() -> None:
                                                                           scale_acc=False),
             tq.GemmConfig(16, 32, 32, split=3, serial=True), tq.GemmConfig(1, 32, 32, split=1, gemv=True),
             tq.GemmConfig(2, 16, 64, split=2, gemv=True), tq.GemmConfig(4, 32, 32, split=3, gemv=True, serial=True)]
+    cfgs += [tq.GemmConfig(16, 32, 128, split=2, split_dot=True, serial=True),
+             tq.GemmConfig(16, 16, 64, split=1, split_dot=True)]
+    g_main = g
     for bits, gs, act, has_bias, k, n, m in ((4, 32, False, True, 96, 40, 3), (4, 32, True, False, 96, 40, 17),
                                              (8, 16, True, True, 64, 24, 5), (4, -1, False, True, 72, 20, 2),
-                                             (8, -1, True, False, 60, 33, 18)):
+                                             (8, -1, True, False, 60, 33, 18), (4, 128, True, True, 256, 40, 3),
+                                             (8, -1, False, True, 128, 24, 17), (4, -1, False, False, 256, 24, 2)):
+        # the split-dot cases (K tiles of 128 4-bit / 64 8-bit codes) draw from their own generator
+        g = g_main if k < 128 else torch.Generator().manual_seed(k + n + m)
         qw, s, z, perm = wna16_case(k, n, bits, gs, act, dtype, g)
         x = torch.randn(m, k + 3, generator=g).to(dtype)[:, 1:1 + k]  # row-strided x
         bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
@@ -330,6 +337,7 @@ def _interpreter_main() -> None:
         assert torch.allclose(w if perm is None else w[perm.long()], w_ref, rtol=1e-6, atol=1e-6), "dequantize"
         cfg = tq.GemmConfig(16, 16, 16, dequant_mm=True)
         check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "wna16 dequant+mm")
+    g = g_main
     for m, k in ((1, 48), (4, 130), (3, 5000)):
         x = (torch.randn(m, k, generator=g) * 3).to(dtype)
         for static in (False, True):

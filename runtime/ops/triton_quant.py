@@ -180,6 +180,78 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
 
 
 @_jit(do_not_specialize=["M"])
+def _wna16_splitdot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
+                           stride_xm, group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr,
+                           GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, MAGIC_VAL: tl.constexpr):
+    """_wna16_kernel's product on tensor cores without unpacking shuffles: code j of the [R = BLOCK_K / PER,
+    BLOCK_N] packed words is the B operand of its own dot against x's columns k0 + r * PER + j (PER dots of
+    K = R per tile), so the words never change layout. Each code becomes (2^E + q) in x's dtype by one mask-OR
+    (``magic`` = the bits of 2^E, E = 7 for bf16 4-bit codes, 10 for fp16) and a bit cast; the zero point comes
+    off after the dot: sum_k x_k (2^E + q_k) - (2^E + z) * sum_k x_k, in float32."""
+    PER: tl.constexpr = 32 // BITS
+    R: tl.constexpr = BLOCK_K // PER
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R)
+    m_mask = rm < M
+    n_mask = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not GROUPED:
+        zc = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.float32) + MAGIC_VAL
+        s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    kt0 = pid_k * TILES
+    for t in range(0, TILES):
+        k0 = (kt0 + t) * BLOCK_K
+        offs_w = k0 // PER + rr
+        w_mask = (offs_w < K // PER)[:, None] & n_mask[None, :]
+        words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :], mask=w_mask, other=0)
+        if GROUPED:
+            g = k0 // group_size
+            zc = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32) + MAGIC_VAL
+            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            kk = k0 + rr * PER + j
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+            else:
+                cols = kk
+            a = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            w = (((words >> (BITS * j)) & QMASK) | magic).to(tl.int16).to(dt, bitcast=True)
+            tile = tl.dot(a, w, tile)
+            xsum += tl.sum(a.to(tl.float32), axis=1)
+        tile = tile - xsum[:, None] * zc[None, :]
+        if GROUPED:
+            acc += tile * s[None, :]
+        else:
+            acc += tile
+    if not GROUPED:
+        acc = acc * s0[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    last = True
+    if SPLIT > 1:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
+        last = False
+        if SERIAL:
+            last, acc = _split_last(part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, offs, out_mask, M, N,
+                                    SPLIT, acc)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_jit(do_not_specialize=["M"])
 def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                        group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
@@ -467,6 +539,8 @@ class GemmConfig:
     magic: bool = False  # wna16: codes to floats by the magic-number bit trick (no int -> float conversion)
     gemv: bool = False  # no tensor cores (decode): wna16 through _wna16_gemv_kernel, fp8/int8 elementwise products
     serial: bool = False  # split-K partials summed by the tile's last program (_split_last): no reduce launch
+    split_dot: bool = False  # wna16: _wna16_splitdot_kernel (one dot per code position, zero point after the
+    # dot); correct, slower than the default on an H200 (175-310 us per 8B layer against 168-172): an option
 
 
 WNA16_GEMV = GemmConfig(1, 128, 128, num_warps=4, num_stages=3, gemv=True)  # block_k capped by the group size
@@ -615,13 +689,15 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     flags = dict(TILES=k_tiles // split, BITS=bits, GROUPED=grouped, HAS_PERM=perm is not None,
                  HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # magic-number conversion: bf16 holds 2^7 + q exactly for 4-bit codes only, fp16 2^10 + q for 4 and 8 bits
+    magic = cfg.magic and (bits == 4 or x.dtype == torch.float16)
+    magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
     if cfg.gemv:
         even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
         _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, **flags)
+    elif cfg.split_dot and (bits == 4 or x.dtype == torch.float16) and bk // per >= 16:
+        _wna16_splitdot_kernel[(tiles_n, tiles_m, split)](*common, magic_bits, MAGIC_VAL=magic_val, **flags)
     else:
-        # magic-number conversion: bf16 holds 2^7 + q exactly for 4-bit codes only, fp16 2^10 + q for 4 and 8 bits
-        magic = cfg.magic and (bits == 4 or x.dtype == torch.float16)
-        magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
         _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape, MAGIC=magic,
                                                  MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, **flags)
     if split > 1 and not serial:
