@@ -182,17 +182,20 @@ def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
 
 def run_decode(args, meta: dict) -> None:
     """Per-layer time (sum over the four shapes) of each decode candidate at the --decode-ms sizes."""
-    res = []
-    sums: dict[tuple, float] = {}
+    rows = []
+
+    def dump():
+        if args.out:
+            args.out.write_text(dumps(dict(meta=meta, per_layer_us=per_layer_us(rows), rows=rows)))
+
     wts = {name: weights(*SHAPES[name]) for name in SHAPES}
     for m in (int(v) for v in args.decode_ms.split(",")):
         cands = decode_candidates(m)
         for name, (k, _) in SHAPES.items():
             x = torch.randn(m, k, device="cuda").to(DTYPE)
             w = wts[name]
-            bf = try_us(decode_call("bf16", x, w, None, None))
-            res.append(dict(m=m, shape=name, op="bf16", label="cublas", us=bf))
-            sums[(m, "bf16", "cublas")] = sums.get((m, "bf16", "cublas"), 0.0) + (bf or float("nan"))
+            bf16_us = try_us(decode_call("bf16", x, w, None, None))
+            rows.append(dict(m=m, shape=name, op="bf16", label="cublas", us=bf16_us))
             for op, lst in cands.items():
                 if op not in args.decode_ops.split(","):
                     continue
@@ -200,17 +203,40 @@ def run_decode(args, meta: dict) -> None:
                     if args.decode_labels and not any(label.startswith(p) for p in args.decode_labels.split(",")):
                         continue
                     us = try_us(decode_call(op, x, w, cfg, path))
-                    res.append(dict(m=m, shape=name, op=op, label=label, config=str(cfg), path=path, us=us))
-                    sums[(m, op, label)] = sums.get((m, op, label), 0.0) + (us if us is not None else float("nan"))
+                    rows.append(dict(m=m, shape=name, op=op, label=label, config=str(cfg), path=path, us=us))
             print(f"decode M={m} {name} done", flush=True)
-            if args.out:
-                args.out.write_text(json.dumps(dict(meta=meta, decode=res), indent=1) + "\n")
-    meta["decode_layer_us"] = [dict(m=m, op=op, label=lab, layer_us=v) for (m, op, lab), v in sums.items()]
-    if args.out:
-        args.out.write_text(json.dumps(dict(meta=meta, decode=res), indent=1) + "\n")
+            dump()
     print(f"\nper-layer GEMM time (qkv + o + gate_up + down), us, {meta['device']}")
-    for (m, op, lab), v in sorted(sums.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[1])):
-        print(f"  M={m:<3} {op:<6} {v:8.1f}  {lab}")
+    for mk, ops in per_layer_us(rows).items():
+        for op, labels in ops.items():
+            for lab, v in labels.items():
+                print(f"  {mk:<5} {op:<6} {v if v is None else round(v, 1):>8}  {lab}")
+
+
+def per_layer_us(rows: list[dict]) -> dict:
+    """{"M=1": {op: {label: us per layer}}}: each candidate's sum over the shapes (None if one failed), fastest
+    first."""
+    sums: dict[tuple, float | None] = {}
+    for r in rows:
+        key = (r["m"], r["op"], r["label"])
+        prev = sums.get(key, 0.0)
+        sums[key] = None if prev is None or r["us"] is None else prev + r["us"]
+    out: dict = {}
+    for (m, op, lab), v in sorted(sums.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[1] is None, kv[1] or 0.0)):
+        out.setdefault(f"M={m}", {}).setdefault(op, {})[lab] = None if v is None else round(v, 1)
+    return out
+
+
+def dumps(obj: dict) -> str:
+    """JSON with every list of records written one record per line, so a results file reads as a table."""
+    parts = []
+    for key, val in obj.items():
+        if isinstance(val, list) and val and isinstance(val[0], dict):
+            body = "[\n" + ",\n".join("  " + json.dumps(v) for v in val) + "\n ]"
+        else:
+            body = json.dumps(val, indent=1).replace("\n", "\n ")
+        parts.append(f" {json.dumps(key)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def int8_sweep_configs(m: int) -> list[tq.GemmConfig]:
@@ -250,7 +276,7 @@ def main() -> None:
     def dump():
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweep), indent=1) + "\n")
+            args.out.write_text(dumps(dict(meta=meta, rows=rows, sweep=sweep)))
 
     sweep_deadline = time.monotonic() + args.sweep_budget
     for name in args.shapes.split(","):

@@ -13,6 +13,7 @@ both scale placements, the dequantize kernel), the activation quantizers and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -305,6 +306,23 @@ def test_fallbacks():
 
 # --------------------------------------------------------------------------------------- interpreter
 
+@contextlib.contextmanager
+def serial_only(cfg):
+    """A serial split-K config must not launch the reduce kernel (its last program sums the partials)."""
+    if cfg is None or not (cfg.serial and cfg.split > 1):
+        yield
+        return
+
+    def refuse(*args):
+        raise AssertionError(f"serial split-K launched the reduce kernel: {cfg}")
+
+    saved, tq._reduce = tq._reduce, refuse
+    try:
+        yield
+    finally:
+        tq._reduce = saved
+
+
 def _interpreter_main() -> None:
     """Runs in a subprocess with TRITON_INTERPRET=1: tiny CPU shapes, fp16."""
     dtype = torch.float16
@@ -330,7 +348,9 @@ def _interpreter_main() -> None:
         bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
         ref = linear_wna16_ref(x, qw, s, z, perm, bias, bits, gs)
         for cfg in cfgs + [None]:
-            check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {bits} {gs} {cfg}")
+            with serial_only(cfg):
+                out = tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg)
+            check(out, ref, f"wna16 {bits} {gs} {cfg}")
             assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
         w = tq.wna16_dequantize(qw, s, z, perm, bits, gs, torch.float32)
         w_ref = dequantize_wna16(qw, s, z, bits, gs)
@@ -366,7 +386,8 @@ def _interpreter_main() -> None:
         for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
                     tq.GemmConfig(16, 16, 32, split=3, serial=True), tq.GemmConfig(2, 16, 32, split=2, gemv=True),
                     tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True), None):
-            out = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
+            with serial_only(cfg):
+                out = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
             check(out, ref, f"int8 {cfg}")
             assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     for static, per_channel, has_bias, k, n, m in ((False, True, True, 96, 48, 3), (True, False, False, 64, 32, 17)):
@@ -383,7 +404,8 @@ def _interpreter_main() -> None:
             for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
                         tq.GemmConfig(16, 16, 32, split=2, serial=True), tq.GemmConfig(4, 16, 32, split=1, gemv=True),
                         tq.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True)):
-                out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
+                with serial_only(cfg):
+                    out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
                 check(out, ref, f"fp8 {path} {cfg}")
     print("interpreter ok")
 

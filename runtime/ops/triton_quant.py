@@ -48,7 +48,6 @@ linear_int8 (INT8 W8A8, symmetric)
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,15 +75,13 @@ FP8_TRITON_MAX_M = 16
 # the whole row: 5x slower per layer on an H200, bench/results/quant-gemm-decode-h200.json)
 FP8_TRITON_PATH = "triton"
 DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
-# decode: up to WNA16_GEMV_MAX_M / FP8_GEMV_MAX_M rows the GEMV kernels (no tensor cores) run, with these tiles
-# (block_m becomes M); None: never. SERIAL_SPLIT: split-K launches sum their partials in the tile's last
-# program instead of a second kernel.
+# decode: up to WNA16_GEMV_MAX_M rows linear_wna16 runs its GEMV (no tensor cores; None: never). SERIAL_SPLIT:
+# split-K launches sum their partials in the tile's last program instead of a second kernel.
 # H200 figures (bench/results/quant-gemm-decode-h200.json, us per layer of 8B GEMMs at M = 1): the W4A16 GEMV
 # 92.3 against 173.3 for the tensor-core kernel (bf16 cuBLAS 130.1), but 239 against 168 at M = 4 (it
-# dequantizes once per row); the FP8 GEMV 143 against 101 for the split-K tensor-core kernel: not used.
-# Serial split-K: FP8 100.6 against 102.8 us, W4A16 GEMV 92.3 against 95.3.
+# dequantizes once per row); the FP8 GEMV (GemmConfig(gemv=True)) 143 against 101 for the split-K
+# tensor-core kernel: not a default. Serial split-K: FP8 100.6 against 102.8 us, W4A16 GEMV 92.3 against 95.3.
 WNA16_GEMV_MAX_M = 1
-FP8_GEMV_MAX_M = None
 SERIAL_SPLIT = True
 
 
@@ -166,17 +163,10 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
         acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    last = True
-    if SPLIT > 1:
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
-        last = False
-        if SERIAL:
-            last, acc = _split_last(part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, offs, out_mask, M, N,
-                                    SPLIT, acc)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
+                           SPLIT, SERIAL)
+    if finish:
+        _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
 
 
 @_jit(do_not_specialize=["M"])
@@ -238,17 +228,10 @@ def _wna16_splitdot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr
         acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    last = True
-    if SPLIT > 1:
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
-        last = False
-        if SERIAL:
-            last, acc = _split_last(part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, offs, out_mask, M, N,
-                                    SPLIT, acc)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
+                           SPLIT, SERIAL)
+    if finish:
+        _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
 
 
 @_jit(do_not_specialize=["M"])
@@ -265,7 +248,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
     exactly (f * 2^-sh - (2^(23-sh) + z)) and one FMA accumulates (q - z) * x[k] into an [R, BLOCK_N] float32
     partial in the words' own register layout: no int -> float conversion, no layout shuffle, no reduction
     inside the loop. Each group's partial is scaled once; the R axis is summed at the end. Split-K as in
-    _wna16_kernel; SERIAL: the last program of a tile to finish sums the partials itself (_split_last), no
+    _wna16_kernel; SERIAL: the last program of a tile to finish sums the partials itself (_split_k), no
     second launch. ``magic`` is 0x4B000000 (the bits of 2^23), passed at run time so that it sits in a register
     and the mask and the OR are one LOP3 per code. EVEN: K and N are multiples of the tile (no masks)."""
     PER: tl.constexpr = 32 // BITS
@@ -323,34 +306,42 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
     if not GROUPED:
         y = y * s0
     offs = row.to(tl.int64) * N + rn
-    last = True
-    if SPLIT > 1:
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, y, mask=n_mask)
-        last = False
-        if SERIAL:
-            last, y = _split_last(part_ptr, lock_ptr, pid_n * M + row, offs, n_mask, M, N, SPLIT, y)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    finish, y = _split_k(y, part_ptr, lock_ptr, pid_n * M + row, pid_k, offs, n_mask, M, N, SPLIT, SERIAL)
+    if finish:
+        _store_out(y, out_ptr, b_ptr, rn, n_mask, offs, n_mask, HAS_BIAS)
 
 
 @_jit
-def _split_last(part_ptr, lock_ptr, tile, offs, mask, M, N, NSPLIT: tl.constexpr, acc):
-    """Serial split-K fix-up, called by every program of a split tile after it stored its partial: counts the
-    finished programs of the tile on lock_ptr[tile]; the last one reads all partials back (fixed order, the
-    same sum as _split_reduce_kernel: deterministic), re-arms the counter and returns (True, sum); the others
-    return (False, acc). The barrier before the acq_rel atomic orders every thread's partial store before the
-    count, the loads bypass L1."""
-    tl.debug_barrier()
-    done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    last = done == NSPLIT - 1
-    if last:
-        acc = tl.load(part_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
-        for s in range(1, NSPLIT):
-            acc += tl.load(part_ptr + (s * M).to(tl.int64) * N + offs, mask=mask, other=0, cache_modifier=".cg")
-        tl.atomic_xchg(lock_ptr + tile, 0)
-    return last, acc
+def _split_k(acc, part_ptr, lock_ptr, tile, pid_k, offs, mask, M, N, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
+    """The split-K step every GEMM here ends with. Returns (finish, acc): whether this program writes the output
+    tile, and the sum it writes. Unsplit: (True, acc). Split: the program stores its partial [SPLIT, M, N]; with
+    the reduce kernel after it (not SERIAL) it writes nothing; SERIAL: it counts the tile's finished programs
+    on lock_ptr[tile] and the last one reads all partials back (fixed order, the same sum as
+    _split_reduce_kernel: deterministic), re-arms the counter and finishes. The barrier before the acq_rel
+    atomic orders every thread's partial store before the count; the loads bypass L1."""
+    finish = True
+    if SPLIT > 1:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=mask)
+        finish = False
+        if SERIAL:
+            tl.debug_barrier()
+            done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            finish = done == SPLIT - 1
+            if finish:
+                acc = tl.load(part_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+                for s in range(1, SPLIT):
+                    acc += tl.load(part_ptr + (s * M).to(tl.int64) * N + offs, mask=mask, other=0,
+                                   cache_modifier=".cg")
+                tl.atomic_xchg(lock_ptr + tile, 0)
+    return finish, acc
+
+
+@_jit
+def _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, mask, HAS_BIAS: tl.constexpr):
+    """out[offs] = acc (+ bias[rn]) rounded to out's dtype; acc is [BLOCK_N] or [BLOCK_M, BLOCK_N]."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit(do_not_specialize=["M"])
@@ -369,7 +360,7 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
     every program computes its rows' scales and the first program of each row block stores them in xs.
     GEMV (a few rows, decode): no tensor cores; the products are accumulated elementwise into a [BLOCK_M,
     BLOCK_K, BLOCK_N] float32 (int32) tile, summed over K once at the end (same exact products).
-    SERIAL: split partials summed by the tile's last program (_split_last)."""
+    SERIAL: split partials summed by the tile's last program (_split_k)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -426,23 +417,15 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
         acc = tl.sum(acc3, axis=1)
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    last = True
-    if SPLIT > 1:
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
-        last = False
-        if SERIAL:
-            last, acc = _split_last(part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, offs, out_mask, M, N,
-                                    SPLIT, acc)
-    if last:
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
+                           SPLIT, SERIAL)
+    if finish:
         if QUANT_A:
             xs = s_row
         else:
             xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-        y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(acc.to(tl.float32) * xs[:, None] * ws[None, :], out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
 
 
 @_jit(do_not_specialize=["M"])
@@ -538,13 +521,19 @@ class GemmConfig:
     dequant_mm: bool = False  # wna16: dequantize to a [K, N] buffer, then cuBLAS
     magic: bool = False  # wna16: codes to floats by the magic-number bit trick (no int -> float conversion)
     gemv: bool = False  # no tensor cores (decode): wna16 through _wna16_gemv_kernel, fp8/int8 elementwise products
-    serial: bool = False  # split-K partials summed by the tile's last program (_split_last): no reduce launch
+    serial: bool = False  # split-K partials summed by the tile's last program (_split_k): no reduce launch
     split_dot: bool = False  # wna16: _wna16_splitdot_kernel (one dot per code position, zero point after the
     # dot); correct, slower than the default on an H200 (175-310 us per 8B layer against 168-172): an option
 
 
-WNA16_GEMV = GemmConfig(1, 128, 128, num_warps=4, num_stages=3, gemv=True)  # block_k capped by the group size
-FP8_GEMV = GemmConfig(1, 64, 128, num_warps=4, num_stages=3, gemv=True)
+# decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
+# 1 row: the GEMV (block_k is capped by the group size at launch)
+WNA16_GEMV = GemmConfig(1, 128, 128, num_warps=4, num_stages=3, gemv=True, serial=SERIAL_SPLIT)
+# 4-bit, 2-16 rows: magic-number unpacking, 128-wide tiles (168 us per 8B layer at M = 4, 172 at M = 16)
+WNA16_DECODE = {4: GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=True, serial=SERIAL_SPLIT),
+                8: GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)}
+FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=6, serial=SERIAL_SPLIT)
+INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
 _SMS: dict[int, int] = {}
 LOCK_SLOTS = 1 << 14  # split tiles one serial split-K launch may count (more: the reduce kernel instead)
 _LOCKS: dict[str, torch.Tensor] = {}
@@ -575,11 +564,9 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
     if DEQUANT_MM_MIN_M is not None and m >= DEQUANT_MM_MIN_M:
         return GemmConfig(128, 128, 64, dequant_mm=True)
     if WNA16_GEMV_MAX_M is not None and m <= WNA16_GEMV_MAX_M:
-        return dataclasses.replace(WNA16_GEMV, block_m=m, serial=SERIAL_SPLIT)
+        return WNA16_GEMV
     if m <= 16:
-        if bits == 4:  # magic-number unpacking, 128-wide tiles: 168 us per 8B layer at M = 4, 172 at M = 16 (H200)
-            return GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=True, serial=SERIAL_SPLIT)
-        return GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)
+        return WNA16_DECODE[bits]
     if m <= 64:
         return GemmConfig(32 if m <= 32 else 64, 64, 64, num_warps=4, num_stages=4)
     if m <= 256:
@@ -590,14 +577,12 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
 def fp8_config(m: int, n: int, k: int) -> GemmConfig:
     """Decode-sized FP8 (M <= FP8_TRITON_MAX_M): the best of a sweep at 8B shapes on an H200
     (bench/results/quant-gemm-h200.json)."""
-    if FP8_GEMV_MAX_M is not None and m <= FP8_GEMV_MAX_M:
-        return dataclasses.replace(FP8_GEMV, block_m=m, serial=SERIAL_SPLIT)
-    return GemmConfig(16, 64, 128, num_warps=4, num_stages=6, serial=SERIAL_SPLIT)
+    return FP8_DECODE
 
 
 def int8_config(m: int, n: int, k: int) -> GemmConfig:
     if m <= 16:
-        return GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
+        return INT8_DECODE
     if m <= 64:
         return GemmConfig(32 if m <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
     if m <= 256:
@@ -676,9 +661,8 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             return linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits, group_size)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if cfg.gemv:
-        cfg = dataclasses.replace(cfg, block_m=1)  # one row of x per program
-    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
+    block_m = 1 if cfg.gemv else cfg.block_m  # the GEMV runs one row of x per program
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m)
     k_tiles = triton.cdiv(k, bk)
     split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
@@ -687,19 +671,20 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     common = (x, qweight, scales, zeros, perm_c if perm_c is not None else qweight,
               bias if bias is not None else scales, out, part, locks, m, n, k, x.stride(0), gs)
     flags = dict(TILES=k_tiles // split, BITS=bits, GROUPED=grouped, HAS_PERM=perm is not None,
-                 HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m,
+                 HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=block_m,
                  BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # magic-number conversion: bf16 holds 2^7 + q exactly for 4-bit codes only, fp16 2^10 + q for 4 and 8 bits
-    magic = cfg.magic and (bits == 4 or x.dtype == torch.float16)
+    magic_ok = bits == 4 or x.dtype == torch.float16
     magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
     if cfg.gemv:
         even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
         _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, **flags)
-    elif cfg.split_dot and (bits == 4 or x.dtype == torch.float16) and bk // per >= 16:
+    elif cfg.split_dot and magic_ok and bk // per >= 16:
         _wna16_splitdot_kernel[(tiles_n, tiles_m, split)](*common, magic_bits, MAGIC_VAL=magic_val, **flags)
     else:
-        _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape, MAGIC=magic,
-                                                 MAGIC_BITS=magic_bits, MAGIC_VAL=magic_val, **flags)
+        _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape,
+                                                 MAGIC=cfg.magic and magic_ok, MAGIC_BITS=magic_bits,
+                                                 MAGIC_VAL=magic_val, **flags)
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
