@@ -19,8 +19,11 @@ CHILD = textwrap.dedent("""
     def hwm():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
     import torch
+    import compiler.weights
     from compiler.build import build
     from compiler.recipe import recipe_from_dict
+    if len(sys.argv) > 3:  # artifact shard size (the default, 2 GiB, would put this model in one file)
+        compiler.weights.SHARD_BYTES = int(sys.argv[3])
     before = hwm()
     build(recipe_from_dict(json.loads(sys.argv[1])), sys.argv[2])
     print(json.dumps({"before": before, "after": hwm()}))
@@ -35,6 +38,12 @@ EXPORT_CHILD = textwrap.dedent("""
     export_hf(sys.argv[1], sys.argv[2])
     print(json.dumps({"before": before, "after": hwm()}))
 """)
+
+
+# Process overhead that is not the model's: the verifier's hash buffers (a CHUNK per worker thread, two on CI),
+# the code pages of the libraries export loads, allocator arenas: 13-35 MB above the mapped artifact, measured
+# here and on CI (an export of a one-file artifact failed its old bound of 4 layers, 32 MB, by 3 MB on CI)
+OVERHEAD = 40 << 20
 
 
 def _child(code: str, *args: str) -> int:
@@ -64,13 +73,18 @@ def test_build_peak_memory_is_one_shard_and_a_few_layers(tmp_path, method):
               "target": {"device": "cpu", "max_seq_len": 64, "max_batch": 1, "max_num_batched_tokens": 64,
                          "batch_buckets": [1], "kv_cache_blocks": 8},
               "quantization": {"method": method}}
-    grew = _child(CHILD, json.dumps(recipe), str(tmp_path / "art"))
+    art_shard = 24 << 20
+    grew = _child(CHILD, json.dumps(recipe), str(tmp_path / "art"), str(art_shard))
     # a shard (mapped while its tensors are read) plus a layer being fused/quantized and its copies
     assert grew < largest + 4 * layer, (grew / 2**20, largest / 2**20, layer / 2**20, total / 2**20)
     assert grew < total / 3
     if method == "rtn":  # export repacks every int4 weight (a transposed copy): one module at a time
         art_shards = list((tmp_path / "art").glob("weights-*.safetensors"))
         art_largest = max(f.stat().st_size for f in art_shards)
-        art_layer = sum(f.stat().st_size for f in art_shards) / layers
+        art_total = sum(f.stat().st_size for f in art_shards)
+        art_layer = art_total / layers
+        assert len(art_shards) >= 4 and art_largest <= art_shard + art_layer
         grew = _child(EXPORT_CHILD, str(tmp_path / "art"), str(tmp_path / "hf-export"))
-        assert grew < art_largest + 4 * art_layer, (grew / 2**20, art_largest / 2**20, art_layer / 2**20)
+        # one artifact shard mapped, a module and its repacked copy, the process overhead; not the artifact
+        assert grew < art_largest + 2 * art_layer + OVERHEAD < art_total, (
+            grew / 2**20, art_largest / 2**20, art_layer / 2**20, art_total / 2**20)
