@@ -137,6 +137,14 @@ def decode_candidates(m: int) -> dict[str, list]:
                    (256, 128, 8, 3, 0, True), (128, 128, 4, 4, 0, True), (64, 128, 2, 3, 0, True),
                    (128, 64, 4, 3, 0, True), (128, 128, 4, 3, 4, True), (256, 128, 4, 3, 0, True),
                    (64, 128, 1, 4, 0, True), (128, 128, 8, 2, 0, True), (128, 128, 4, 3, 2, True))]
+        # the GEMV with tile t + 1 loaded while tile t is computed, and grids of `waves` programs per SM
+        w4 += [(f"gemv1 {'pf' if pf else 'nopf'} n{bn} k{bk} w{w} x{wv}",
+                g(1, bn, bk, num_warps=w, gemv=True, serial=True, prefetch=pf, waves=wv), None)
+               for pf, bn, bk, w, wv in (
+                   (True, 128, 128, 4, 2), (True, 128, 128, 4, 4), (True, 128, 128, 4, 8), (True, 64, 128, 4, 4),
+                   (True, 64, 128, 2, 4), (True, 64, 128, 2, 8), (True, 256, 128, 4, 4), (True, 256, 128, 8, 4),
+                   (True, 128, 128, 8, 4), (True, 128, 64, 4, 4), (True, 128, 64, 4, 8), (False, 128, 128, 4, 4),
+                   (False, 128, 128, 4, 8), (False, 64, 128, 2, 8))]
     elif m <= 4:
         w4 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} serial", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), None)
@@ -158,6 +166,8 @@ def decode_candidates(m: int) -> dict[str, list]:
     f8 += [(f"triton serial n{bn} k{bk} w{w} s{st}", g(16, bn, bk, num_warps=w, num_stages=st, serial=True), "triton")
            for bn, bk, w, st in ((128, 128, 4, 6), (64, 256, 4, 4), (128, 256, 8, 4), (32, 256, 4, 6), (64, 128, 8, 6),
                                  (64, 128, 4, 8))]
+    f8 += [(f"triton serial x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "triton")
+           for wv in (3, 4, 6, 8)]  # grids of `waves` programs per SM
     if m == 1:
         f8 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {path}", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), path)

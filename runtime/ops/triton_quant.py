@@ -234,12 +234,33 @@ def _wna16_splitdot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr
         _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
 
 
+@_jit
+def _gemv_tile(qw_ptr, z_ptr, s_ptr, k0, rr, rn, n_mask, N, K, group_size, PER: tl.constexpr, GROUPED: tl.constexpr,
+               EVEN: tl.constexpr):
+    """_wna16_gemv_kernel's loads for the tile at input row k0: the packed words [R, BLOCK_N] and, when GROUPED,
+    the group's zero points and scales as float32 [1, BLOCK_N] (else two placeholders)."""
+    offs_w = k0 // PER + rr
+    w_ptrs = qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :]
+    if EVEN:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+    if GROUPED:
+        g = k0 // group_size
+        zf = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+        s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        zf = 0.0
+        s = 0.0
+    return words, zf, s
+
+
 @_jit(do_not_specialize=["M"])
 def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                        group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN: tl.constexpr = False):
+                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """The same product as _wna16_kernel for one row of x per program (decode; BLOCK_M is 1, a few rows re-read
     the tile from L2), without tensor cores: float32 FMAs on codes turned into floats by bit tricks. A tile of
     R = BLOCK_K / PER packed rows x BLOCK_N columns is read once; for each of its PER codes per word, code j of
@@ -250,7 +271,10 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
     inside the loop. Each group's partial is scaled once; the R axis is summed at the end. Split-K as in
     _wna16_kernel; SERIAL: the last program of a tile to finish sums the partials itself (_split_k), no
     second launch. ``magic`` is 0x4B000000 (the bits of 2^23), passed at run time so that it sits in a register
-    and the mask and the OR are one LOP3 per code. EVEN: K and N are multiples of the tile (no masks)."""
+    and the mask and the OR are one LOP3 per code. EVEN: K and N are multiples of the tile (no masks). PREFETCH:
+    the words (and the group's scales and zero points) of tile t + 1 are loaded before tile t is computed, so
+    a program keeps a load in flight while it computes (Triton pipelines only loads that feed a dot; the loop
+    otherwise waits a full memory latency per tile); the last iteration re-reads its own tile (no mask)."""
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2
     R: tl.constexpr = BLOCK_K // PER
@@ -267,19 +291,26 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
         zf = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
         s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     kt0 = pid_k * TILES
+    if PREFETCH:
+        words_nx, zf_nx, s_nx = _gemv_tile(qw_ptr, z_ptr, s_ptr, kt0 * BLOCK_K, rr, rn, n_mask, N, K, group_size,
+                                           PER, GROUPED, EVEN)
     for t in range(0, TILES):
         k0 = (kt0 + t) * BLOCK_K
-        offs_w = k0 // PER + rr
-        w_ptrs = qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :]
-        if EVEN:
-            words = tl.load(w_ptrs)
+        if PREFETCH:
+            words = words_nx
+            if GROUPED:
+                zf = zf_nx
+                s = s_nx
+            k_nx = (kt0 + tl.minimum(t + 1, TILES - 1)) * BLOCK_K
+            words_nx, zf_nx, s_nx = _gemv_tile(qw_ptr, z_ptr, s_ptr, k_nx, rr, rn, n_mask, N, K, group_size,
+                                               PER, GROUPED, EVEN)
         else:
-            words = tl.load(w_ptrs, mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
+            words, zf_t, s_t = _gemv_tile(qw_ptr, z_ptr, s_ptr, k0, rr, rn, n_mask, N, K, group_size, PER,
+                                          GROUPED, EVEN)
+            if GROUPED:
+                zf = zf_t
+                s = s_t
         high = words >> 16
-        if GROUPED:
-            g = k0 // group_size
-            zf = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
-            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PER):
             if j < HALF:
@@ -524,6 +555,8 @@ class GemmConfig:
     serial: bool = False  # split-K partials summed by the tile's last program (_split_k): no reduce launch
     split_dot: bool = False  # wna16: _wna16_splitdot_kernel (one dot per code position, zero point after the
     # dot); correct, slower than the default on an H200 (175-310 us per 8B layer against 168-172): an option
+    prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
+    waves: int = 2  # split 0: split K until the grid holds this many programs per SM
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -591,11 +624,12 @@ def int8_config(m: int, n: int, k: int) -> GemmConfig:
 
 
 def _choose_split(cfg: GemmConfig, tiles_mn: int, k_tiles: int, device: torch.device) -> int:
-    """Largest useful divisor of k_tiles: split until the grid holds ~2 waves, keeping >= 2 K tiles each."""
+    """Largest useful divisor of k_tiles: split until the grid holds ``cfg.waves`` programs per SM, keeping >= 2
+    K tiles each."""
     if cfg.split:
         want = cfg.split
     else:
-        target = 2 * _sm_count(device)
+        target = cfg.waves * _sm_count(device)
         want = 1
         while tiles_mn * want < target and k_tiles // (want * 2) >= 2:
             want *= 2
@@ -678,7 +712,8 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     magic_bits, magic_val = (0x6400, 1024) if x.dtype == torch.float16 else (0x4300, 128)
     if cfg.gemv:
         even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
-        _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, **flags)
+        _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, PREFETCH=cfg.prefetch,
+                                                      **flags)
     elif cfg.split_dot and magic_ok and bk // per >= 16:
         _wna16_splitdot_kernel[(tiles_n, tiles_m, split)](*common, magic_bits, MAGIC_VAL=magic_val, **flags)
     else:
