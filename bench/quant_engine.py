@@ -11,6 +11,8 @@ Prints a table with speedups over bf16; writes JSON with --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -30,7 +32,28 @@ VARIANTS = {
     "w8a16": {"quantization": {"method": "int8", "activations": "none"}},
     "fp8": {"quantization": {"method": "fp8"}},
     "fp8+fp8kv": {"quantization": {"method": "fp8"}, "kv_dtype": "fp8_e4m3"},
+    # A/B variants: the FP8 build without the activation quantization fused into the norms (passes), the W4A16
+    # engine with another batch-1 GEMV configuration (kernels: fields of triton_quant.WNA16_GEMV replaced while
+    # the engine loads and captures its graphs, restored after)
+    "fp8-unfused": {"quantization": {"method": "fp8"}, "passes": {"fuse_act_quant": False}},
+    "w4a16-pf": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+                 "kernels": {"WNA16_GEMV": {"prefetch": True, "waves": 4}}},
 }
+
+
+@contextlib.contextmanager
+def kernel_overrides(overrides: dict):
+    """Replace fields of triton_quant's module-level GemmConfigs for the duration (bench A/B only)."""
+    from runtime.ops import triton_quant as tq
+
+    saved = {name: getattr(tq, name) for name in overrides}
+    try:
+        for name, fields in overrides.items():
+            setattr(tq, name, dataclasses.replace(getattr(tq, name), **fields))
+        yield
+    finally:
+        for name, cfg in saved.items():
+            setattr(tq, name, cfg)
 
 
 def build(ckpt: Path, out: Path, variant: str, max_batch: int):
@@ -44,6 +67,7 @@ def build(ckpt: Path, out: Path, variant: str, max_batch: int):
         "target": {"device": "cuda", "max_seq_len": 2048, "max_batch": max_batch, "max_num_batched_tokens": 8192,
                    "batch_buckets": buckets, "kv_page_size": 16, "kv_dtype": v.get("kv_dtype", "auto")},
         **({"quantization": v["quantization"]} if "quantization" in v else {}),
+        **({"passes": v["passes"]} if "passes" in v else {}),
     })
     return run_build(recipe, out).path
 
@@ -65,7 +89,8 @@ def decode_rate(llm, batch: int, new: int = 128, prompt: int = 128) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b", choices=["1b", "8b"])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="bf16,w4a16,w8a16,fp8,fp8+fp8kv",
+                    help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--workload", action="store_true", help="also the 256-request workload (bf16, fp8+fp8kv)")
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--out", default=None)
@@ -98,14 +123,15 @@ def main() -> None:
             r["build_s"] = round(time.perf_counter() - t, 1)
             print(f"[{time.perf_counter() - t0:.0f} s] {name} built in {r['build_s']} s", flush=True)
             r["weights_GB"] = round(sum(f.stat().st_size for f in art.glob("weights-*.safetensors")) / 1e9, 3)
-            llm = LLM(art, gpu_memory_utilization=0.6)
-            r["bs1_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
-            r["bs16_out_tok_s"] = round(decode_rate(llm, 16), 1)
-            if args.workload and name in ("bf16", "fp8+fp8kv"):
-                reqs = B.synthetic_workload()
-                B.run_offline(llm.engine, reqs[:16])
-                r["workload_out_tok_s"] = round(B.run_offline(llm.engine, reqs)["output_tokens_per_s"], 1)
-            r["new_kernel_compilations"] = llm.engine.kernels.new_compilations()
+            with kernel_overrides(VARIANTS[name].get("kernels", {})):
+                llm = LLM(art, gpu_memory_utilization=0.6)
+                r["bs1_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
+                r["bs16_out_tok_s"] = round(decode_rate(llm, 16), 1)
+                if args.workload and name in ("bf16", "fp8+fp8kv"):
+                    reqs = B.synthetic_workload()
+                    B.run_offline(llm.engine, reqs[:16])
+                    r["workload_out_tok_s"] = round(B.run_offline(llm.engine, reqs)["output_tokens_per_s"], 1)
+                r["new_kernel_compilations"] = llm.engine.kernels.new_compilations()
             res["variants"][name] = r
             del llm
             gc.collect()

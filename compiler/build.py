@@ -27,7 +27,7 @@ from compiler.hf_loader import HFCheckpoint
 from compiler.kernels import compile_kernels
 from compiler.models import build_meta_model, parse_hf_config, rope_cos_sin_cache
 from compiler.models.config import ModelConfig, UnsupportedModelError
-from compiler.passes import PASSES
+from compiler.passes import PASSES, POST_QUANT_PASSES
 from compiler.quantize.pipeline import PrequantizedPipeline, QuantPipeline
 from compiler.recipe import Recipe
 from compiler.weights import WeightPlan, write_weights
@@ -84,6 +84,12 @@ def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | No
                 applied.append(name)
     if quant is not None and quant.apply(gm, plan):
         applied.append("quantize")
+        for name, run in POST_QUANT_PASSES:
+            if name in enabled:
+                n = run(gm, plan, cfg.torch_dtype)
+                log.info("pass %s: %d rewrites", name, n)
+                if n:
+                    applied.append(name)
     ep = capture.export_model(gm, t.max_num_batched_tokens, t.max_batch)
     names = list(ep.state_dict)
     plan.restrict(names)

@@ -69,6 +69,9 @@ class PassesSection(_Section):
     fuse_act_mul: bool = True
     fuse_rope_kv_write: bool = True
     """RoPE and the KV-cache write in one kernel (spanda::rope_and_cache), attention reads the cache."""
+    fuse_act_quant: bool = True
+    """W8A8 builds: the RMSNorm or SiLU-and-multiply before a linear_fp8 / linear_int8 also quantizes its output
+    (one launch fewer per linear); runs after quantization."""
 
     def enabled(self) -> list[str]:
         """Names of enabled passes, in declaration (= application) order."""

@@ -7,7 +7,10 @@ tokenizer trained in-process, so no test touches the network.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,13 @@ def load_hf(path: Path):
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def run_under_interpreter(module: str, timeout: int = 600) -> None:
+    """Run ``module._interpreter_main()`` in a subprocess with TRITON_INTERPRET=1 (Triton kernels on the CPU);
+    it must print "interpreter ok"."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = f"from {module} import _interpreter_main as m; m()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

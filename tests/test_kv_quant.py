@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from runtime.ops.attention import (
     quantize_kv,
     write_kv_ref,
 )
-from tests.conftest import TINY_RECIPE, VOCAB
+from tests.conftest import TINY_RECIPE, VOCAB, run_under_interpreter
 
 FP8 = torch.float8_e4m3fn
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -448,11 +445,7 @@ def _interpreter_main() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton) so the interpreter is absent")
 def test_quantized_kv_kernels_under_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", "from tests.test_kv_quant import _interpreter_main as m; m()"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_under_interpreter("tests.test_kv_quant", timeout=600)
 
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU, reason="needs a CUDA GPU and triton (run with -m gpu)")]

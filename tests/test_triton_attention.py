@@ -9,17 +9,14 @@ sequence's context both fail. A CPU test runs the same kernels under ``TRITON_IN
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
 import runtime.ops  # noqa: F401
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from tests.conftest import run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -233,8 +230,4 @@ def _interpreter_main() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton) so the interpreter is absent")
 def test_kernels_under_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-c", "from tests.test_triton_attention import _interpreter_main as m; m()"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_under_interpreter("tests.test_triton_attention", timeout=600)

@@ -11,11 +11,7 @@ rounds bfloat16 by truncation).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +21,7 @@ from runtime.ops import triton_elementwise as te
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.rotary import rotary_embedding_ref
+from tests.conftest import run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -212,8 +209,4 @@ def _interpreter_main() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs on the CPU)")
 def test_kernels_under_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "from tests.test_triton_elementwise import _interpreter_main as m; m()"
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_under_interpreter("tests.test_triton_elementwise", timeout=300)

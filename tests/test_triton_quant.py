@@ -16,11 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +33,7 @@ from runtime.ops.quant_linear import (
     quantize_activation_fp8,
     quantize_activation_int8,
 )
+from tests.conftest import run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -417,8 +414,4 @@ def _interpreter_main() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs on the CPU)")
 def test_kernels_under_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "from tests.test_triton_quant import _interpreter_main as m; m()"
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_under_interpreter("tests.test_triton_quant", timeout=600)

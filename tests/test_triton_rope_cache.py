@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ import torch
 import runtime.ops  # noqa: F401
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from runtime.ops.rope_cache import rope_and_cache_ref
+from tests.conftest import run_under_interpreter
 
 gpu = [pytest.mark.gpu,
        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)")]
@@ -87,9 +84,4 @@ def _interpreter_main() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="triton is not installed (pip install triton) so the interpreter is absent")
 def test_rope_and_cache_kernel_under_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "from tests.test_triton_rope_cache import _interpreter_main as m; m()"
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    run_under_interpreter("tests.test_triton_rope_cache", timeout=300)

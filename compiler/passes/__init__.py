@@ -1,6 +1,13 @@
 """Graph and weight passes, in the order the build applies them (each one switchable in the recipe)."""
 
-from compiler.passes.fusion import fuse_act_mul, fuse_add_rmsnorm, fuse_gate_up, fuse_qkv, fuse_rope_kv_write
+from compiler.passes.fusion import (
+    fuse_act_mul,
+    fuse_act_quant,
+    fuse_add_rmsnorm,
+    fuse_gate_up,
+    fuse_qkv,
+    fuse_rope_kv_write,
+)
 
 # (recipe switch name, pass). Order matters: act-mul needs the fused gate/up projection.
 PASSES = (
@@ -10,5 +17,8 @@ PASSES = (
     ("fuse_add_rmsnorm", fuse_add_rmsnorm),
     ("fuse_rope_kv_write", fuse_rope_kv_write),
 )
+# after quantization (its W8A8 linears), run by the build when the recipe enables it
+POST_QUANT_PASSES = (("fuse_act_quant", fuse_act_quant),)
 
-__all__ = ["PASSES", "fuse_act_mul", "fuse_add_rmsnorm", "fuse_gate_up", "fuse_qkv", "fuse_rope_kv_write"]
+__all__ = ["PASSES", "POST_QUANT_PASSES", "fuse_act_mul", "fuse_act_quant", "fuse_add_rmsnorm", "fuse_gate_up",
+           "fuse_qkv", "fuse_rope_kv_write"]

@@ -4,6 +4,10 @@
   concatenated weights, followed by a split.
 - ``fuse_act_mul``: ``silu(gate) * up`` over the two halves of one fused projection -> spanda::silu_and_mul.
 - ``fuse_add_rmsnorm``: ``s = a + b; rms_norm(s)`` -> spanda::fused_add_rms_norm returning (normed, s).
+- ``fuse_act_quant`` (after quantization): an RMSNorm or SiLU-and-multiply whose output only feeds W8A8
+  linears (linear_fp8 / linear_int8, one kind, one input scale) quantizes that output itself
+  (spanda::rms_norm_quant, fused_add_rms_norm_quant, silu_and_mul_quant) and the linears become
+  spanda::linear_w8a8 on the codes: one activation-quantization launch fewer per linear.
 Each pass returns how many sites it rewrote; the build records the passes that applied.
 """
 
@@ -166,6 +170,66 @@ def fuse_rope_kv_write(gm: fx.GraphModule, plan: WeightPlan) -> int:
                                       (q_rot, layer, n_heads, n_kv, head_dim, scale, window))
         attn.replace_all_uses_with(out)
         graph.erase_node(attn)
+        count += 1
+    finalize(gm)
+    return count
+
+
+_W8A8 = {spanda.linear_fp8.default: False, spanda.linear_int8.default: True}  # op -> int8
+_QUANT_PRODUCERS = {spanda.rms_norm.default: spanda.rms_norm_quant.default,
+                    spanda.fused_add_rms_norm.default: spanda.fused_add_rms_norm_quant.default,
+                    spanda.silu_and_mul.default: spanda.silu_and_mul_quant.default}
+
+
+def fuse_act_quant(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> int:
+    """Runs after the quantization pass (the W8A8 linears exist only then); see the module docstring. ``dtype``:
+    the model's (the linears' output dtype)."""
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _QUANT_PRODUCERS:
+            continue
+        fused_add = node.target == spanda.fused_add_rms_norm.default
+        if fused_add:  # its normed output is getitem 0; getitem 1 (the sum) keeps its users
+            outs = [u for u in node.users if is_call(u, operator.getitem) and u.args[1] == 0]
+            if len(outs) != 1 or len(node.users) != sum(is_call(u, operator.getitem) for u in node.users):
+                continue
+            out = outs[0]
+        else:
+            out = node
+        linears = list(out.users)
+        if not linears or any(u.op != "call_function" or u.target not in _W8A8 or u.args[0] is not out
+                              or out in u.args[1:] for u in linears):
+            continue
+        kinds = {_W8A8[u.target] for u in linears}
+        scales = {u.args[3] for u in linears}  # the input_scale node (static) or None (dynamic)
+        if len(kinds) != 1 or len(scales) != 1:
+            continue
+        int8, input_scale = kinds.pop(), scales.pop()
+        # the quantizing producer replaces the producer where it stands (its inputs are defined there); a static
+        # scale is a get_attr node, which must come first: moved before the producer
+        if input_scale is not None and input_scale.op == "get_attr":
+            node.prepend(input_scale)
+        with graph.inserting_before(node):
+            q = graph.call_function(_QUANT_PRODUCERS[node.target], (*node.args, input_scale, int8))
+            codes, x_scale = getitem(graph, q, 0), getitem(graph, q, 1)
+            if fused_add:
+                total = getitem(graph, q, 2)
+        for lin in linears:
+            _, weight, weight_scale, _, bias = lin.args
+            with graph.inserting_before(lin):
+                new = graph.call_function(spanda.linear_w8a8.default, (codes, x_scale, weight, weight_scale, bias,
+                                                                       dtype))
+            new.meta.update(lin.meta)
+            lin.replace_all_uses_with(new)
+            graph.erase_node(lin)
+        if fused_add:
+            for u in list(node.users):
+                if u is not out:
+                    u.replace_all_uses_with(total)
+                    graph.erase_node(u)
+            graph.erase_node(out)
+        graph.erase_node(node)
         count += 1
     finalize(gm)
     return count

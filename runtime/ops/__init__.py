@@ -17,6 +17,10 @@ OPS = (
     "spanda::linear_wna16",
     "spanda::linear_fp8",
     "spanda::linear_int8",
+    "spanda::rms_norm_quant",
+    "spanda::fused_add_rms_norm_quant",
+    "spanda::silu_and_mul_quant",
+    "spanda::linear_w8a8",
 )
 from runtime.ops import triton_attention  # noqa: E402,F401,I001  (CUDA paged attention; inert without triton)
 from runtime.ops import triton_elementwise  # noqa: E402,F401  (CUDA fast paths of the elementwise ops; inert without triton)

@@ -25,6 +25,11 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
     per token: amax / 127).  x_q = clamp(round(x / s_x), -127, 127),  y = (x_q @ weight.T) * s_x * weight_scale
     + bias.  SmoothQuant's smoothing is folded into the preceding RMSNorm weights at build time.
 
+``spanda::linear_w8a8(xq, x_scale, weight, weight_scale, bias, out_dtype)`` is linear_fp8 / linear_int8 on activations already
+quantized by their producer (``spanda::rms_norm_quant``, ``fused_add_rms_norm_quant``, ``silu_and_mul_quant``:
+the producer's output as codes [T, K] and float32 scales [T, 1]); the build's ``fuse_act_quant`` pass puts
+them in place of the unfused pair.
+
 The references below compute in float32 and emulate the activation quantization exactly (so CPU builds
 measure the accuracy the GPU kernels deliver); the CUDA fast paths live in ``runtime/ops/triton_quant.py``.
 """
@@ -32,6 +37,9 @@ measure the accuracy the GPU kernels deliver); the CUDA fast paths live in ``run
 from __future__ import annotations
 
 import torch
+
+from runtime.ops.activation import silu_and_mul_ref
+from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -84,12 +92,22 @@ def quantize_activation_fp8(x: torch.Tensor, input_scale: torch.Tensor | None) -
 
 
 def linear_fp8_ref(x, weight, weight_scale, input_scale, bias):
-    xq, sx = quantize_activation_fp8(x, input_scale)
-    w = weight.float() * weight_scale.float().reshape(-1, 1)
-    y = (xq.float() * sx) @ w.t()
+    return w8a8_codes_ref(*quantize_activation_fp8(x, input_scale), weight, weight_scale, bias, x.dtype)
+
+
+def w8a8_codes_ref(xq, sx, weight, weight_scale, bias, dtype: torch.dtype) -> torch.Tensor:
+    """The product of quantized activations (E4M3 or int8 codes [T, K], float32 scales [T, 1] or [1, 1]) with
+    a W8A8 weight of the same kind, in ``dtype``."""
+    if xq.dtype == torch.int8:
+        # float64 keeps the integer dot products exact for any K a model has (|sum| < 2^53)
+        acc = (xq.double() @ weight.double().t()).float()
+        y = acc * sx * weight_scale.float().reshape(1, -1)
+    else:
+        w = weight.float() * weight_scale.float().reshape(-1, 1)
+        y = (xq.float() * sx) @ w.t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 def quantize_activation_int8(x: torch.Tensor, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +121,15 @@ def quantize_activation_int8(x: torch.Tensor, input_scale: torch.Tensor | None) 
 
 
 def linear_int8_ref(x, weight, weight_scale, input_scale, bias):
-    xq, sx = quantize_activation_int8(x, input_scale)
-    # float64 keeps the integer dot products exact for any K a model has (|sum| < 2^53)
-    acc = (xq.double() @ weight.double().t()).float()
-    y = acc * sx * weight_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return w8a8_codes_ref(*quantize_activation_int8(x, input_scale), weight, weight_scale, bias, x.dtype)
+
+
+def quantize_activation_rows(x: torch.Tensor, input_scale: torch.Tensor | None, int8: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (codes, float32 scales [T, 1]): quantize_activation_int8 or _fp8 with a static scale
+    repeated per row (the form the fused producers return)."""
+    xq, s = (quantize_activation_int8 if int8 else quantize_activation_fp8)(x, input_scale)
+    return xq, s.expand(x.shape[0], 1).contiguous()
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -147,3 +167,67 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 @linear_int8.register_fake
 def _linear_int8_fake(x, weight, weight_scale, input_scale, bias):
     return _out(x, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation quantization fused into the op that produces the activation (compiler/passes/fusion.py,
+# fuse_act_quant): the RMSNorm before a QKV or gate/up projection, the SiLU-and-multiply before the down
+# projection. Each returns (codes, float32 scales [T, 1]) exactly as quantize_activation_fp8 / _int8 of the
+# unfused op's output (rounded to the model dtype first), and linear_w8a8 finishes the linear from them, so a
+# fused graph computes what the unfused one does, bit for bit on CPU.
+
+def _quant_dtype(x: torch.Tensor, int8: bool) -> torch.dtype:
+    return torch.int8 if int8 else torch.float8_e4m3fn
+
+
+def _quant_fake(x: torch.Tensor, int8: bool, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = x.shape[0]
+    return x.new_empty((t, width), dtype=_quant_dtype(x, int8)), x.new_empty((t, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("spanda::rms_norm_quant", mutates_args=())
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, input_scale: torch.Tensor | None,
+                   int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_activation_rows(rms_norm_ref(x, weight, eps), input_scale, int8)
+
+
+@rms_norm_quant.register_fake
+def _rms_norm_quant_fake(x, weight, eps, input_scale, int8):
+    return _quant_fake(x, int8, x.shape[-1])
+
+
+@torch.library.custom_op("spanda::fused_add_rms_norm_quant", mutates_args=())
+def fused_add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             input_scale: torch.Tensor | None, int8: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scales, x + residual)."""
+    normed, total = fused_add_rms_norm_ref(x, residual, weight, eps)
+    return *quantize_activation_rows(normed, input_scale, int8), total
+
+
+@fused_add_rms_norm_quant.register_fake
+def _fused_add_rms_norm_quant_fake(x, residual, weight, eps, input_scale, int8):
+    return *_quant_fake(x, int8, x.shape[-1]), torch.empty_like(x)
+
+
+@torch.library.custom_op("spanda::silu_and_mul_quant", mutates_args=())
+def silu_and_mul_quant(x: torch.Tensor, input_scale: torch.Tensor | None, int8: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_activation_rows(silu_and_mul_ref(x), input_scale, int8)
+
+
+@silu_and_mul_quant.register_fake
+def _silu_and_mul_quant_fake(x, input_scale, int8):
+    return _quant_fake(x, int8, x.shape[-1] // 2)
+
+
+@torch.library.custom_op("spanda::linear_w8a8", mutates_args=())
+def linear_w8a8(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """linear_fp8 / linear_int8 after the activation quantization: xq [T, K] codes of weight's kind."""
+    return w8a8_codes_ref(xq, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+@linear_w8a8.register_fake
+def _linear_w8a8_fake(xq, x_scale, weight, weight_scale, bias, out_dtype):
+    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=out_dtype)

@@ -1,4 +1,6 @@
-"""CUDA fast paths (Triton) of the elementwise ops: rms_norm, fused_add_rms_norm, silu_and_mul, rotary_embedding.
+"""CUDA fast paths (Triton) of the elementwise ops: rms_norm, fused_add_rms_norm, silu_and_mul, rotary_embedding,
+and the first three with a W8A8 linear's activation quantization fused in (rms_norm_quant, ...: the codes and
+per-row scales instead of the model-dtype output; no second pass over the row).
 
 Imported by :mod:`runtime.ops` always; when Triton is installed it registers each ``*_cuda`` function below as
 its op's CUDA kernel (the references and fakes stay in norm.py, activation.py, rotary.py); without Triton it
@@ -12,6 +14,7 @@ only; nothing synchronizes with the host, so every launch is CUDA-graph capturab
 
     rms_norm / fused_add      grid (ceil(T/ROWS),)   tile [ROWS, next_pow2(H)]  (ROWS > 1 only for narrow H)
     silu_and_mul              grid (T, ceil(I/BLOCK)) one BLOCK-wide chunk of one row
+    silu_and_mul_quant        grid (T,)              one whole row (its amax needs every element)
     rotary_embedding          grid (T,)              all q heads then all k heads of one token
 """
 
@@ -21,6 +24,7 @@ import torch
 
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
+from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_activation_rows
 from runtime.ops.rotary import rotary_embedding_ref
 
 try:
@@ -45,16 +49,21 @@ def _jit(fn=None, **kw):
 # Sizes fixed by the model (widths, head counts, eps) are constexpr: fewer launch arguments to bind on the
 # host, and one compiled variant per model shape. Row counts vary per step and are not specialized.
 @_jit(do_not_specialize=["n_rows"])
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, stride_x, stride_r, width: tl.constexpr,
-                     eps: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, in_scale_ptr, n_rows, stride_x, stride_r,
+                     width: tl.constexpr, eps: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr, QUANT: tl.constexpr = False, STATIC: tl.constexpr = False,
+                     INT8: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 1e-12):
     """Rows [pid*ROWS, +ROWS) of out = w * (s * rsqrt(mean(s^2) + eps)).to(dtype), s = x (+ r, rounded to
-    dtype and also written to sum_ptr). x/r rows strided; out/sum contiguous [n_rows, width]."""
+    dtype and also written to sum_ptr). x/r rows strided; out/sum contiguous [n_rows, width]. QUANT: out (in
+    the model dtype, never stored) is quantized as _quant_codes does and written as codes to q_ptr, scales to
+    qs_ptr [n_rows]."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     cmask = cols < width
-    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    rmask = rows < n_rows
+    mask = rmask[:, None] & cmask[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    dt = out_ptr.dtype.element_ty
+    dt = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -64,7 +73,47 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, stride_x, st
     var = tl.sum(x * x, axis=1) / width
     y = (x * tl.rsqrt(var + eps)[:, None]).to(dt).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r64 * width + cols[None, :], (w[None, :] * y).to(dt), mask=mask)
+    out = (w[None, :] * y).to(dt)
+    if QUANT:
+        _quant_codes(out.to(tl.float32), q_ptr + r64 * width + cols[None, :], mask, qs_ptr + rows, rmask,
+                     in_scale_ptr, STATIC, INT8, QMAX, FLOOR)
+    else:
+        tl.store(out_ptr + r64 * width + cols[None, :], out, mask=mask)
+
+
+@_jit
+def _quant_codes(v, q_ptrs, mask, s_ptrs, rmask, in_scale_ptr, STATIC: tl.constexpr, INT8: tl.constexpr,
+                 QMAX: tl.constexpr, FLOOR: tl.constexpr):
+    """Rows of v [R, C] (float32 holding model-dtype values; masked entries 0) -> codes cast(clamp(v / s)),
+    int8 rounded half to even first; s = max(amax(|v|) * (1 / QMAX), FLOOR) per row, or the static scale: the
+    arithmetic of triton_quant._quant_rows_kernel and of quant_linear's references."""
+    if STATIC:
+        s = tl.zeros_like(tl.max(v, axis=1)) + tl.load(in_scale_ptr).to(tl.float32)
+    else:
+        s = tl.maximum(tl.max(tl.abs(v), axis=1) * (1.0 / QMAX), FLOOR)
+    tl.store(s_ptrs, s, mask=rmask)
+    q = tl.math.div_rn(v, tl.zeros_like(v) + s[:, None])
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    if INT8:
+        q = (q + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |q| < 2^22 to an integer, ties to even
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: tl.constexpr, STATIC: tl.constexpr,
+                           INT8: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Row t of silu(gate) * up (as _silu_and_mul_kernel rounds it), whole (BLOCK >= inter), quantized by
+    _quant_codes."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < inter
+    dt = x_ptr.dtype.element_ty
+    g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    v = (act * u).to(dt).to(tl.float32)
+    _quant_codes(v[None, :], (q_ptr + t * inter + cols)[None, :], mask[None, :], qs_ptr + t + tl.arange(0, 1),
+                 tl.full((1,), True, tl.int1), in_scale_ptr, STATIC, INT8, QMAX, FLOOR)
 
 
 @_jit
@@ -128,18 +177,27 @@ def _warps(tile: int) -> int:
     return min(16, max(1, tile // 512))
 
 
-def _norm_launch(x, residual, weight, eps, num_warps, out=None, s=None):
+def _norm_launch(x, residual, weight, eps, num_warps, out=None, s=None, quant=None):
+    """quant: None, or (codes [N, W], scales [N, 1], static scale or None): the output is quantized into them
+    instead of written (``out`` is then unused)."""
     x2 = _rows(x)
     n, width = x2.shape
-    out = torch.empty((n, width), dtype=x.dtype, device=x.device) if out is None else out
-    s = (torch.empty_like(out) if s is None else s) if residual is not None else out
+    if quant is None:
+        out = torch.empty((n, width), dtype=x.dtype, device=x.device) if out is None else out
+    else:
+        out = quant[0]
+    s = (torch.empty((n, width), dtype=x.dtype, device=x.device) if s is None else s) if residual is not None else out
     if n:
         r2 = _rows(residual) if residual is not None else x2
         block = triton.next_power_of_2(width)
         rows = max(1, min(16, 1024 // block))
+        q, qs, static = quant if quant is not None else (out, out, None)
         _rms_norm_kernel[(triton.cdiv(n, rows),)](
-            x2, r2, weight.contiguous(), out, s, n, x2.stride(0), r2.stride(0), width=width, eps=float(eps),
-            HAS_RES=residual is not None, ROWS=rows, BLOCK=block, num_warps=num_warps or _warps(rows * block))
+            x2, r2, weight.contiguous(), out, s, q, qs, static if static is not None else qs, n, x2.stride(0),
+            r2.stride(0), width=width, eps=float(eps), HAS_RES=residual is not None, ROWS=rows, BLOCK=block,
+            QUANT=quant is not None, STATIC=static is not None, INT8=q.dtype == torch.int8,
+            QMAX=INT8_MAX if q.dtype == torch.int8 else FP8_MAX, FLOOR=SCALE_FLOOR,
+            num_warps=num_warps or _warps(rows * block))
     return out.view(x.shape), s.view(x.shape)
 
 
@@ -180,6 +238,51 @@ def silu_and_mul_cuda(x: torch.Tensor, block: int = SILU_BLOCK, num_warps: int =
     return out.view(*x.shape[:-1], inter)
 
 
+def _quant_out(x2: torch.Tensor, width: int, input_scale: torch.Tensor | None, int8: bool):
+    n = x2.shape[0]
+    return (torch.empty((n, width), dtype=torch.int8 if int8 else torch.float8_e4m3fn, device=x2.device),
+            torch.empty((n, 1), dtype=torch.float32, device=x2.device),
+            input_scale.float().reshape(1) if input_scale is not None else None)
+
+
+def rms_norm_quant_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, input_scale: torch.Tensor | None,
+                        int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm(x) quantized for a W8A8 linear (quant_linear.rms_norm_quant) in one kernel: (codes, scales)."""
+    if not _norm_fast(x) or x.dim() != 2:
+        return quantize_activation_rows(rms_norm_ref(x, weight, eps), input_scale, int8)
+    quant = _quant_out(x, x.shape[1], input_scale, int8)
+    _norm_launch(x, None, weight, eps, None, quant=quant)
+    return quant[0], quant[1]
+
+
+def fused_add_rms_norm_quant_cuda(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                  input_scale: torch.Tensor | None, int8: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scales, x + residual) in one kernel (quant_linear.fused_add_rms_norm_quant)."""
+    if not _norm_fast(x) or x.dim() != 2 or residual.dtype != x.dtype or residual.shape != x.shape:
+        normed, total = fused_add_rms_norm_ref(x, residual, weight, eps)
+        return *quantize_activation_rows(normed, input_scale, int8), total
+    quant = _quant_out(x, x.shape[1], input_scale, int8)
+    _, total = _norm_launch(x, residual, weight, eps, None, quant=quant)
+    return quant[0], quant[1], total
+
+
+def silu_and_mul_quant_cuda(x: torch.Tensor, input_scale: torch.Tensor | None, int8: bool,
+                            num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_and_mul(x) quantized (quant_linear.silu_and_mul_quant): one program per row holds the whole row."""
+    if x.dtype not in FAST_DTYPES or x.dim() != 2 or x.shape[-1] % 2 or x.shape[-1] // 2 > MAX_NORM_WIDTH:
+        return quantize_activation_rows(silu_and_mul_ref(x), input_scale, int8)
+    x2 = _rows(x)
+    n, inter = x2.shape[0], x2.shape[1] // 2
+    q, qs, static = _quant_out(x2, inter, input_scale, int8)
+    if n and inter:
+        block = triton.next_power_of_2(inter)
+        _silu_mul_quant_kernel[(n,)](x2, q, qs, static if static is not None else qs, x2.stride(0), inter=inter,
+                                     STATIC=static is not None, INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX,
+                                     FLOOR=SCALE_FLOOR, BLOCK=block, num_warps=num_warps or _warps(block))
+    return q, qs
+
+
 def rotary_embedding_cuda(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                           head_dim: int, num_warps: int | None = None,
                           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +320,18 @@ def _silu_and_mul_op(x):
     return silu_and_mul_cuda(x)
 
 
+def _rms_norm_quant_op(x, weight, eps, input_scale, int8):
+    return rms_norm_quant_cuda(x, weight, eps, input_scale, int8)
+
+
+def _fused_add_rms_norm_quant_op(x, residual, weight, eps, input_scale, int8):
+    return fused_add_rms_norm_quant_cuda(x, residual, weight, eps, input_scale, int8)
+
+
+def _silu_and_mul_quant_op(x, input_scale, int8):
+    return silu_and_mul_quant_cuda(x, input_scale, int8)
+
+
 def _rotary_embedding_op(positions, q, k, cos_sin_cache, head_dim):
     return rotary_embedding_cuda(positions, q, k, cos_sin_cache, head_dim)
 
@@ -226,3 +341,6 @@ if AVAILABLE:
     torch.library.register_kernel("spanda::fused_add_rms_norm", "cuda", _fused_add_rms_norm_op)
     torch.library.register_kernel("spanda::silu_and_mul", "cuda", _silu_and_mul_op)
     torch.library.register_kernel("spanda::rotary_embedding", "cuda", _rotary_embedding_op)
+    torch.library.register_kernel("spanda::rms_norm_quant", "cuda", _rms_norm_quant_op)
+    torch.library.register_kernel("spanda::fused_add_rms_norm_quant", "cuda", _fused_add_rms_norm_quant_op)
+    torch.library.register_kernel("spanda::silu_and_mul_quant", "cuda", _silu_and_mul_quant_op)

@@ -52,7 +52,15 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, linear_fp8_ref, linear_int8_ref, linear_wna16_ref
+from runtime.ops.quant_linear import (
+    FP8_MAX,
+    INT8_MAX,
+    SCALE_FLOOR,
+    linear_fp8_ref,
+    linear_int8_ref,
+    linear_wna16_ref,
+    w8a8_codes_ref,
+)
 
 try:
     import triton
@@ -780,42 +788,66 @@ def linear_fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     of the codes), "scaled_mm"; None picks FP8_TRITON_PATH up to FP8_TRITON_MAX_M rows, _scaled_mm above."""
     m, k = x.shape if x.dim() == 2 else (0, 0)
     n = weight.shape[0]
-    # _scaled_mm wants K and N multiples of 16 (cuBLASLt FP8 alignment); other shapes (none in supported
-    # models) and non-half dtypes take the reference
-    if (x.dim() != 2 or x.dtype not in FAST_DTYPES or k % 16 or n % 16 or weight.dtype != torch.float8_e4m3fn
-            or (bias is not None and bias.dtype != x.dtype)):
+    if not _fp8_fast(x.dtype, x.dim(), k, weight, bias):
         return linear_fp8_ref(x, weight, weight_scale, input_scale, bias)
     if m == 0:
         return x.new_empty((0, n))
-    ws = weight_scale.float()
-    if path is None:
-        path = "scaled_mm" if FP8_TRITON_MAX_M is None or m > FP8_TRITON_MAX_M else FP8_TRITON_PATH
-    if path != "scaled_mm":
+    path = _fp8_path(m, path)
+    if path == "triton_fused":  # activation quantization inside the GEMM: one kernel (two when split)
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        ws_n = (ws.reshape(n) if ws.numel() == n else ws.reshape(1).expand(n)).contiguous()
-        cfg = config or fp8_config(m, n, k)
-        if path == "triton_fused":  # activation quantization inside the GEMM: one kernel (two when split)
-            if x.stride(1) != 1:
-                x = x.contiguous()
-            sx = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-            _w8a8_gemm(x, weight.contiguous(), sx, ws_n, bias, out, cfg, fp8=True, input_scale=input_scale,
-                       quant_a=True)
-        else:
-            xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
-            _w8a8_gemm(xq, weight.contiguous(), sx, ws_n, bias, out, cfg, fp8=True, upcast=path == "triton_upcast")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        sx = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        _w8a8_gemm(x, weight.contiguous(), sx, _per_column(weight_scale, n), bias, out,
+                   config or fp8_config(m, n, k), fp8=True, input_scale=input_scale, quant_a=True)
         return out
     xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
-    rowwise = not (input_scale is not None and ws.numel() == 1)
+    return _fp8_codes_mm(xq, sx, weight, weight_scale, input_scale is not None, bias, x.dtype, config, path)
+
+
+def _fp8_fast(dtype: torch.dtype, dim: int, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """_scaled_mm wants K and N multiples of 16 (cuBLASLt FP8 alignment); other shapes (none in supported
+    models) and non-half dtypes take the reference."""
+    return (dim == 2 and dtype in FAST_DTYPES and k % 16 == 0 and weight.shape[0] % 16 == 0
+            and weight.dtype == torch.float8_e4m3fn and (bias is None or bias.dtype == dtype))
+
+
+def _fp8_path(m: int, path: str | None) -> str:
+    if path is None:
+        path = "scaled_mm" if FP8_TRITON_MAX_M is None or m > FP8_TRITON_MAX_M else FP8_TRITON_PATH
+    return path
+
+
+def _per_column(weight_scale: torch.Tensor, n: int) -> torch.Tensor:
+    ws = weight_scale.float()
+    return (ws.reshape(n) if ws.numel() == n else ws.reshape(1).expand(n)).contiguous()
+
+
+def _fp8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  static: bool, bias: torch.Tensor | None, dtype: torch.dtype, config: GemmConfig | None = None,
+                  path: str | None = None) -> torch.Tensor:
+    """(E4M3 codes [M, K], float32 scales [M, 1]) @ weight.T in ``dtype``: the split-K Triton GEMM (paths
+    "triton", "triton_upcast"; "triton_fused" has nothing left to fuse here) or _scaled_mm. ``static``: the
+    rows share one (calibrated) scale, so a per-tensor weight scale can use cuBLAS's tensor-wise scaling."""
+    (m, k), n = xq.shape, weight.shape[0]
+    path = _fp8_path(m, path)
+    if path != "scaled_mm":
+        out = torch.empty((m, n), dtype=dtype, device=xq.device)
+        _w8a8_gemm(xq, weight.contiguous(), sx, _per_column(weight_scale, n), bias, out,
+                   config or fp8_config(m, n, k), fp8=True, upcast=path == "triton_upcast")
+        return out
+    ws = weight_scale.float()
+    rowwise = not (static and ws.numel() == 1)
     if rowwise:
         sa = sx
         sb = ws.reshape(1, n) if ws.numel() == n else ws.reshape(1, 1).expand(1, n).contiguous()
     else:  # both per tensor: cuBLAS's tensor-wise scaling
-        sa, sb = input_scale.float().reshape(()), ws.reshape(())
-    key = (x.dtype, rowwise, bias is not None)
+        sa, sb = sx[:1].reshape(()), ws.reshape(())
+    key = (dtype, rowwise, bias is not None)
     i = _fp8_mode.get(key, 0)
     while True:
         try:
-            y = _scaled_mm(xq, weight.contiguous(), sa, sb, bias, x.dtype, _FP8_MODES[i])
+            y = _scaled_mm(xq, weight.contiguous(), sa, sb, bias, dtype, _FP8_MODES[i])
             _fp8_mode[key] = i
             return y
         except (RuntimeError, ValueError, NotImplementedError):  # refused on the host, before any launch
@@ -838,6 +870,14 @@ def linear_int8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if m == 0 or n == 0:
         return out
     xq, sx = quantize_rows(x, input_scale, torch.int8)
+    return _int8_codes_mm(xq, sx, weight, weight_scale, bias, out, config, use_int_mm)
+
+
+def _int8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out: torch.Tensor, config: GemmConfig | None = None,
+                   use_int_mm: bool | None = None) -> torch.Tensor:
+    """out = (int8 codes [M, K] @ weight.T) * sx * weight_scale [+ bias] (int32 accumulation: exact)."""
+    (m, k), n = xq.shape, weight.shape[0]
     ws = weight_scale.float().contiguous()
     w = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -881,6 +921,30 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
         _reduce(part, sx, ws, bias, out)
 
 
+def linear_w8a8_cuda(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """quant_linear.linear_w8a8: linear_fp8 / linear_int8 after their activation quantization (done by the
+    producer of x: rms_norm_quant and friends)."""
+    m, k = xq.shape if xq.dim() == 2 else (0, 0)
+    n = weight.shape[0]
+    fp8 = xq.dtype == torch.float8_e4m3fn
+    if (out_dtype not in FAST_DTYPES or xq.dim() != 2 or weight.dtype != xq.dtype
+            or (bias is not None and bias.dtype != out_dtype)
+            or (fp8 and not _fp8_fast(out_dtype, 2, k, weight, bias))
+            or (not fp8 and weight_scale.numel() != n)):
+        return w8a8_codes_ref(xq, x_scale, weight, weight_scale, bias, out_dtype)
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    xq = xq.contiguous()
+    sx = x_scale.float().expand(m, 1).contiguous()
+    if fp8:
+        # a static scale is the same value in every row; _scaled_mm's tensor-wise mode needs only that flag
+        static = bool(x_scale.numel() == 1)
+        return _fp8_codes_mm(xq, sx, weight, weight_scale, static, bias, out_dtype)
+    return _int8_codes_mm(xq, sx, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype,
+                                                                          device=xq.device))
+
+
 # --------------------------------------------------------------------------------------- registration
 
 def _wna16_op(x, qweight, scales, zeros, perm, bias, bits, group_size):
@@ -899,3 +963,4 @@ if AVAILABLE:
     torch.library.register_kernel("spanda::linear_wna16", "cuda", _wna16_op)
     torch.library.register_kernel("spanda::linear_fp8", "cuda", _fp8_op)
     torch.library.register_kernel("spanda::linear_int8", "cuda", _int8_op)
+    torch.library.register_kernel("spanda::linear_w8a8", "cuda", linear_w8a8_cuda)
