@@ -937,10 +937,8 @@ def linear_w8a8_cuda(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
         return torch.empty((m, n), dtype=out_dtype, device=xq.device)
     xq = xq.contiguous()
     sx = x_scale.float().expand(m, 1).contiguous()
-    if fp8:
-        # a static scale is the same value in every row; _scaled_mm's tensor-wise mode needs only that flag
-        static = bool(x_scale.numel() == 1)
-        return _fp8_codes_mm(xq, sx, weight, weight_scale, static, bias, out_dtype)
+    if fp8:  # the producers write one scale per row (a static one repeated): _scaled_mm's row-wise scaling
+        return _fp8_codes_mm(xq, sx, weight, weight_scale, False, bias, out_dtype)
     return _int8_codes_mm(xq, sx, weight, weight_scale, bias, torch.empty((m, n), dtype=out_dtype,
                                                                           device=xq.device))
 
