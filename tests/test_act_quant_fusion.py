@@ -112,7 +112,13 @@ def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -
                 for b in (bias, None):
                     want = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, b)
                     got = tq.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], b, dtype)
-                    same((got,), (want,), f"linear_w8a8 fp8 m{m} k{k} n{n} static={static} pc={per_channel}")
+                    what = f"linear_w8a8 fp8 m{m} k{k} n{n} static={static} pc={per_channel}"
+                    if static and not per_channel and tq.FP8_TRITON_MAX_M is not None and m > tq.FP8_TRITON_MAX_M:
+                        # linear_fp8 uses _scaled_mm's tensor-wise scaling there, linear_w8a8 (per-row scales
+                        # from its producer) the row-wise one: the same product, rounded by another epilogue
+                        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=lambda e, w=what: f"{w}: {e}")
+                    else:
+                        same((got,), (want,), what)
             wt = {key: t.to(device) for key, t in int8_weight(w).items()}
             sc8 = (x.float().abs().amax() / 127 * 0.8).reshape(1) if static else None
             xq, sx = tq.quantize_rows(x, sc8, torch.int8)
