@@ -38,6 +38,8 @@ VARIANTS = {
     "fp8-unfused": {"quantization": {"method": "fp8"}, "passes": {"fuse_act_quant": False}},
     "w4a16-pf": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
                  "kernels": {"WNA16_GEMV": {"prefetch": True, "waves": 4}}},
+    "w4a16-zsum": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+                   "kernels": {"WNA16_GEMV": {"zsum": True, "waves": 4}}},
 }
 
 

@@ -145,6 +145,13 @@ def decode_candidates(m: int) -> dict[str, list]:
                    (True, 64, 128, 2, 4), (True, 64, 128, 2, 8), (True, 256, 128, 4, 4), (True, 256, 128, 8, 4),
                    (True, 128, 128, 8, 4), (True, 128, 64, 4, 4), (True, 128, 64, 4, 8), (False, 128, 128, 4, 4),
                    (False, 128, 128, 4, 8), (False, 64, 128, 2, 8))]
+        # ... and with the zero point taken off once per tile (no layout conversion in the loop)
+        w4 += [(f"gemv1 zsum {'pf' if pf else 'nopf'} n{bn} k{bk} w{w} x{wv}",
+                g(1, bn, bk, num_warps=w, gemv=True, serial=True, prefetch=pf, zsum=True, waves=wv), None)
+               for pf, bn, bk, w, wv in (
+                   (False, 128, 128, 4, 2), (False, 128, 128, 4, 4), (False, 128, 128, 4, 8), (True, 128, 128, 4, 4),
+                   (True, 128, 128, 4, 8), (False, 256, 128, 4, 4), (True, 256, 128, 4, 4), (False, 64, 128, 2, 8),
+                   (False, 128, 64, 4, 8), (True, 256, 128, 8, 4))]
     elif m <= 4:
         w4 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} serial", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), None)

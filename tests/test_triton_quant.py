@@ -125,6 +125,8 @@ def test_wna16(case, m):
 GEMV_CONFIGS = [tq.GemmConfig(1, 128, 128, split=0, gemv=True, serial=True), tq.GemmConfig(4, 64, 128, gemv=True),
                 tq.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, waves=4),
                 tq.GemmConfig(1, 256, 128, split=3, gemv=True, prefetch=True),
+                tq.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, zsum=True, waves=4),
+                tq.GemmConfig(1, 64, 128, num_warps=2, gemv=True, serial=True, zsum=True),
                 tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True),
                 tq.GemmConfig(16, 128, 128, split_dot=True, serial=True), tq.GemmConfig(32, 64, 128, split_dot=True)]
 
@@ -335,7 +337,9 @@ def _interpreter_main() -> None:
             tq.GemmConfig(2, 16, 64, split=2, gemv=True), tq.GemmConfig(4, 32, 32, split=3, gemv=True, serial=True),
             tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, prefetch=True),  # 1, 2 and 3+ K tiles each
             tq.GemmConfig(2, 16, 32, split=2, gemv=True, prefetch=True),
-            tq.GemmConfig(1, 16, 16, split=1, gemv=True, prefetch=True)]
+            tq.GemmConfig(1, 16, 16, split=1, gemv=True, prefetch=True),
+            tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, zsum=True),
+            tq.GemmConfig(2, 16, 32, split=1, gemv=True, prefetch=True, zsum=True)]
     cfgs += [tq.GemmConfig(16, 32, 128, split=2, split_dot=True, serial=True),
              tq.GemmConfig(16, 16, 64, split=1, split_dot=True)]
     g_main = g

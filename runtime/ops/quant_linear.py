@@ -25,10 +25,10 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
     per token: amax / 127).  x_q = clamp(round(x / s_x), -127, 127),  y = (x_q @ weight.T) * s_x * weight_scale
     + bias.  SmoothQuant's smoothing is folded into the preceding RMSNorm weights at build time.
 
-``spanda::linear_w8a8(xq, x_scale, weight, weight_scale, bias, out_dtype)`` is linear_fp8 / linear_int8 on activations already
-quantized by their producer (``spanda::rms_norm_quant``, ``fused_add_rms_norm_quant``, ``silu_and_mul_quant``:
-the producer's output as codes [T, K] and float32 scales [T, 1]); the build's ``fuse_act_quant`` pass puts
-them in place of the unfused pair.
+``spanda::linear_w8a8(xq, x_scale, weight, weight_scale, bias, out_dtype)`` is linear_fp8 / linear_int8 on
+activations already quantized by their producer (``spanda::rms_norm_quant``, ``fused_add_rms_norm_quant``,
+``silu_and_mul_quant``: the producer's output as codes [T, K] and float32 scales [T, 1]); the build's
+``fuse_act_quant`` pass puts them in place of the unfused pair.
 
 The references below compute in float32 and emulate the activation quantization exactly (so CPU builds
 measure the accuracy the GPU kernels deliver); the CUDA fast paths live in ``runtime/ops/triton_quant.py``.

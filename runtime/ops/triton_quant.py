@@ -243,24 +243,29 @@ def _wna16_splitdot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr
 
 
 @_jit
-def _gemv_tile(qw_ptr, z_ptr, s_ptr, k0, rr, rn, n_mask, N, K, group_size, PER: tl.constexpr, GROUPED: tl.constexpr,
-               EVEN: tl.constexpr):
-    """_wna16_gemv_kernel's loads for the tile at input row k0: the packed words [R, BLOCK_N] and, when GROUPED,
-    the group's zero points and scales as float32 [1, BLOCK_N] (else two placeholders)."""
+def _gemv_words(qw_ptr, k0, rr, rn, n_mask, N, K, PER: tl.constexpr, EVEN: tl.constexpr):
+    """_wna16_gemv_kernel's packed words [R, BLOCK_N] of the tile at input row k0."""
     offs_w = k0 // PER + rr
     w_ptrs = qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :]
     if EVEN:
         words = tl.load(w_ptrs)
     else:
         words = tl.load(w_ptrs, mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
-    if GROUPED:
-        g = k0 // group_size
-        zf = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
-        s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return words
+
+
+@_jit
+def _gemv_cols(ptr, rr, rn, n_mask, WIDE: tl.constexpr):
+    """ptr[rn] as float32, broadcastable against the [R, BLOCK_N] words. WIDE: loaded as R identical rows in the
+    words' own layout (columns in runs of 4, what each thread's 16-byte word loads hold), so that no layout
+    conversion (a shared-memory round trip behind barriers) stands between them and the words; else [1,
+    BLOCK_N] (Triton converts it to the words' layout)."""
+    if WIDE:
+        cols = (rn // 4) * 4 + rn % 4
+        v = tl.load(ptr + cols[None, :] + (rr * 0)[:, None], mask=n_mask[None, :] & (rr >= 0)[:, None], other=0)
     else:
-        zf = 0.0
-        s = 0.0
-    return words, zf, s
+        v = tl.load(ptr + rn, mask=n_mask, other=0)[None, :]
+    return v.to(tl.float32)
 
 
 @_jit(do_not_specialize=["M"])
@@ -268,7 +273,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
                        group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False, ZSUM: tl.constexpr = False):
     """The same product as _wna16_kernel for one row of x per program (decode; BLOCK_M is 1, a few rows re-read
     the tile from L2), without tensor cores: float32 FMAs on codes turned into floats by bit tricks. A tile of
     R = BLOCK_K / PER packed rows x BLOCK_N columns is read once; for each of its PER codes per word, code j of
@@ -279,10 +284,14 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
     inside the loop. Each group's partial is scaled once; the R axis is summed at the end. Split-K as in
     _wna16_kernel; SERIAL: the last program of a tile to finish sums the partials itself (_split_k), no
     second launch. ``magic`` is 0x4B000000 (the bits of 2^23), passed at run time so that it sits in a register
-    and the mask and the OR are one LOP3 per code. EVEN: K and N are multiples of the tile (no masks). PREFETCH:
-    the words (and the group's scales and zero points) of tile t + 1 are loaded before tile t is computed, so
-    a program keeps a load in flight while it computes (Triton pipelines only loads that feed a dot; the loop
-    otherwise waits a full memory latency per tile); the last iteration re-reads its own tile (no mask)."""
+    and the mask and the OR are one LOP3 per code. EVEN: K and N are multiples of the tile (no masks).
+    PREFETCH: the words (without ZSUM also the group's scales and zero points) of tile t + 1 are loaded before
+    tile t is computed, so a program keeps a load in flight while it computes (Triton pipelines only loads that
+    feed a dot; the loop otherwise waits a full memory latency per tile); the last iteration re-reads its own
+    tile (no mask). ZSUM: the first FMA gives q (a compile-time constant subtracted) and the zero point comes
+    off once per tile as z * sum(x) over each packed row's inputs; the scales and zero points are loaded in the
+    words' layout (_gemv_cols WIDE) at the top of each tile (they are needed only after its codes): no layout
+    conversion in the loop, and no [R, BLOCK_N] constant per code position."""
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2
     R: tl.constexpr = BLOCK_K // PER
@@ -296,37 +305,48 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
     if not GROUPED:
-        zf = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+        zf = _gemv_cols(z_ptr, rr, rn, n_mask, ZSUM)
         s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     kt0 = pid_k * TILES
     if PREFETCH:
-        words_nx, zf_nx, s_nx = _gemv_tile(qw_ptr, z_ptr, s_ptr, kt0 * BLOCK_K, rr, rn, n_mask, N, K, group_size,
-                                           PER, GROUPED, EVEN)
+        words_nx = _gemv_words(qw_ptr, kt0 * BLOCK_K, rr, rn, n_mask, N, K, PER, EVEN)
+        if GROUPED and not ZSUM:
+            g_nx = (kt0 * BLOCK_K) // group_size
+            zf_nx = _gemv_cols(z_ptr + g_nx * N, rr, rn, n_mask, False)
+            s_nx = _gemv_cols(s_ptr + g_nx * N, rr, rn, n_mask, False)
     for t in range(0, TILES):
         k0 = (kt0 + t) * BLOCK_K
+        g = k0 // group_size
         if PREFETCH:
             words = words_nx
-            if GROUPED:
+            k_nx = (kt0 + tl.minimum(t + 1, TILES - 1)) * BLOCK_K
+            words_nx = _gemv_words(qw_ptr, k_nx, rr, rn, n_mask, N, K, PER, EVEN)
+            if GROUPED and not ZSUM:
                 zf = zf_nx
                 s = s_nx
-            k_nx = (kt0 + tl.minimum(t + 1, TILES - 1)) * BLOCK_K
-            words_nx, zf_nx, s_nx = _gemv_tile(qw_ptr, z_ptr, s_ptr, k_nx, rr, rn, n_mask, N, K, group_size,
-                                               PER, GROUPED, EVEN)
+                zf_nx = _gemv_cols(z_ptr + (k_nx // group_size) * N, rr, rn, n_mask, False)
+                s_nx = _gemv_cols(s_ptr + (k_nx // group_size) * N, rr, rn, n_mask, False)
         else:
-            words, zf_t, s_t = _gemv_tile(qw_ptr, z_ptr, s_ptr, k0, rr, rn, n_mask, N, K, group_size, PER,
-                                          GROUPED, EVEN)
-            if GROUPED:
-                zf = zf_t
-                s = s_t
+            words = _gemv_words(qw_ptr, k0, rr, rn, n_mask, N, K, PER, EVEN)
+            if GROUPED and not ZSUM:
+                zf = _gemv_cols(z_ptr + g * N, rr, rn, n_mask, False)
+                s = _gemv_cols(s_ptr + g * N, rr, rn, n_mask, False)
+        if GROUPED and ZSUM:
+            zf = _gemv_cols(z_ptr + g * N, rr, rn, n_mask, True)
+            s = _gemv_cols(s_ptr + g * N, rr, rn, n_mask, True)
         high = words >> 16
         part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        xs = tl.zeros((R,), dtype=tl.float32)
         for j in tl.static_range(PER):
             if j < HALF:
                 bits = (words & (QMASK << (BITS * (j % HALF)))) | magic
             else:
                 bits = (high & (QMASK << (BITS * (j % HALF)))) | magic
-            wq = (bits.to(tl.float32, bitcast=True) * (1.0 / (1 << (BITS * (j % HALF))))
-                  - ((1 << (23 - BITS * (j % HALF))) + zf))
+            f = bits.to(tl.float32, bitcast=True) * (1.0 / (1 << (BITS * (j % HALF))))
+            if ZSUM:
+                wq = f - (1 << (23 - BITS * (j % HALF)))
+            else:
+                wq = f - ((1 << (23 - BITS * (j % HALF))) + zf)
             kk = k0 + rr * PER + j
             if HAS_PERM:
                 cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
@@ -337,6 +357,10 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
             else:
                 xj = tl.load(x_row + cols, mask=kk < K, other=0.0).to(tl.float32)
             part += wq * xj[:, None]
+            if ZSUM:
+                xs += xj
+        if ZSUM:
+            part -= zf * xs[:, None]
         if GROUPED:
             acc += part * s
         else:
@@ -564,6 +588,7 @@ class GemmConfig:
     split_dot: bool = False  # wna16: _wna16_splitdot_kernel (one dot per code position, zero point after the
     # dot); correct, slower than the default on an H200 (175-310 us per 8B layer against 168-172): an option
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
+    zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
 
 
@@ -721,7 +746,7 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if cfg.gemv:
         even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
         _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, PREFETCH=cfg.prefetch,
-                                                      **flags)
+                                                      ZSUM=cfg.zsum, **flags)
     elif cfg.split_dot and magic_ok and bk // per >= 16:
         _wna16_splitdot_kernel[(tiles_n, tiles_m, split)](*common, magic_bits, MAGIC_VAL=magic_val, **flags)
     else:
