@@ -262,10 +262,11 @@ def _gemv_cols(ptr, rr, rn, n_mask, WIDE: tl.constexpr):
     BLOCK_N] (Triton converts it to the words' layout)."""
     if WIDE:
         cols = (rn // 4) * 4 + rn % 4
-        v = tl.load(ptr + cols[None, :] + (rr * 0)[:, None], mask=n_mask[None, :] & (rr >= 0)[:, None], other=0)
+        v = tl.load(ptr + cols[None, :] + (rr * 0)[:, None], mask=n_mask[None, :] & (rr >= 0)[:, None],
+                    other=0).to(tl.float32)
     else:
-        v = tl.load(ptr + rn, mask=n_mask, other=0)[None, :]
-    return v.to(tl.float32)
+        v = tl.load(ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+    return v
 
 
 @_jit(do_not_specialize=["M"])
@@ -336,7 +337,8 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
             s = _gemv_cols(s_ptr + g * N, rr, rn, n_mask, True)
         high = words >> 16
         part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-        xs = tl.zeros((R,), dtype=tl.float32)
+        if ZSUM:
+            xs = tl.zeros((R,), dtype=tl.float32)
         for j in tl.static_range(PER):
             if j < HALF:
                 bits = (words & (QMASK << (BITS * (j % HALF)))) | magic
