@@ -175,6 +175,9 @@ def decode_candidates(m: int) -> dict[str, list]:
                                  (64, 128, 4, 8))]
     f8 += [(f"triton serial x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "triton")
            for wv in (3, 4, 6, 8)]  # grids of `waves` programs per SM
+    # the GEMM on codes the fused RMSNorm / SiLU kernel made (fuse_act_quant): no quantization launch
+    f8 += [(f"codes x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "codes")
+           for wv in (2, 4, 8)]
     if m == 1:
         f8 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {path}", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), path)
@@ -194,6 +197,10 @@ def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
         return lambda: torch.mm(x, w["bf16"].t())
     if op == "w4a16":
         return lambda: tq.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
+    if path == "codes":  # the GEMM alone, on codes quantized beforehand (a fused norm/SiLU made them)
+        xq, sx = tq.quantize_rows(x, None, torch.float8_e4m3fn)
+        return lambda: tq._fp8_codes_mm(xq, sx, w["f8"]["weight"], w["f8"]["weight_scale"], False, None, x.dtype,
+                                        config=cfg, path="triton")
     return lambda: tq.linear_fp8_cuda(x, w["f8"]["weight"], w["f8"]["weight_scale"], None, None, config=cfg, path=path)
 
 
