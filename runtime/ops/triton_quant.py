@@ -21,7 +21,9 @@ linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
     ``serial`` (the default) the last program of each tile to finish does that sum itself (tile counters that
     every launch re-arms; no second launch). Up to WNA16_GEMV_MAX_M rows, _wna16_gemv_kernel replaces the
     tensor-core kernel: one row per program, codes turned into float32 by masking them in place and ORing
-    the bits of 2^23 (no int -> float conversion), float32 FMAs.
+    the bits of 2^23 (no int -> float conversion), float32 FMAs. Options (GemmConfig, untimed until a GPU
+    run picks them): ``prefetch`` (tile t + 1 loaded while tile t is computed), ``zsum`` (zero point off once
+    per tile; no layout conversion in the loop), ``waves`` (programs per SM the split-K choice aims for).
     Large M may instead dequantize the weight once into a [K, N] buffer in x's dtype (rows un-permuted)
     and call cuBLAS (``DEQUANT_MM_MIN_M``), at the cost of that transient buffer.
 
@@ -37,6 +39,10 @@ linear_fp8 (FP8 W8A8, E4M3)
     multiples of 16 (M is free); other shapes use the reference. A combination that this torch/cuBLAS
     refuses (checked on the host before any launch) falls back once and is remembered: without the fused
     bias, then float32 output with the scales applied after.
+
+linear_w8a8 (the GEMM half of linear_fp8 / linear_int8)
+    On codes and per-row scales that the activation's producer made (triton_elementwise's rms_norm_quant,
+    fused_add_rms_norm_quant, silu_and_mul_quant: the fuse_act_quant pass); the same GEMMs as above.
 
 linear_int8 (INT8 W8A8, symmetric)
     The same row kernel quantizes x to int8 (round half to even, clamp +-127); a Triton int8 GEMM (int32
