@@ -153,6 +153,13 @@ def decode_candidates(m: int) -> dict[str, list]:
                    (False, 128, 128, 4, 2), (False, 128, 128, 4, 4), (False, 128, 128, 4, 8), (True, 128, 128, 4, 4),
                    (True, 128, 128, 4, 8), (False, 256, 128, 4, 4), (True, 256, 128, 4, 4), (False, 64, 128, 2, 8),
                    (False, 128, 64, 4, 8), (True, 256, 128, 8, 4))]
+        # many small programs, each a few K tiles (GemLite's batch-1 GEMV runs thousands of one-shot programs):
+        # short K tiles and 8-24 programs per SM, the partials summed by the serial split-K
+        w4 += [(f"gemv1 {'zsum' if zs else 'plain'} short n{bn} k{bk} w{w} x{wv}",
+                g(1, bn, bk, num_warps=w, gemv=True, serial=True, zsum=zs, waves=wv), None)
+               for zs in (False, True) for bn, bk, w, wv in (
+                   (256, 32, 2, 16), (128, 32, 2, 16), (256, 64, 4, 16), (256, 32, 2, 8), (512, 32, 4, 16),
+                   (128, 64, 2, 24))]
     elif m <= 4:
         w4 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} serial", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), None)
