@@ -182,10 +182,10 @@ def decode_candidates(m: int) -> dict[str, list]:
            for bn, bk, w, st in ((128, 128, 4, 6), (64, 256, 4, 4), (128, 256, 8, 4), (32, 256, 4, 6), (64, 128, 8, 6),
                                  (64, 128, 4, 8))]
     f8 += [(f"triton serial x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "triton")
-           for wv in (3, 4, 6, 8)]  # grids of `waves` programs per SM
+           for wv in (1, 3, 4, 6, 8)]  # grids of `waves` programs per SM
     # the GEMM on codes the fused RMSNorm / SiLU kernel made (fuse_act_quant): no quantization launch
     f8 += [(f"codes x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "codes")
-           for wv in (2, 4, 8)]
+           for wv in (1, 2, 4, 8)]
     if m == 1:
         f8 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {path}", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), path)
