@@ -186,6 +186,10 @@ def decode_candidates(m: int) -> dict[str, list]:
     # the GEMM on codes the fused RMSNorm / SiLU kernel made (fuse_act_quant): no quantization launch
     f8 += [(f"codes x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "codes")
            for wv in (1, 2, 4, 8)]
+    if m == 1:  # ... through _w8a8_gemv_kernel (one row per program, no tensor cores, K-contiguous tiles)
+        f8 += [(f"codes gemv n{bn} k{bk} w{w} x{wv}", g(1, bn, bk, num_warps=w, gemv=True, serial=True, waves=wv),
+                "codes") for bn, bk, w, wv in ((32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 8),
+                                                (16, 256, 4, 8), (64, 256, 8, 4), (32, 128, 2, 8), (128, 128, 4, 4))]
     if m == 1:
         f8 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {path}", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
                                                              serial=True), path)

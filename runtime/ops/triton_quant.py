@@ -93,8 +93,10 @@ DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
 # split-K launches sum their partials in the tile's last program instead of a second kernel.
 # H200 figures (bench/results/quant-gemm-decode-h200.json, us per layer of 8B GEMMs at M = 1): the W4A16 GEMV
 # 92.3 against 173.3 for the tensor-core kernel (bf16 cuBLAS 130.1), but 239 against 168 at M = 4 (it
-# dequantizes once per row); the FP8 GEMV (GemmConfig(gemv=True)) 143 against 101 for the split-K
-# tensor-core kernel: not a default. Serial split-K: FP8 100.6 against 102.8 us, W4A16 GEMV 92.3 against 95.3.
+# dequantizes once per row); the FP8 GEMV of the time (a [BLOCK_M, BLOCK_K, BLOCK_N] product tile, now only
+# behind the in-GEMM activation quantization) 143 against 101 for the split-K tensor-core kernel; its successor
+# _w8a8_gemv_kernel (GemmConfig(gemv=True) on codes) is untimed: neither is a default. Serial split-K: FP8
+# 100.6 against 102.8 us, W4A16 GEMV 92.3 against 95.3.
 WNA16_GEMV_MAX_M = 1
 SERIAL_SPLIT = True
 
@@ -429,8 +431,9 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
     QUANT_A (E4M3 only): a is the float16/bfloat16 activation, quantized here as _quant_rows_kernel does it (per
     row s = max(amax * (1 / QMAX), FLOOR) over the whole row, or the static scale; codes = cast(clamp(a / s)));
     every program computes its rows' scales and the first program of each row block stores them in xs.
-    GEMV (a few rows, decode): no tensor cores; the products are accumulated elementwise into a [BLOCK_M,
-    BLOCK_K, BLOCK_N] float32 (int32) tile, summed over K once at the end (same exact products).
+    GEMV (a few rows, decode; with QUANT_A only: otherwise _w8a8_gemv_kernel runs): no tensor cores; the
+    products are accumulated elementwise into a [BLOCK_M, BLOCK_K, BLOCK_N] float32 (int32) tile, summed over K
+    once at the end (same exact products).
     SERIAL: split partials summed by the tile's last program (_split_k)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -497,6 +500,52 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
             xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
         _store_out(acc.to(tl.float32) * xs[:, None] * ws[None, :], out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
+
+
+@_jit(do_not_specialize=["M"])
+def _w8a8_gemv_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
+                      TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                      FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False):
+    """One row of quantized activations (a [M, K] codes, contiguous) against w [N, K] per program, without
+    tensor cores: the [BLOCK_N, BLOCK_K] weight tile is read K-contiguous (16 codes per thread), the row's codes
+    are read as the same [BLOCK_N, BLOCK_K] shape with a zero stride along N, so both arrive in one layout (no
+    conversion) and the products accumulate elementwise: E4M3 x E4M3 in float32 (exact products), int8 x int8
+    in int32 (exact). Summed over K once at the end; split-K and the epilogue as _w8a8_gemm_kernel's."""
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    a_row = a_ptr + row.to(tl.int64) * K
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    zero_n = (rn * 0)[:, None]
+    if FP8:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    kt0 = pid_k * TILES
+    for t in range(0, TILES):
+        offs_k = (kt0 + t) * BLOCK_K + rk
+        if EVEN:
+            w = tl.load(w_rows + offs_k[None, :])
+            a = tl.load(a_row + offs_k[None, :] + zero_n)
+        else:
+            k_mask = (offs_k < K)[None, :]
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask, other=0)
+            a = tl.load(a_row + offs_k[None, :] + zero_n, mask=k_mask & (zero_n == 0), other=0)
+        if FP8:
+            acc += (w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    * a.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        else:
+            acc += w.to(tl.int32) * a.to(tl.int32)
+    y = tl.sum(acc, axis=1)
+    offs = row.to(tl.int64) * N + rn
+    finish, y = _split_k(y, part_ptr, lock_ptr, pid_n * M + row, pid_k, offs, n_mask, M, N, SPLIT, SERIAL)
+    if finish:
+        xs = tl.load(xs_ptr + row)
+        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        _store_out(y.to(tl.float32) * xs * ws, out_ptr, b_ptr, rn, n_mask, offs, n_mask, HAS_BIAS)
 
 
 @_jit(do_not_specialize=["M"])
@@ -927,10 +976,12 @@ def _int8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
 
 def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: bool = False,
                input_scale: torch.Tensor | None = None, quant_a: bool = False) -> None:
-    """out = (xq @ w.T) * sx * ws [+ bias] through _w8a8_gemm_kernel (split-K per ``cfg`` or the heuristic).
+    """out = (xq @ w.T) * sx * ws [+ bias] through _w8a8_gemm_kernel (split-K per ``cfg`` or the heuristic), or
+    _w8a8_gemv_kernel for a ``gemv`` config on codes (one row per program).
     ``quant_a``: xq is the float activation, quantized to E4M3 inside the GEMM (scales written to sx [M])."""
     (m, k), n = xq.shape, w.shape[0]
-    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
+    gemv = cfg.gemv and not quant_a and not upcast
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), m if gemv else triton.cdiv(m, cfg.block_m)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, xq.device)
     part = (torch.empty((split, m, n), dtype=torch.float32 if fp8 else torch.int32, device=xq.device)
@@ -939,17 +990,23 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
         w = w.view(torch.uint8)
         if not quant_a:
             xq = xq.view(torch.uint8)
-    stride_am = xq.stride(0) if quant_a else k
-    qblock = min(max(16, 2048 // cfg.block_m), triton.next_power_of_2(k))  # [block_m, qblock] fits registers
     serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
-    _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](
-        xq, w, sx, ws, bias if bias is not None else ws, out, part,
-        input_scale.float() if input_scale is not None else sx, _locks(xq.device) if serial else part, m, n, k,
-        stride_am, TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, FP8=fp8,
-        UPCAST=upcast, QUANT_A=quant_a,
-        STATIC=input_scale is not None, QMAX=FP8_MAX, FLOOR=SCALE_FLOOR, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, QBLOCK=qblock, QSTEPS=triton.cdiv(k, qblock) if quant_a else 0,
-        GEMV=cfg.gemv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    locks = _locks(xq.device) if serial else part
+    common = (sx, ws, bias if bias is not None else ws, out, part)
+    flags = dict(TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, FP8=fp8,
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if gemv:
+        _w8a8_gemv_kernel[(tiles_n, m, split)](
+            xq.contiguous(), w, *common, locks, m, n, k,
+            EVEN=k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0, **flags)
+    else:
+        stride_am = xq.stride(0) if quant_a else k
+        qblock = min(max(16, 2048 // cfg.block_m), triton.next_power_of_2(k))  # [block_m, qblock] fits registers
+        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](
+            xq, w, *common, input_scale.float() if input_scale is not None else sx, locks, m, n, k, stride_am,
+            UPCAST=upcast, QUANT_A=quant_a, STATIC=input_scale is not None, QMAX=FP8_MAX, FLOOR=SCALE_FLOOR,
+            BLOCK_M=cfg.block_m, QBLOCK=qblock, QSTEPS=triton.cdiv(k, qblock) if quant_a else 0, GEMV=cfg.gemv,
+            **flags)
     if split > 1 and not serial:
         _reduce(part, sx, ws, bias, out)
 
