@@ -173,6 +173,10 @@ def decode_candidates(m: int) -> dict[str, list]:
         ("magic serial n256 w8", dict(magic=True, serial=True, block_n=256, num_warps=8)),
         ("magic serial n128 s4", dict(magic=True, serial=True, block_n=128, num_stages=4)),
         ("magic serial n128 noreshape", dict(magic=True, serial=True, block_n=128, reshape=False)))]
+    # more, shorter split-K programs (grids of `waves` programs per SM)
+    w4 += [(f"dot magic serial n{bn} k{bk} x{wv}", dataclasses.replace(base, magic=True, serial=True, block_n=bn,
+                                                                        block_k=bk, waves=wv), None)
+           for bn, bk, wv in ((128, 128, 4), (128, 128, 8), (64, 128, 8), (128, 64, 8), (64, 64, 16))]
     w4 += [(f"splitdot n{bn} w{w} s{st}", g(16, bn, 128, num_warps=w, num_stages=st, split_dot=True, serial=True),
             None) for bn, w, st in ((128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 4, 4), (128, 8, 3))]
     f8 = [("default", None, None), ("triton_fused", None, "triton_fused"),
