@@ -201,7 +201,8 @@ def test_fp8(case, m):
     for path in ("triton_fused", "triton"):
         for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1),
                     tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(1, 64, 128, gemv=True, serial=True),
-                    tq.GemmConfig(4, 32, 256, split=2, gemv=True)):
+                    tq.GemmConfig(4, 32, 256, split=2, gemv=True),
+                    tq.GemmConfig(1, 32, 256, num_warps=8, gemv=True, serial=True, waves=8)):
             check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
 
 
@@ -239,7 +240,8 @@ def test_int8(case, m):
         check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, use_int_mm=True), ref, "linear_int8_cuda _int_mm")
     check(spanda.linear_int8(x, w, ws, in_scale, bias), ref, "spanda.linear_int8")
     for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(64, 64, 64, split=1),
-                tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(2, 64, 128, gemv=True, serial=True)):
+                tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(2, 64, 128, gemv=True, serial=True),
+                tq.GemmConfig(1, 16, 256, gemv=True, serial=True, waves=8)):
         check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, config=cfg), ref, f"int8 {cfg}")
     assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
 
