@@ -128,6 +128,24 @@ def test_gptq_beats_rtn(sym):
     assert _rel(x @ dequantize(pc).t(), ref) < _rel(x @ dequantize(quantize_rtn(w, 4, -1, sym)).t(), ref)
 
 
+def test_gptq_row_chunks_change_nothing():
+    """Rows are independent given the inverse Hessian: quantizing them a few at a time (bounded temporaries)
+    gives the same codes, scales, zeros and groups as all at once."""
+    k, n = 128, 40
+    x = _correlated(512, k, seed=3)
+    w = torch.randn(n, k) * 0.05
+    w[:, 5] = 0
+    x[:, 7] = 0  # a dead input channel
+    h = x.t() @ x
+    for sym, act_order, static, gs in ((True, False, False, 32), (False, True, False, 32), (True, True, True, 64),
+                                       (False, False, False, -1)):
+        whole = gptq_quantize(w, h, 4, gs, sym, act_order=act_order, static_groups=static, block_size=16)
+        parts = gptq_quantize(w, h, 4, gs, sym, act_order=act_order, static_groups=static, block_size=16,
+                              chunk_bytes=7 * 4 * k)  # 7 rows at a time, the last chunk shorter
+        for a, b in ((whole.q, parts.q), (whole.z, parts.z), (whole.s, parts.s), (whole.g_idx, parts.g_idx)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (sym, act_order, static, gs)
+
+
 def test_awq_beats_rtn_on_outlier_channels():
     k, n = 256, 128
     x = _outliers(2048, k)
