@@ -13,8 +13,8 @@ CUDA graph holding one call, events around each replay; the L2 is emptied before
               activation-quantization kernel + the split-K Triton GEMM up to FP8_TRITON_MAX_M rows, else
               _scaled_mm);  scaled_mm: torch._scaled_mm alone on pre-quantized inputs with the same row-wise
               scales; fp8_codes: linear_w8a8 on codes made beforehand (what a fuse_act_quant build's qkv,
-              gate_up and down run); for M <= 64 also fp8_triton_fused / fp8_triton / fp8_triton_upcast /
-              fp8_scaled_mm: each path of the op, and a small sweep of configurations of the fused path
+              gate_up and down run); for M <= 64 also fp8_triton / fp8_triton_upcast / fp8_scaled_mm: each
+              path of the op, and a small sweep of configurations of the Triton GEMM
     int8      spanda linear_int8, dynamic per-token (ours: quantization + Triton int8 GEMM);  int8_intmm: ours
               through torch._int_mm (M > 16);  int_mm: torch._int_mm alone (int32 out, no scales)
 Weight bytes (what decode must stream): bf16 2KN; wNa16 KN*bits/8 + G*N*3 (scales, zeros); fp8/int8 KN + 4N.
@@ -177,11 +177,8 @@ def decode_candidates(m: int) -> dict[str, list]:
     w4 += [(f"dot magic serial n{bn} k{bk} x{wv}", dataclasses.replace(base, magic=True, serial=True, block_n=bn,
                                                                         block_k=bk, waves=wv), None)
            for bn, bk, wv in ((128, 128, 4), (128, 128, 8), (64, 128, 8), (128, 64, 8), (64, 64, 16))]
-    w4 += [(f"splitdot n{bn} w{w} s{st}", g(16, bn, 128, num_warps=w, num_stages=st, split_dot=True, serial=True),
-            None) for bn, w, st in ((128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 4, 4), (128, 8, 3))]
-    f8 = [("default", None, None), ("triton_fused", None, "triton_fused"),
-          ("triton serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton"),
-          ("triton_fused serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton_fused")]
+    f8 = [("default", None, None),
+          ("triton serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton")]
     f8 += [(f"triton serial n{bn} k{bk} w{w} s{st}", g(16, bn, bk, num_warps=w, num_stages=st, serial=True), "triton")
            for bn, bk, w, st in ((128, 128, 4, 6), (64, 256, 4, 4), (128, 256, 8, 4), (32, 256, 4, 6), (64, 128, 8, 6),
                                  (64, 128, 4, 8))]
@@ -194,17 +191,9 @@ def decode_candidates(m: int) -> dict[str, list]:
         f8 += [(f"codes gemv n{bn} k{bk} w{w} x{wv}", g(1, bn, bk, num_warps=w, gemv=True, serial=True, waves=wv),
                 "codes") for bn, bk, w, wv in ((32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 8),
                                                 (16, 256, 4, 8), (64, 256, 8, 4), (32, 128, 2, 8), (128, 128, 4, 4))]
-    if m == 1:
-        f8 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {path}", g(bm, bn, bk, num_warps=w, num_stages=st, gemv=True,
-                                                             serial=True), path)
-               for bm in sorted({1, m}) for bn, bk, w, st, path in (
-                   (64, 128, 4, 3, "triton_fused"), (32, 256, 4, 3, "triton_fused"), (64, 128, 4, 3, "triton"),
-                   (128, 64, 4, 3, "triton_fused"), (64, 256, 8, 3, "triton_fused"), (64, 128, 4, 5, "triton_fused"))]
-    elif m <= 4:
-        f8 += [(f"gemv{m} n{bn} k{bk} w{w} s{st} {path}", g(m, bn, bk, num_warps=w, num_stages=st, gemv=True,
-                                                            serial=True), path)
-               for bn, bk, w, st, path in ((64, 128, 4, 3, "triton_fused"), (32, 128, 4, 3, "triton_fused"),
-                                           (64, 64, 4, 3, "triton_fused"))]
+    if m <= 4:  # the activation-quantization kernel, then _w8a8_gemv_kernel (one row per program)
+        f8 += [(f"gemv{m} n{bn} k{bk} w{w} triton", g(m, bn, bk, num_warps=w, gemv=True, serial=True), "triton")
+               for bn, bk, w in ((64, 128, 4), (32, 256, 4), (64, 64, 4))]
     return dict(w4a16=w4, fp8=f8)
 
 
@@ -295,7 +284,7 @@ def main() -> None:
     ap.add_argument("--sweep-budget", type=float, default=150.0, help="seconds the sweep may take")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--decode", action="store_true",
-                    help="only the decode candidates (GEMV, serial split-K, fused FP8), per layer")
+                    help="only the decode candidates (GEMVs, serial split-K, FP8 on codes), per layer")
     ap.add_argument("--decode-ms", default="1,4,16", help="the M values of --decode")
     ap.add_argument("--decode-ops", default="w4a16,fp8", help="the ops of --decode")
     ap.add_argument("--decode-labels", default="", help="only candidates whose label starts with one of these")
@@ -370,12 +359,12 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
     r["fp8_us"] = try_us(lambda: tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, None))
     r["fp8_path"] = "scaled_mm" if tq.FP8_TRITON_MAX_M is None or m > tq.FP8_TRITON_MAX_M else tq.FP8_TRITON_PATH
     if m <= 64:  # the decode-sized Triton paths against the op through _scaled_mm (activation quant included)
-        for path in ("triton_fused", "triton", "triton_upcast", "scaled_mm"):
+        for path in ("triton", "triton_upcast", "scaled_mm"):
             r[f"fp8_{path}_us"] = try_us(lambda path=path: tq.linear_fp8_cuda(
                 x, f8["weight"], f8["weight_scale"], None, None, path=path))
         for cfg in FP8_SWEEP:
             r.setdefault("fp8_triton_sweep", {})[str(cfg)] = try_us(lambda cfg=cfg: tq.linear_fp8_cuda(
-                x, f8["weight"], f8["weight_scale"], None, None, config=cfg, path="triton_fused"))
+                x, f8["weight"], f8["weight_scale"], None, None, config=cfg, path="triton"))
     r["fp8_act_quant_us"] = try_us(lambda: tq.quantize_rows(x, None, torch.float8_e4m3fn))
     # linear_w8a8: the op's GEMM on codes a fused norm/SiLU made (fuse_act_quant: qkv, gate_up and down)
     r["fp8_codes_us"] = try_us(lambda: tq.linear_w8a8_cuda(xq8, sx8, f8["weight"], f8["weight_scale"], None, DTYPE))

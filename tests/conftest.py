@@ -100,3 +100,17 @@ def run_under_interpreter(module: str, timeout: int = 600) -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def capture_graph(step):
+    """Run ``step()`` once on a side stream (Triton compiles, ops pick their modes: nothing of that may happen
+    inside a capture), then capture it in a CUDA graph. Returns (graph, the captured call's outputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs

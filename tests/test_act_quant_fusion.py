@@ -26,8 +26,10 @@ from runtime.ops import triton_elementwise as te
 from runtime.ops import triton_quant as tq
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
-from tests.conftest import make_hf_checkpoint, run_under_interpreter
+from runtime.ops.quant_linear import w8a8_codes_ref
+from tests.conftest import capture_graph, make_hf_checkpoint, run_under_interpreter
 from tests.test_quantize_build import _artifact_logits, _quantized_checkpoint, _recipe
+from tests.test_triton_quant import check
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -99,7 +101,8 @@ def check_producers(device: str, dtype: torch.dtype, widths, ns, g: torch.Genera
 
 
 def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -> None:
-    """linear_w8a8 on quantize_rows' codes == linear_fp8 / linear_int8 on the activation, bit for bit."""
+    """linear_w8a8 on quantize_rows' codes: near the reference product of those codes (w8a8_codes_ref), and
+    linear_fp8 / linear_int8 on the activation bit for bit (the same GEMM after the same quantization)."""
     for m, k, n in shapes:
         x = torch.randn(m, k, generator=g, device=device).to(dtype) * 2
         bias = torch.randn(n, generator=g, device=device).to(dtype)
@@ -113,6 +116,7 @@ def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -
                     want = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, b)
                     got = tq.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], b, dtype)
                     what = f"linear_w8a8 fp8 m{m} k{k} n{n} static={static} pc={per_channel}"
+                    check(got, w8a8_codes_ref(xq, sx, wt["weight"], wt["weight_scale"], b, dtype), what)
                     if static and not per_channel and tq.FP8_TRITON_MAX_M is not None and m > tq.FP8_TRITON_MAX_M:
                         # linear_fp8 uses _scaled_mm's tensor-wise scaling there, linear_w8a8 (per-row scales
                         # from its producer) the row-wise one: the same product, rounded by another epilogue
@@ -124,6 +128,8 @@ def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -
             xq, sx = tq.quantize_rows(x, sc8, torch.int8)
             want = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc8, bias)
             got = tq.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], bias, dtype)
+            check(got, w8a8_codes_ref(xq, sx, wt["weight"], wt["weight_scale"], bias, dtype),
+                  f"linear_w8a8 int8 m{m} k{k} n{n} static={static} vs reference")
             same((got,), (want,), f"linear_w8a8 int8 m{m} k{k} n{n} static={static}")
 
 
@@ -170,14 +176,7 @@ def test_fused_ops_dispatch_to_triton_and_capture_in_graphs():
     for kernel in ("_rms_norm_kernel", "_silu_mul_quant_kernel", "_w8a8_gemm_kernel"):
         assert kernel in names, f"{kernel} did not run: {names[:2000]}"
     assert "_quant_rows_kernel" not in names, "a fused op launched the separate quantization kernel"
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_graph(step)
     for src in (x, res, gu):
         src.copy_(torch.randn(src.shape, device="cuda").to(src.dtype))
     graph.replay()

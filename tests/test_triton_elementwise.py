@@ -21,7 +21,7 @@ from runtime.ops import triton_elementwise as te
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.rotary import rotary_embedding_ref
-from tests.conftest import run_under_interpreter
+from tests.conftest import capture_graph, run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -169,14 +169,7 @@ def test_ops_dispatch_to_triton_and_capture_in_graphs():
     for kernel in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel"):
         assert kernel in names, f"{kernel} did not run: {names[:2000]}"
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm-up (compilation) outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_graph(step)
     for src in (x, res, gu, qkv):
         src.copy_(torch.randn(src.shape, device="cuda").to(src.dtype))
     pos.copy_(torch.randint(0, 4096, (t,), device="cuda"))

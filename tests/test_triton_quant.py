@@ -33,7 +33,7 @@ from runtime.ops.quant_linear import (
     quantize_activation_fp8,
     quantize_activation_int8,
 )
-from tests.conftest import run_under_interpreter
+from tests.conftest import capture_graph, run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -127,8 +127,7 @@ GEMV_CONFIGS = [tq.GemmConfig(1, 128, 128, split=0, gemv=True, serial=True), tq.
                 tq.GemmConfig(1, 256, 128, split=3, gemv=True, prefetch=True),
                 tq.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, zsum=True, waves=4),
                 tq.GemmConfig(1, 64, 128, num_warps=2, gemv=True, serial=True, zsum=True),
-                tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True),
-                tq.GemmConfig(16, 128, 128, split_dot=True, serial=True), tq.GemmConfig(32, 64, 128, split_dot=True)]
+                tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True)]
 
 
 VARIANTS = [dict(scale_acc=a, reshape=r, split=sp) for a in (True, False) for r in (True, False) for sp in (1, 4)]
@@ -196,9 +195,9 @@ def test_fp8(case, m):
     ref = linear_fp8_ref(x, w, ws, in_scale, bias)
     check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias), ref, "linear_fp8_cuda")
     check(spanda.linear_fp8(x, w, ws, in_scale, bias), ref, "spanda.linear_fp8")
-    for path in ("triton_fused", "triton", "triton_upcast", "scaled_mm"):
+    for path in ("triton", "triton_upcast", "scaled_mm"):
         check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, path=path), ref, f"linear_fp8_cuda {path}")
-    for path in ("triton_fused", "triton"):
+    for path in ("triton",):
         for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1),
                     tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(1, 64, 128, gemv=True, serial=True),
                     tq.GemmConfig(4, 32, 256, split=2, gemv=True),
@@ -268,17 +267,9 @@ def test_cuda_graph_capture(m):
                 spanda.linear_fp8(x, f8["weight"], f8["weight_scale"], None, bias),
                 spanda.linear_int8(x, i8["weight"], i8["weight_scale"], None, bias),
                 tq.linear_wna16_cuda(x, qw, s, z, perm, bias, 4, 128, config=serial),
-                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8,
-                                   path="triton_fused"))
+                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and pick modes outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_graph(step)
     for _ in range(2):
         x.copy_(torch.randn(m, k, generator=g).to(dtype))
         graph.replay()
@@ -287,7 +278,7 @@ def test_cuda_graph_capture(m):
                 linear_fp8_ref(x, f8["weight"], f8["weight_scale"], None, bias),
                 linear_int8_ref(x, i8["weight"], i8["weight_scale"], None, bias))
         refs += refs[:2]
-        for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8", "wna16 serial", "fp8 fused serial"), strict=True):
+        for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8", "wna16 serial", "fp8 serial"), strict=True):
             check(o, r, f"graph {what}")
         assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
 
@@ -342,14 +333,12 @@ def _interpreter_main() -> None:
             tq.GemmConfig(1, 16, 16, split=1, gemv=True, prefetch=True),
             tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, zsum=True),
             tq.GemmConfig(2, 16, 32, split=1, gemv=True, prefetch=True, zsum=True)]
-    cfgs += [tq.GemmConfig(16, 32, 128, split=2, split_dot=True, serial=True),
-             tq.GemmConfig(16, 16, 64, split=1, split_dot=True)]
     g_main = g
     for bits, gs, act, has_bias, k, n, m in ((4, 32, False, True, 96, 40, 3), (4, 32, True, False, 96, 40, 17),
                                              (8, 16, True, True, 64, 24, 5), (4, -1, False, True, 72, 20, 2),
                                              (8, -1, True, False, 60, 33, 18), (4, 128, True, True, 256, 40, 3),
                                              (8, -1, False, True, 128, 24, 17), (4, -1, False, False, 256, 24, 2)):
-        # the split-dot cases (K tiles of 128 4-bit / 64 8-bit codes) draw from their own generator
+        # the cases with K >= 128 (full 128-wide 4-bit / 64-wide 8-bit K tiles) draw from their own generator
         g = g_main if k < 128 else torch.Generator().manual_seed(k + n + m)
         qw, s, z, perm = wna16_case(k, n, bits, gs, act, dtype, g)
         x = torch.randn(m, k + 3, generator=g).to(dtype)[:, 1:1 + k]  # row-strided x
@@ -408,7 +397,7 @@ def _interpreter_main() -> None:
         xq, sx = tq.quantize_rows(x, sc, torch.float8_e4m3fn)
         w = wt["weight"].float() * wt["weight_scale"].float().reshape(-1, 1)
         ref = ((xq.float() * sx) @ w.t() + (bias.float() if has_bias else 0)).to(dtype)
-        for path in ("triton_upcast", "triton", "triton_fused"):
+        for path in ("triton_upcast", "triton"):
             for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
                         tq.GemmConfig(16, 16, 32, split=2, serial=True), tq.GemmConfig(4, 16, 32, split=1, gemv=True),
                         tq.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True)):

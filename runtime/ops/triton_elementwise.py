@@ -26,6 +26,7 @@ from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_activation_rows
 from runtime.ops.rotary import rotary_embedding_ref
+from runtime.ops.triton_quant import act_codes, act_scale
 
 try:
     import triton
@@ -84,19 +85,15 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, in_sc
 @_jit
 def _quant_codes(v, q_ptrs, mask, s_ptrs, rmask, in_scale_ptr, STATIC: tl.constexpr, INT8: tl.constexpr,
                  QMAX: tl.constexpr, FLOOR: tl.constexpr):
-    """Rows of v [R, C] (float32 holding model-dtype values; masked entries 0) -> codes cast(clamp(v / s)),
-    int8 rounded half to even first; s = max(amax(|v|) * (1 / QMAX), FLOOR) per row, or the static scale: the
-    arithmetic of triton_quant._quant_rows_kernel and of quant_linear's references."""
-    if STATIC:
-        s = tl.zeros_like(tl.max(v, axis=1)) + tl.load(in_scale_ptr).to(tl.float32)
+    """Rows of v [R, C] (float32 holding model-dtype values; masked entries 0) -> codes and per-row scales by
+    triton_quant's act_scale / act_codes (the arithmetic of its quantize-rows kernel and of the references)."""
+    if STATIC:  # only the rows' count matters
+        amax = tl.zeros((v.shape[0],), dtype=tl.float32)
     else:
-        s = tl.maximum(tl.max(tl.abs(v), axis=1) * (1.0 / QMAX), FLOOR)
+        amax = tl.max(tl.abs(v), axis=1)
+    s = act_scale(amax, in_scale_ptr, STATIC, QMAX, FLOOR)
     tl.store(s_ptrs, s, mask=rmask)
-    q = tl.math.div_rn(v, tl.zeros_like(v) + s[:, None])
-    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-    if INT8:
-        q = (q + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |q| < 2^22 to an integer, ties to even
-    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+    tl.store(q_ptrs, act_codes(v, s[:, None], INT8, QMAX).to(q_ptrs.dtype.element_ty), mask=mask)
 
 
 @_jit

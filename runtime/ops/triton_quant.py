@@ -32,8 +32,7 @@ linear_fp8 (FP8 W8A8, E4M3)
     round-to-nearest-even cast to E4M3; or the static scale). Up to FP8_TRITON_MAX_M rows (decode) the codes
     go to the split-K Triton W8A8 GEMM below (float32 accumulation of exact E4M3 products; the row and
     column scales and the bias in the epilogue, or in the split reduction): _scaled_mm streams the weight at
-    a fraction of copy bandwidth there. A variant quantizes the activation inside that GEMM (each program
-    computes its rows' amax over the whole row). Above that, ``torch._scaled_mm`` with row-wise scales
+    a fraction of copy bandwidth there. Above that, ``torch._scaled_mm`` with row-wise scales
     (scale_a [M, 1], scale_b [1, N] float32; a per-tensor weight scale is expanded) or tensor-wise scales
     when both are per tensor, the bias and the output dtype in cuBLAS's epilogue. _scaled_mm needs K and N
     multiples of 16 (M is free); other shapes use the reference. A combination that this torch/cuBLAS
@@ -84,18 +83,21 @@ INT_MM_MIN_M = None  # M from which linear_int8 uses torch._int_mm (None: never;
 # bench/results/quant-gemm-h200.json, activation quantization included: qkv 25.0 us vs 17.5 us here,
 # down 52.2 vs 32.6, gate_up 57.6 vs 45.5; bf16 cuBLAS 18.6 / 34.8 / 60.6).
 FP8_TRITON_MAX_M = 16
-# "triton": the activation-quantization kernel, then the GEMM (timed: bench/results/quant-gemm-h200.json);
-# "triton_fused" quantizes inside the GEMM (one launch fewer, but every program recomputes its rows' amax over
-# the whole row: 5x slower per layer on an H200, bench/results/quant-gemm-decode-h200.json)
+# "triton": the activation-quantization kernel, then the GEMM (timed: bench/results/quant-gemm-h200.json).
+# Quantizing inside the GEMM instead (every program recomputing its rows' amax over the whole row) was 5x
+# slower per layer on an H200 (bench/results/quant-gemm-decode-h200.json) and is gone: the activation's
+# producer quantizes it (fuse_act_quant)
 FP8_TRITON_PATH = "triton"
 DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
 # decode: up to WNA16_GEMV_MAX_M rows linear_wna16 runs its GEMV (no tensor cores; None: never). SERIAL_SPLIT:
 # split-K launches sum their partials in the tile's last program instead of a second kernel.
 # H200 figures (bench/results/quant-gemm-decode-h200.json, us per layer of 8B GEMMs at M = 1): the W4A16 GEMV
 # 92.3 against 173.3 for the tensor-core kernel (bf16 cuBLAS 130.1), but 239 against 168 at M = 4 (it
-# dequantizes once per row); the FP8 GEMV of the time (a [BLOCK_M, BLOCK_K, BLOCK_N] product tile, now only
-# behind the in-GEMM activation quantization) 143 against 101 for the split-K tensor-core kernel; its successor
-# _w8a8_gemv_kernel (GemmConfig(gemv=True) on codes) is untimed: neither is a default. Serial split-K: FP8
+# dequantizes once per row); the FP8 GEMV of the time (a [BLOCK_M, BLOCK_K, BLOCK_N] product tile, since
+# removed) 143 against 101 for the split-K tensor-core kernel; its successor _w8a8_gemv_kernel
+# (GemmConfig(gemv=True)) is untimed: not a default. Also removed after timing: a split-dot W4A16 kernel (one
+# dot per code position, 175-310 us per layer at M = 4/16 against 168-172,
+# bench/results/quant-gemm-decode-h200-splitdot.json). Serial split-K: FP8
 # 100.6 against 102.8 us, W4A16 GEMV 92.3 against 95.3.
 WNA16_GEMV_MAX_M = 1
 SERIAL_SPLIT = True
@@ -175,71 +177,6 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
                 acc = tl.dot(a, (wq.to(tl.float32) * s[None, :]).to(dt), acc)
         else:
             acc = tl.dot(a, wq, acc)
-    if not GROUPED:
-        acc = acc * s0[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
-                           SPLIT, SERIAL)
-    if finish:
-        _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
-
-
-@_jit(do_not_specialize=["M"])
-def _wna16_splitdot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
-                           stride_xm, group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr,
-                           GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, MAGIC_VAL: tl.constexpr):
-    """_wna16_kernel's product on tensor cores without unpacking shuffles: code j of the [R = BLOCK_K / PER,
-    BLOCK_N] packed words is the B operand of its own dot against x's columns k0 + r * PER + j (PER dots of
-    K = R per tile), so the words never change layout. Each code becomes (2^E + q) in x's dtype by one mask-OR
-    (``magic`` = the bits of 2^E, E = 7 for bf16 4-bit codes, 10 for fp16) and a bit cast; the zero point comes
-    off after the dot: sum_k x_k (2^E + q_k) - (2^E + z) * sum_k x_k, in float32."""
-    PER: tl.constexpr = 32 // BITS
-    R: tl.constexpr = BLOCK_K // PER
-    QMASK: tl.constexpr = (1 << BITS) - 1
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, R)
-    m_mask = rm < M
-    n_mask = rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    dt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if not GROUPED:
-        zc = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.float32) + MAGIC_VAL
-        s0 = tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    kt0 = pid_k * TILES
-    for t in range(0, TILES):
-        k0 = (kt0 + t) * BLOCK_K
-        offs_w = k0 // PER + rr
-        w_mask = (offs_w < K // PER)[:, None] & n_mask[None, :]
-        words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + rn[None, :], mask=w_mask, other=0)
-        if GROUPED:
-            g = k0 // group_size
-            zc = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32) + MAGIC_VAL
-            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-        tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            kk = k0 + rr * PER + j
-            if HAS_PERM:
-                cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
-            else:
-                cols = kk
-            a = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            w = (((words >> (BITS * j)) & QMASK) | magic).to(tl.int16).to(dt, bitcast=True)
-            tile = tl.dot(a, w, tile)
-            xsum += tl.sum(a.to(tl.float32), axis=1)
-        tile = tile - xsum[:, None] * zc[None, :]
-        if GROUPED:
-            acc += tile * s[None, :]
-        else:
-            acc += tile
     if not GROUPED:
         acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -418,23 +355,15 @@ def _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, mask, HAS_BIAS: tl.constex
 
 
 @_jit(do_not_specialize=["M"])
-def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in_scale_ptr, lock_ptr, M, N, K,
-                      stride_am, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      SERIAL: tl.constexpr, FP8: tl.constexpr,
-                      UPCAST: tl.constexpr, QUANT_A: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr,
-                      FLOOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      QBLOCK: tl.constexpr, QSTEPS: tl.constexpr, GEMV: tl.constexpr = False):
+def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
+                      TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                      FP8: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     """acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias (or the
-    partial when split). w [N, K] contiguous; a [M, K] (row stride stride_am) int8 (int32 acc, exact) or E4M3
-    (float32 acc: E4M3 products are exact in float32; UPCAST converts the codes to float16 first, also exact;
-    E4M3 codes arrive as uint8 and are reinterpreted here).
-    QUANT_A (E4M3 only): a is the float16/bfloat16 activation, quantized here as _quant_rows_kernel does it (per
-    row s = max(amax * (1 / QMAX), FLOOR) over the whole row, or the static scale; codes = cast(clamp(a / s)));
-    every program computes its rows' scales and the first program of each row block stores them in xs.
-    GEMV (a few rows, decode; with QUANT_A only: otherwise _w8a8_gemv_kernel runs): no tensor cores; the
-    products are accumulated elementwise into a [BLOCK_M, BLOCK_K, BLOCK_N] float32 (int32) tile, summed over K
-    once at the end (same exact products).
-    SERIAL: split partials summed by the tile's last program (_split_k)."""
+    partial when split). w [N, K] and a [M, K] contiguous codes: int8 (int32 acc, exact) or E4M3 (float32 acc:
+    E4M3 products are exact in float32; UPCAST converts the codes to float16 first, also exact; E4M3 codes
+    arrive as uint8 and are reinterpreted here). SERIAL: split partials summed by the tile's last program
+    (_split_k)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -442,28 +371,12 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * K
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * K
-    if QUANT_A:
-        if STATIC:
-            s_row = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(in_scale_ptr).to(tl.float32)
-        else:
-            amax = tl.zeros((BLOCK_M, QBLOCK), dtype=tl.float32)
-            for qi in range(0, QSTEPS):  # QSTEPS = cdiv(K, QBLOCK)
-                qc = qi * QBLOCK + tl.arange(0, QBLOCK)
-                xv = tl.load(a_rows + qc[None, :], mask=m_mask[:, None] & (qc < K)[None, :], other=0.0)
-                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-            s_row = tl.maximum(tl.max(amax, axis=1) * (1.0 / QMAX), FLOOR)
-        tl.store(xs_ptr + rm, s_row, mask=m_mask & (pid_n == 0) & (pid_k == 0))
-        s_tile = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32) + s_row[:, None]
     if FP8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if GEMV:
-            acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        if GEMV:
-            acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.int32)
     kt0 = pid_k * TILES
     for t in range(0, TILES):
         offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -471,33 +384,20 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, in
         a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         b = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
         if FP8:
-            if QUANT_A:
-                v = tl.math.div_rn(a.to(tl.float32), s_tile)
-                a = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-            else:
-                a = a.to(tl.float8e4nv, bitcast=True)
+            a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
-            if GEMV:
-                acc3 += a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
-            elif UPCAST:
+            if UPCAST:
                 acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
             else:
                 acc = tl.dot(a, b, acc)
-        elif GEMV:
-            acc3 += a.to(tl.int32)[:, :, None] * b.to(tl.int32)[None, :, :]
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    if GEMV:
-        acc = tl.sum(acc3, axis=1)
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
                            SPLIT, SERIAL)
     if finish:
-        if QUANT_A:
-            xs = s_row
-        else:
-            xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
+        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
         _store_out(acc.to(tl.float32) * xs[:, None] * ws[None, :], out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
 
@@ -573,33 +473,46 @@ def _split_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, SPLIT: 
 
 
 @_jit
+def act_scale(amax, in_scale_ptr, STATIC: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+    """Activation scale of rows whose |x| maxima are ``amax``: max(amax * (1 / QMAX), FLOOR), or the static scale
+    (same shape). The reference's amax / QMAX runs on CUDA as amax * float32(1 / QMAX) (torch divides by a
+    scalar through its reciprocal there). Shared by every kernel that quantizes activations."""
+    if STATIC:
+        s = tl.zeros_like(amax) + tl.load(in_scale_ptr).to(tl.float32)
+    else:
+        s = tl.maximum(amax * (1.0 / QMAX), FLOOR)
+    return s
+
+
+@_jit
+def act_codes(v, s, INT8: tl.constexpr, QMAX: tl.constexpr):
+    """clamp(v / s, -QMAX, QMAX) (an IEEE division, as the reference computes on CUDA; s broadcast against v),
+    int8: rounded half to even; the caller casts to the codes' dtype."""
+    q = tl.math.div_rn(v, tl.zeros_like(v) + s)
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    if INT8:
+        q = (q + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |q| < 2^22 to an integer, ties to even
+    return q
+
+
+@_jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
                        FLOOR: tl.constexpr, STATIC: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr):
-    """Row r of x -> q[r, :] = cast(clamp(x / s, -QMAX, QMAX)) (int8: rounded half to even first), s[r] = s;
-    s = max(amax(|x[r]|) * (1 / QMAX), FLOOR), or the static scale; x / s an IEEE division, as the reference
-    computes on CUDA."""
+    """Row r of x -> q[r, :] = act_codes(x, s), s[r] = act_scale(amax(|x[r]|)), BLOCK columns at a time."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     cols = tl.arange(0, BLOCK)
-    if STATIC:
-        s = tl.load(in_scale_ptr).to(tl.float32)
-    else:
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    if not STATIC:
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        # the reference's amax / QMAX runs on CUDA as amax * float32(1 / QMAX) (torch divides by a scalar
-        # through its reciprocal there); x / s below is a true division in both
-        s = tl.maximum(tl.max(amax, axis=0) * (1.0 / QMAX), FLOOR)
+    s = act_scale(tl.max(amax, axis=0), in_scale_ptr, STATIC, QMAX, FLOOR)
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK):
         mask = k0 + cols < K
         x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-        v = tl.math.div_rn(x, tl.zeros((BLOCK,), dtype=tl.float32) + s)
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        if INT8:
-            v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |v| < 2^22 to an integer, ties to even
-        tl.store(q_ptr + row * K + k0 + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + row * K + k0 + cols, act_codes(x, s, INT8, QMAX).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -642,8 +555,6 @@ class GemmConfig:
     magic: bool = False  # wna16: codes to floats by the magic-number bit trick (no int -> float conversion)
     gemv: bool = False  # no tensor cores (decode): wna16 through _wna16_gemv_kernel, fp8/int8 elementwise products
     serial: bool = False  # split-K partials summed by the tile's last program (_split_k): no reduce launch
-    split_dot: bool = False  # wna16: _wna16_splitdot_kernel (one dot per code position, zero point after the
-    # dot); correct, slower than the default on an H200 (175-310 us per 8B layer against 168-172): an option
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
@@ -804,8 +715,6 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
         _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, PREFETCH=cfg.prefetch,
                                                       ZSUM=cfg.zsum, **flags)
-    elif cfg.split_dot and magic_ok and bk // per >= 16:
-        _wna16_splitdot_kernel[(tiles_n, tiles_m, split)](*common, magic_bits, MAGIC_VAL=magic_val, **flags)
     else:
         _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape,
                                                  MAGIC=cfg.magic and magic_ok, MAGIC_BITS=magic_bits,
@@ -865,24 +774,15 @@ def _scaled_mm(xq, w, sa, sb, bias, dtype, mode: str):
 def linear_fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     input_scale: torch.Tensor | None, bias: torch.Tensor | None, config: GemmConfig | None = None,
                     path: str | None = None) -> torch.Tensor:
-    """``path``: "triton_fused" (split-K GEMM quantizing the activation itself), "triton" (the activation
-    quantization kernel, then the split-K GEMM on the E4M3 codes), "triton_upcast" (the same on float16 copies
-    of the codes), "scaled_mm"; None picks FP8_TRITON_PATH up to FP8_TRITON_MAX_M rows, _scaled_mm above."""
+    """``path``: "triton" (the activation quantization kernel, then the split-K GEMM on the E4M3 codes),
+    "triton_upcast" (the same on float16 copies of the codes), "scaled_mm"; None picks FP8_TRITON_PATH up to
+    FP8_TRITON_MAX_M rows, _scaled_mm above."""
     m, k = x.shape if x.dim() == 2 else (0, 0)
     n = weight.shape[0]
     if not _fp8_fast(x.dtype, x.dim(), k, weight, bias):
         return linear_fp8_ref(x, weight, weight_scale, input_scale, bias)
     if m == 0:
         return x.new_empty((0, n))
-    path = _fp8_path(m, path)
-    if path == "triton_fused":  # activation quantization inside the GEMM: one kernel (two when split)
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        sx = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        _w8a8_gemm(x, weight.contiguous(), sx, _per_column(weight_scale, n), bias, out,
-                   config or fp8_config(m, n, k), fp8=True, input_scale=input_scale, quant_a=True)
-        return out
     xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
     return _fp8_codes_mm(xq, sx, weight, weight_scale, input_scale is not None, bias, x.dtype, config, path)
 
@@ -909,7 +809,7 @@ def _fp8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weig
                   static: bool, bias: torch.Tensor | None, dtype: torch.dtype, config: GemmConfig | None = None,
                   path: str | None = None) -> torch.Tensor:
     """(E4M3 codes [M, K], float32 scales [M, 1]) @ weight.T in ``dtype``: the split-K Triton GEMM (paths
-    "triton", "triton_upcast"; "triton_fused" has nothing left to fuse here) or _scaled_mm. ``static``: the
+    "triton", "triton_upcast") or _scaled_mm. ``static``: the
     rows share one (calibrated) scale, so a per-tensor weight scale can use cuBLAS's tensor-wise scaling."""
     (m, k), n = xq.shape, weight.shape[0]
     path = _fp8_path(m, path)
@@ -974,39 +874,28 @@ def _int8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
     return out
 
 
-def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: bool = False,
-               input_scale: torch.Tensor | None = None, quant_a: bool = False) -> None:
-    """out = (xq @ w.T) * sx * ws [+ bias] through _w8a8_gemm_kernel (split-K per ``cfg`` or the heuristic), or
-    _w8a8_gemv_kernel for a ``gemv`` config on codes (one row per program).
-    ``quant_a``: xq is the float activation, quantized to E4M3 inside the GEMM (scales written to sx [M])."""
+def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: bool = False) -> None:
+    """out = (xq @ w.T) * sx * ws [+ bias] on codes: _w8a8_gemm_kernel (split-K per ``cfg`` or the heuristic),
+    or _w8a8_gemv_kernel for a ``gemv`` config (one row per program, no tensor cores)."""
     (m, k), n = xq.shape, w.shape[0]
-    gemv = cfg.gemv and not quant_a and not upcast
+    gemv = cfg.gemv and not upcast
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), m if gemv else triton.cdiv(m, cfg.block_m)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, xq.device)
     part = (torch.empty((split, m, n), dtype=torch.float32 if fp8 else torch.int32, device=xq.device)
             if split > 1 else out)
+    xq = xq.contiguous()
     if fp8:
-        w = w.view(torch.uint8)
-        if not quant_a:
-            xq = xq.view(torch.uint8)
+        w, xq = w.view(torch.uint8), xq.view(torch.uint8)
     serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
-    locks = _locks(xq.device) if serial else part
-    common = (sx, ws, bias if bias is not None else ws, out, part)
+    args = (xq, w, sx, ws, bias if bias is not None else ws, out, part, _locks(xq.device) if serial else part, m, n, k)
     flags = dict(TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, FP8=fp8,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if gemv:
         _w8a8_gemv_kernel[(tiles_n, m, split)](
-            xq.contiguous(), w, *common, locks, m, n, k,
-            EVEN=k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0, **flags)
+            *args, EVEN=k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0, **flags)
     else:
-        stride_am = xq.stride(0) if quant_a else k
-        qblock = min(max(16, 2048 // cfg.block_m), triton.next_power_of_2(k))  # [block_m, qblock] fits registers
-        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](
-            xq, w, *common, input_scale.float() if input_scale is not None else sx, locks, m, n, k, stride_am,
-            UPCAST=upcast, QUANT_A=quant_a, STATIC=input_scale is not None, QMAX=FP8_MAX, FLOOR=SCALE_FLOOR,
-            BLOCK_M=cfg.block_m, QBLOCK=qblock, QSTEPS=triton.cdiv(k, qblock) if quant_a else 0, GEMV=cfg.gemv,
-            **flags)
+        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m, **flags)
     if split > 1 and not serial:
         _reduce(part, sx, ws, bias, out)
 
