@@ -46,6 +46,21 @@ def same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], what: st
         assert diff.numel() == 0, f"{what}[{i}]: {diff.shape[0]} of {g.numel()} differ, first at {diff[0].tolist()}"
 
 
+def same_codes(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], what: str) -> None:
+    """A fused producer's (codes, scales[, sum]) against the unfused kernels': the fused kernel is another compiled
+    program, whose float32 sum of squares may round differently (reduction order, FMA contraction), so a value on
+    a rounding boundary may land one code away (the H200 showed 1 of 1,052,672 int8 codes for float16). Allowed:
+    codes one step apart in at most 1e-4 of them, scales within a float16 ulp; everything else bit for bit."""
+    (gq, gs, *grest), (wq, ws, *wrest) = got, want
+    assert gq.shape == wq.shape and gq.dtype == wq.dtype and gs.shape == ws.shape, (what, gq.shape, wq.shape)
+    gi, wi = ((gq.view(torch.uint8), wq.view(torch.uint8)) if gq.dtype == torch.float8_e4m3fn else (gq, wq))
+    d = (gi.int() - wi.int()).abs()  # E4M3 bit patterns of one sign are ordered: one step is 1 apart
+    assert int(d.max()) <= 1 if d.numel() else True, f"{what}: codes {int(d.max())} steps apart"
+    assert int((d > 0).sum()) <= max(1, d.numel() // 10000), f"{what}: {int((d > 0).sum())} of {d.numel()} differ"
+    torch.testing.assert_close(gs, ws, rtol=2.0 ** -10, atol=0, msg=lambda e: f"{what} scales: {e}")
+    same(tuple(grest), tuple(wrest), what + " (sum)")
+
+
 def close_to_reference(codes: torch.Tensor, scales: torch.Tensor, ref: torch.Tensor, what: str,
                        check: bool = True) -> None:
     """Dequantized codes within half a quantization step (plus the model dtype's rounding) of ``ref`` clamped to
@@ -88,15 +103,15 @@ def check_producers(device: str, dtype: torch.dtype, widths, ns, g: torch.Genera
                 key = f"{dtype} w{width} n{n} {'strided ' if strided else ''}{qd} {'static' if static else 'dynamic'}"
                 got = te.rms_norm_quant_cuda(x, w, 1e-5, sc, int8)
                 normed = te.rms_norm_cuda(x, w, 1e-5)
-                same(got, tq.quantize_rows(normed, sc, qd), f"rms_norm_quant {key}")
+                same_codes(got, tq.quantize_rows(normed, sc, qd), f"rms_norm_quant {key}")
                 close_to_reference(*got, rms_norm_ref(x, w, 1e-5), f"rms_norm_quant vs reference {key}", vs_ref)
                 got = te.fused_add_rms_norm_quant_cuda(x, res, w, 1e-5, sc, int8)
                 normed, total = te.fused_add_rms_norm_cuda(x, res, w, 1e-5)
-                same(got, (*tq.quantize_rows(normed, sc, qd), total), f"fused_add_rms_norm_quant {key}")
+                same_codes(got, (*tq.quantize_rows(normed, sc, qd), total), f"fused_add_rms_norm_quant {key}")
                 close_to_reference(got[0], got[1], fused_add_rms_norm_ref(x, res, w, 1e-5)[0],
                                    f"fused_add_rms_norm_quant vs reference {key}", vs_ref)
                 got = te.silu_and_mul_quant_cuda(gu, sc, int8)
-                same(got, tq.quantize_rows(te.silu_and_mul_cuda(gu), sc, qd), f"silu_and_mul_quant {key}")
+                same_codes(got, tq.quantize_rows(te.silu_and_mul_cuda(gu), sc, qd), f"silu_and_mul_quant {key}")
                 close_to_reference(*got, silu_and_mul_ref(gu), f"silu_and_mul_quant vs reference {key}", vs_ref)
 
 
@@ -106,7 +121,7 @@ def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -
     for m, k, n in shapes:
         x = torch.randn(m, k, generator=g, device=device).to(dtype) * 2
         bias = torch.randn(n, generator=g, device=device).to(dtype)
-        w = torch.randn(n, k, generator=g) * 0.05
+        w = torch.randn(n, k, generator=g, device=device).cpu() * 0.05  # fp8_weight / int8_weight: CPU
         for static in (False, True):
             sc = (x.float().abs().amax() / 448 * 0.8).reshape(1) if static else None
             for per_channel in (True, False):
