@@ -40,6 +40,7 @@ import triton  # noqa: E402
 import runtime.ops  # noqa: E402,F401
 from compiler.quantize.layout import fp8_weight, int8_weight  # noqa: E402
 from runtime.ops import triton_quant as tq  # noqa: E402
+from runtime.ops.quant_linear import pack_wna16_mma  # noqa: E402
 
 FP8_SWEEP = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in (
     (64, 256, 4, 4), (128, 128, 4, 4), (64, 128, 4, 6), (32, 256, 2, 4), (64, 512, 4, 3), (128, 256, 8, 3))]
@@ -165,6 +166,10 @@ def decode_candidates(m: int) -> dict[str, list]:
                                                              serial=True), None)
                for bm, bn, bk, w, st in ((m, 128, 128, 4, 3), (m, 64, 128, 4, 3), (m, 128, 64, 4, 3),
                                          (m, 256, 128, 8, 3), (m, 64, 128, 2, 4))]
+    # the tensor-core kernel on pack_wna16_mma's layout (the weight as wgmma's register operand): block_m tokens
+    # per program (the wgmma N), split-K to `waves` programs per SM
+    w4 += [(f"mma m{bm} s{st} x{wv}", g(bm, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv), "mma")
+           for bm, st, wv in ((16, 3, 2), (16, 3, 4), (16, 4, 4), (16, 3, 8), (16, 2, 4), (16, 4, 8))]
     base = tq.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
         ("serial", dict(serial=True)), ("magic", dict(magic=True)), ("magic serial", dict(magic=True, serial=True)),
@@ -200,6 +205,10 @@ def decode_candidates(m: int) -> dict[str, list]:
 def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
     if op == "bf16":
         return lambda: torch.mm(x, w["bf16"].t())
+    if op == "w4a16" and path == "mma":
+        if "w4mma" not in w:
+            w["w4mma"] = pack_wna16_mma(w["w4"][0])
+        return lambda: tq.linear_wna16_mma_cuda(x, w["w4mma"], w["w4"][1], w["w4"][2], None, None, GROUP, config=cfg)
     if op == "w4a16":
         return lambda: tq.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
     if path == "codes":  # the GEMM alone, on codes quantized beforehand (a fused norm/SiLU made them)

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from compiler.hf_loader import HFCheckpoint
 from compiler.quantize.packing import _pack
 from compiler.weights import write_safetensors_stream
+from runtime.ops.quant_linear import unpack_wna16_mma
 
 log = logging.getLogger("spanda.compiler")
 
@@ -56,7 +57,7 @@ ARTIFACT_ONLY = ("model.rope_cos_sin",)
 # Artifact parameter suffixes per op (the names the build's quantization pass writes); a module whose suffixes
 # include the first key of an entry is that op.
 OP_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "linear_wna16": ("qweight", "scales", "zeros", "perm", "bias"),
+    "linear_wna16": ("qweight", "qweight_mma", "scales", "zeros", "perm", "bias"),  # qweight_mma: wna16_mma pass
     "linear_w8a8": ("weight", "weight_scale", "input_scale", "bias"),  # fp8 or int8 by the weight's dtype
     "float": ("weight", "bias"),
 }
@@ -80,7 +81,7 @@ def classify(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
 
 
 def _op_of(suffixes: dict[str, str], weight_dtype: torch.dtype | None) -> str:
-    if "qweight" in suffixes:
+    if "qweight" in suffixes or "qweight_mma" in suffixes:
         return "linear_wna16"
     if "weight_scale" in suffixes:
         if weight_dtype == torch.float8_e4m3fn:
@@ -179,6 +180,8 @@ def _module_tensors(read: Callable[[str], torch.Tensor], prefix: str, suffixes: 
     parent, _, leaf = prefix.rpartition(".")
     parts = FUSED_MODULES.get(leaf, (leaf,))
     t = {s: read(n) for s, n in suffixes.items()}
+    if "qweight_mma" in t:  # the tensor-core layout of the same 4-bit codes: back to the GPTQ words
+        t["qweight"] = _pack(unpack_wna16_mma(t.pop("qweight_mma"), _in_features(leaf, c)), 4, 0)
     bias = t.get("bias")
     if op == "float":
         n_out = t["weight"].shape[0]

@@ -8,6 +8,7 @@ from compiler.passes.fusion import (
     fuse_qkv,
     fuse_rope_kv_write,
 )
+from compiler.passes.quantize import pack_wna16_mma
 
 # (recipe switch name, pass). Order matters: act-mul needs the fused gate/up projection.
 PASSES = (
@@ -18,7 +19,7 @@ PASSES = (
     ("fuse_rope_kv_write", fuse_rope_kv_write),
 )
 # after quantization (its W8A8 linears), run by the build when the recipe enables it
-POST_QUANT_PASSES = (("fuse_act_quant", fuse_act_quant),)
+POST_QUANT_PASSES = (("fuse_act_quant", fuse_act_quant), ("wna16_mma", pack_wna16_mma))
 
 __all__ = ["PASSES", "POST_QUANT_PASSES", "fuse_act_mul", "fuse_act_quant", "fuse_add_rmsnorm", "fuse_gate_up",
-           "fuse_qkv", "fuse_rope_kv_write"]
+           "fuse_qkv", "fuse_rope_kv_write", "pack_wna16_mma"]

@@ -17,6 +17,7 @@ from torch import fx
 
 from compiler.passes.graph_utils import aten, attr_tensor, finalize, is_call, set_parameter
 from compiler.weights import Derived, WeightPlan, WeightSource
+from runtime.ops import quant_linear as ql
 
 spanda = torch.ops.spanda
 
@@ -115,3 +116,50 @@ def quantize_linears(gm: fx.GraphModule, plan: WeightPlan, choose: Callable[[str
         sites.append(site)
     finalize(gm)
     return sites
+
+
+def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> int:
+    """After quantization: 4-bit ``linear_wna16`` nodes whose shapes the tensor-core layout holds (N % 64 == 0,
+    K % 128 == 0, group size 128 or per channel) become ``linear_wna16_mma`` and their ``qweight`` becomes
+    ``qweight_mma`` (quant_linear.pack_wna16_mma: the same codes, the same bytes, rearranged for the Hopper
+    kernel), packed when the weights are written. ``dtype`` is unused (the pass signature of the build)."""
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not is_call(node, spanda.linear_wna16.default):
+            continue
+        x, qw, scales, zeros, perm, bias, bits, gs = node.args
+        if bits != 4 or gs not in (128, -1) or qw.op != "get_attr":
+            continue
+        meta = attr_tensor(gm, qw)
+        k, n = meta.shape[0] * 8, meta.shape[1]
+        if n % ql.MMA_ROWS or k % ql.MMA_K:
+            continue
+        name = str(qw.target)
+        new_name = name + "_mma"
+        source = plan.entries[name]
+        if source.kind != "derived":  # quantize_linears derives every linear_wna16's tensors (RTN, calibrated
+            continue                  # methods and prequantized checkpoints alike)
+        # the codes come out of one call per linear: pack them in its result
+        group, key = source.sources
+        inner = plan.derived[group]
+
+        def derived(read, inner=inner, key=key):
+            out = dict(inner(read))
+            out[key + "_mma"] = ql.pack_wna16_mma(out.pop(key))
+            return out
+
+        plan.derived[group] = derived
+        plan.entries[new_name] = WeightSource("derived", (group, key + "_mma"))
+        del plan.entries[name]
+        set_parameter(gm, new_name, torch.empty((n // ql.MMA_ROWS, k // ql.MMA_K, 2048), dtype=torch.int16,
+                                                device="meta"))
+        with graph.inserting_before(node):
+            new_qw = graph.get_attr(new_name)
+            new = graph.call_function(spanda.linear_wna16_mma.default, (x, new_qw, scales, zeros, perm, bias, gs))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    finalize(gm)
+    return count

@@ -15,6 +15,7 @@ OPS = (
     "spanda::rope_and_cache",
     "spanda::paged_attention_cached",
     "spanda::linear_wna16",
+    "spanda::linear_wna16_mma",
     "spanda::linear_fp8",
     "spanda::linear_int8",
     "spanda::rms_norm_quant",

@@ -14,6 +14,12 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
              the stored order), so ``y = x[:, perm] @ W_stored``; None: identity.
     W_stored[k, n] = (q[k, n] - zeros[k // gs, n]) * scales[k // gs, n];   y = x[:, perm] @ W_stored + bias
 
+``spanda::linear_wna16_mma(x, qmma, scales, zeros, perm, bias, group_size)``  (W4A16, tensor-core layout)
+    linear_wna16 at 4 bits with the codes stored for the Hopper tensor-core kernel (``pack_wna16_mma``:
+    int16 [N / 64, K / 128, 2048], the same bytes as qweight); scales, zeros, perm, bias and the product as
+    above, group_size 128 or -1. The build's ``wna16_mma`` pass rewrites linear_wna16 to it where the shapes
+    allow (N % 64 == 0, K % 128 == 0).
+
 ``spanda::linear_fp8(x, weight, weight_scale, input_scale, bias)``  (FP8 W8A8, E4M3)
     weight        float8_e4m3fn [N, K];  weight_scale float32 [N] (per channel) or [1] (per tensor)
     input_scale   float32 [1] (static, from calibration) or None (dynamic: one scale per token)
@@ -62,18 +68,74 @@ def unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(qweight.shape[0] * per, qweight.shape[1])
 
 
-def dequantize_wna16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                     group_size: int) -> torch.Tensor:
-    """The stored weight as float32 [K, N] (rows in stored order)."""
-    q = unpack_rows(qweight, bits)
+MMA_ROWS, MMA_K = 64, 128  # one tile of the W4A16 tensor-core layout: 64 weight rows (output channels) x 128 K
+
+
+def _mma_axes(n: int, k: int) -> tuple[int, ...]:
+    # n = 64 nb + 16 w + 8 v + g;  k = 128 kb + 16 (4 p1 + 2 p0 + i1) + 8 i0 + 2 t + h
+    return n // MMA_ROWS, 4, 2, 8, k // MMA_K, 2, 2, 2, 2, 4, 2
+
+
+# codes [N, K] viewed on _mma_axes -> the stored order (nb, kb, v, w, g, t, p1, p0, h, i1, i0)
+_MMA_PERM = (0, 4, 2, 1, 3, 9, 5, 6, 10, 7, 8)
+
+
+def pack_wna16_mma(qweight: torch.Tensor) -> torch.Tensor:
+    """4-bit qweight [K/8, N] int32 (GPTQ order) -> the layout of triton_quant's W4A16 tensor-core kernel:
+    int16 [N/64, K/128, 2048], the same bytes. Each 64 x 128 tile of W (rows = output channels) is stored so
+    that a plain 16-byte load per thread gives every thread of a warpgroup exactly the weights that the Hopper
+    wgmma instruction wants in its registers (the A operand: the kernel computes y^T = W x^T), with no
+    exchange between threads: element (v, w, g, t, r) (2 x 4 x 8 x 4 x 8 int16, thread = (w, g, t), one
+    16-byte vector per v) holds in its nibble i = 2 i1 + i0 the code of row 16 w + 8 v + g, column
+    16 (4 p1 + 2 p0 + i1) + 8 i0 + 2 t + h, with r = 4 p1 + 2 p0 + h: adjacent int16 (h = 0, 1) hold adjacent
+    columns, so one bf16x2 register per nibble position comes out of a 32-bit word. Needs N % 64 == 0 and
+    K % 128 == 0."""
+    kw, n = qweight.shape
+    k = kw * 8
+    if n % MMA_ROWS or k % MMA_K:
+        raise ValueError(f"the W4A16 tensor-core layout needs N % {MMA_ROWS} == 0 and K % {MMA_K} == 0, got "
+                         f"N={n}, K={k}")
+    q = unpack_rows(qweight, 4).t().reshape(_mma_axes(n, k)).permute(_MMA_PERM)
+    q = q.reshape(n // MMA_ROWS, k // MMA_K, 2048, 4)
+    word = q[..., 0] | (q[..., 1] << 4) | (q[..., 2] << 8) | (q[..., 3] << 12)
+    return torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16).contiguous()
+
+
+def unpack_wna16_mma(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_wna16_mma's int16 [N/64, K/128, 2048] -> codes int32 [K, N]."""
+    n = packed.shape[0] * MMA_ROWS
+    w = packed.to(torch.int32) & 0xFFFF
+    q = torch.stack([(w >> (4 * i)) & 0xF for i in range(4)], dim=-1)
+    shape = _mma_axes(n, k)
+    stored = [shape[d] for d in _MMA_PERM]
+    inv = [_MMA_PERM.index(d) for d in range(len(_MMA_PERM))]
+    return q.reshape(stored).permute(inv).reshape(n, k).t().contiguous()
+
+
+def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes [K, N] -> the stored weight as float32 [K, N] (rows in stored order)."""
     k = q.shape[0]
     gs = k if group_size == -1 else group_size
     g = torch.arange(k, device=q.device) // gs
     return (q.float() - zeros.float()[g]) * scales.float()[g]
 
 
+def dequantize_wna16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                     group_size: int) -> torch.Tensor:
+    """The stored weight as float32 [K, N] (rows in stored order)."""
+    return dequantize_codes(unpack_rows(qweight, bits), scales, zeros, group_size)
+
+
 def linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits: int, group_size: int):
-    w = dequantize_wna16(qweight, scales, zeros, bits, group_size)
+    return _wna16_product(x, dequantize_wna16(qweight, scales, zeros, bits, group_size), perm, bias)
+
+
+def linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size: int):
+    w = dequantize_codes(unpack_wna16_mma(qmma, x.shape[-1]), scales, zeros, group_size)
+    return _wna16_product(x, w, perm, bias)
+
+
+def _wna16_product(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None, bias: torch.Tensor | None):
     xf = x.float() if perm is None else x.float()[:, perm.long()]
     y = xf @ w
     if bias is not None:
@@ -145,6 +207,17 @@ def linear_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 @linear_wna16.register_fake
 def _linear_wna16_fake(x, qweight, scales, zeros, perm, bias, bits, group_size):
     return _out(x, qweight.shape[1])
+
+
+@torch.library.custom_op("spanda::linear_wna16_mma", mutates_args=())
+def linear_wna16_mma(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     perm: torch.Tensor | None, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    return linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size)
+
+
+@linear_wna16_mma.register_fake
+def _linear_wna16_mma_fake(x, qmma, scales, zeros, perm, bias, group_size):
+    return _out(x, qmma.shape[0] * MMA_ROWS)
 
 
 @torch.library.custom_op("spanda::linear_fp8", mutates_args=())

@@ -63,6 +63,7 @@ from runtime.ops.quant_linear import (
     SCALE_FLOOR,
     linear_fp8_ref,
     linear_int8_ref,
+    linear_wna16_mma_ref,
     linear_wna16_ref,
     w8a8_codes_ref,
 )
@@ -322,6 +323,102 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
 
 
 @_jit
+def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr):
+    """What _mma_dequant's instructions compute for nibble i (the interpreter and pre-Hopper GPUs run this):
+    (MAGIC + code) - zz, zz = MAGIC + zero point, exact in the model dtype."""
+    q = ((words.to(tl.int32) >> (4 * i)) & 0xF).to(tl.float32)
+    return (q + MAGIC - zz.to(tl.float32)).to(zz.dtype)
+
+
+@_jit
+def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """int16 words (4 codes each) -> 4 tensors of q - z in the model dtype, nibble i in the i-th. On the GPU one
+    asm block per pair of int16 (one 32-bit register; pack=2): per nibble position a shift, one LOP3 (mask the
+    pair's two codes and OR in the exponent bits of MAGIC: the bf16 / fp16 value MAGIC + q) and one packed
+    subtraction of zz = MAGIC + z (HADD2), about 1.4 instructions per weight. The exponent bits come from zz
+    itself (MAGIC + z, z < 128, shares them), so they sit in a register and the mask and the OR fuse."""
+    if ASM:
+        SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, u;
+            and.b32 u, $5, 0xFF80FF80;
+            and.b32 t, $4, 0x000F000F; or.b32 t, t, u; {SUB} $0, t, $5;
+            shr.u32 t, $4, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} $1, t, $5;
+            shr.u32 t, $4, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} $2, t, $5;
+            shr.u32 t, $4, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} $3, t, $5;
+            }}""",
+            constraints="=r,=r,=r,=r,r,r", args=[words, zz], dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
+    else:
+        o0 = _mma_nibbles(words, zz, 0, MAGIC)
+        o1 = _mma_nibbles(words, zz, 1, MAGIC)
+        o2 = _mma_nibbles(words, zz, 2, MAGIC)
+        o3 = _mma_nibbles(words, zz, 3, MAGIC)
+    return o0, o1, o2, o3
+
+
+@_jit(do_not_specialize=["M"])
+def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
+                      TILES: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr,
+                      BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """W4A16 on tensor cores with the weight as the register operand: y^T[64 rows, BLOCK_M] over the program's K
+    tiles [pid_k * TILES, +TILES) of 128 (one group each). qw in quant_linear.pack_wna16_mma's layout: one
+    4 KB tile per (row block, K tile), loaded as [2, 4, 8, 4, 8] int16 (16 bytes per thread and vector) in the
+    layout the coalescing pass gives it, turned into q - z by _mma_dequant, and rearranged (join, reshape,
+    permute: register renaming only) into the [64, 128] wgmma A operand: its threads already hold their own
+    elements, so nothing goes through shared memory. x^T [128, BLOCK_M] is the B operand (shared memory,
+    pipelined). The group's product (exact small integers times x, float32) is scaled per row after the dot.
+    Needs N % 64 == 0, K % 128 == 0 and group size 128 or per-channel; 4 warps (one warpgroup)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    ov = tl.arange(0, 2)[:, None, None, None, None]
+    ow = tl.arange(0, 4)[None, :, None, None, None]
+    og = tl.arange(0, 8)[None, None, :, None, None]
+    ot = tl.arange(0, 4)[None, None, None, :, None]
+    orr = tl.arange(0, 8)[None, None, None, None, :]
+    tile_off = ov * 1024 + ow * 256 + og * 32 + ot * 8 + orr  # [2, 4, 8, 4, 8]
+    row5 = pid_n * 64 + 16 * ow + 8 * ov + og  # [2, 4, 8, 1, 1]: the weight row of each word
+    rn = pid_n * 64 + tl.arange(0, 64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    dt = x_ptr.dtype.element_ty
+    w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
+    x_rows = x_ptr + rm[None, :].to(tl.int64) * stride_xm
+    acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
+    if not GROUPED:
+        zz = tl.broadcast_to((tl.load(z_ptr + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
+        s = tl.load(s_ptr + rn).to(tl.float32)
+    for t in range(0, TILES):
+        kt = pid_k * TILES + t
+        words = tl.load(w_base + kt * 2048 + tile_off)
+        if GROUPED:
+            zz = tl.broadcast_to((tl.load(z_ptr + kt * N + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
+        o0, o1, o2, o3 = _mma_dequant(words, zz, ASM, BF16, MAGIC)
+        a = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [v, w, g, t, r, i0, i1]: join appends its axis
+        a = a.reshape(2, 4, 8, 4, 2, 2, 2, 2, 2)  # v, w, g, t, p1, p0, h, i0, i1
+        a = a.permute(1, 0, 2, 4, 5, 8, 7, 3, 6).reshape(64, 128)  # rows (w, v, g), columns (p1, p0, i1, i0, t, h)
+        rk = kt * 128 + tl.arange(0, 128)
+        if HAS_PERM:
+            rk = tl.load(perm_ptr + rk)
+        b = tl.load(x_rows + rk[:, None], mask=m_mask[None, :], other=0.0)
+        part = tl.dot(a, b)
+        if GROUPED:
+            acc += part * tl.load(s_ptr + kt * N + rn).to(tl.float32)[:, None]
+        else:
+            acc += part
+    if not GROUPED:
+        acc = acc * s[:, None]
+    offs = rm[None, :].to(tl.int64) * N + rn[:, None]
+    mask = m_mask[None, :] & (rn < N)[:, None]
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.num_programs(1) + pid_m, pid_k, offs, mask, M, N,
+                           SPLIT, SERIAL)
+    if finish:
+        _store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
+
+
+@_jit
 def _split_k(acc, part_ptr, lock_ptr, tile, pid_k, offs, mask, M, N, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
     """The split-K step every GEMM here ends with. Returns (finish, acc): whether this program writes the output
     tile, and the sum it writes. Unsplit: (True, acc). Split: the program stores its partial [SPLIT, M, N]; with
@@ -561,11 +658,15 @@ class GemmConfig:
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
-# 1 row: the GEMV (block_k is capped by the group size at launch)
-WNA16_GEMV = GemmConfig(1, 128, 128, num_warps=4, num_stages=3, gemv=True, serial=SERIAL_SPLIT)
+# 1 row: the GEMV (block_k is capped by the group size at launch): 64-wide tiles, 2 warps, the next tile loaded
+# while this one is computed, 4 programs per SM: 88.6 us per 8B layer against 92.7 for 128-wide tiles, 4 warps,
+# no prefetch, 2 per SM (faster on each of the four shapes; bench/results/quant-gemm-decode-h200-codes.json)
+WNA16_GEMV = GemmConfig(1, 64, 128, num_warps=2, num_stages=3, gemv=True, serial=SERIAL_SPLIT, prefetch=True, waves=4)
 # 4-bit, 2-16 rows: magic-number unpacking, 128-wide tiles (168 us per 8B layer at M = 4, 172 at M = 16)
 WNA16_DECODE = {4: GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=True, serial=SERIAL_SPLIT),
                 8: GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)}
+# the W4A16 tensor-core kernel on pack_wna16_mma's layout (block_m = the wgmma N; untimed: bench --decode 'mma')
+WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)
 FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=6, serial=SERIAL_SPLIT)
 INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
 _SMS: dict[int, int] = {}
@@ -719,6 +820,44 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape,
                                                  MAGIC=cfg.magic and magic_ok, MAGIC_BITS=magic_bits,
                                                  MAGIC_VAL=magic_val, **flags)
+    if split > 1 and not serial:
+        _reduce(part, None, None, bias, out)
+    return out
+
+
+def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          perm: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
+                          config: GemmConfig | None = None) -> torch.Tensor:
+    """quant_linear.linear_wna16_mma (4-bit codes in pack_wna16_mma's layout, qmma int16 [N/64, K/128, 2048]):
+    x [M, K] fp16/bf16 -> y [M, N] through _wna16_mma_kernel; group size 128 or -1 (per channel); anything
+    else goes to the reference. config:
+    block_m (16, 32, 64 or 128: the wgmma N), split / waves / serial as for the other GEMMs (block_n,
+    block_k and num_warps are fixed by the layout: 64, 128, 4)."""
+    if (x.dtype not in FAST_DTYPES or x.dim() != 2 or qmma.dim() != 3 or qmma.shape[1] * 128 != x.shape[1]
+            or group_size not in (128, -1) or scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+        return linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size)
+    m, k = x.shape
+    n = qmma.shape[0] * 64
+    cfg = config or WNA16_MMA
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    tiles_n, tiles_m = n // 64, triton.cdiv(m, cfg.block_m)
+    k_tiles = k // 128
+    split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
+    bf16 = x.dtype == torch.bfloat16
+    # the packed bf16x2 subtraction needs sm_90; the interpreter and older GPUs run the same arithmetic in Triton
+    asm = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    _wna16_mma_kernel[(tiles_n, tiles_m, split)](
+        x, qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma,
+        bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
+        x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
+        MAGIC=128.0 if bf16 else 1024.0, num_warps=4, num_stages=cfg.num_stages)
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
@@ -928,6 +1067,10 @@ def _wna16_op(x, qweight, scales, zeros, perm, bias, bits, group_size):
     return linear_wna16_cuda(x, qweight, scales, zeros, perm, bias, bits, group_size)
 
 
+def _wna16_mma_op(x, qmma, scales, zeros, perm, bias, group_size):
+    return linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
+
+
 def _fp8_op(x, weight, weight_scale, input_scale, bias):
     return linear_fp8_cuda(x, weight, weight_scale, input_scale, bias)
 
@@ -938,6 +1081,7 @@ def _int8_op(x, weight, weight_scale, input_scale, bias):
 
 if AVAILABLE:
     torch.library.register_kernel("spanda::linear_wna16", "cuda", _wna16_op)
+    torch.library.register_kernel("spanda::linear_wna16_mma", "cuda", _wna16_mma_op)
     torch.library.register_kernel("spanda::linear_fp8", "cuda", _fp8_op)
     torch.library.register_kernel("spanda::linear_int8", "cuda", _int8_op)
     torch.library.register_kernel("spanda::linear_w8a8", "cuda", linear_w8a8_cuda)

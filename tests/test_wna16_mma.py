@@ -1,0 +1,195 @@
+"""The W4A16 tensor-core kernel on its own weight layout (quant_linear.pack_wna16_mma, triton_quant's
+_wna16_mma_kernel / linear_wna16_mma_cuda) against the float32 reference linear_wna16_ref on the same codes.
+
+CPU: the layout by hand-placed codes (positions worked out from the documented formula) and random round
+trips; the kernel under ``TRITON_INTERPRET=1`` (fp16; the interpreter runs the Triton arithmetic that the GPU
+replaces with inline PTX); the build's ``wna16_mma`` pass (the rewritten artifact computes the same logits
+and exports the same Hugging Face checkpoint as the plain one). GPU (``pytest -m gpu``): bf16 and fp16, M
+from 1 to 257, grouped / per-channel, act-order, bias, split-K (serial and reduce), CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import runtime.ops  # noqa: F401
+from compiler.build import build
+from compiler.export_hf import export_hf
+from runtime.ops.quant_linear import linear_wna16_ref, pack_wna16_mma, unpack_rows, unpack_wna16_mma
+from tests.conftest import capture_graph, make_hf_checkpoint, run_under_interpreter
+from tests.test_act_quant_fusion import _spanda_ops
+from tests.test_quantize_build import _artifact_logits, _recipe
+from tests.test_triton_quant import check, gen, wna16_case
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
+NO_GPU_REASON = "needs a CUDA GPU and triton (run with -m gpu on the device)"
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """codes [K, N] (0..15) -> GPTQ qweight [K/8, N] int32, nibble j of row r = code of k = 8 r + j."""
+    qw = torch.zeros(q.shape[0] // 8, q.shape[1], dtype=torch.int32)
+    for j in range(8):
+        qw |= q[j::8].int() << (4 * j)
+    return qw
+
+
+def test_layout_places_codes_where_the_docstring_says():
+    q = torch.zeros(128, 64, dtype=torch.int32)
+    # (k, n) = (42, 17): n = 16*1 + 8*0 + 1 -> w 1, v 0, g 1; k = 16*2 + 8*1 + 2*1 + 0 -> (p1, p0, i1) = (0, 1, 0),
+    # i0 1, t 1, h 0 -> r = 4*0 + 2*1 + 0 = 2, nibble i = 2*0 + 1 = 1; element 256 + 32 + 8 + 2 = 298
+    q[42, 17] = 5
+    # (127, 63): n = 48 + 8 + 7 -> w 3, v 1, g 7; k = 16*7 + 8 + 2*3 + 1 -> (1, 1, 1), i0 1, t 3, h 1 -> r 7,
+    # nibble 3; element 1024 + 768 + 224 + 24 + 7 = 2047
+    q[127, 63] = 9
+    # (1, 0): h 1 -> r 1, nibble 0, element 1
+    q[1, 0] = 15
+    packed = pack_wna16_mma(pack_codes(q))
+    assert packed.shape == (1, 1, 2048) and packed.dtype == torch.int16
+    nonzero = {int(i): int(packed[0, 0, i]) & 0xFFFF for i in packed[0, 0].nonzero().flatten()}
+    assert nonzero == {298: 5 << 4, 2047: 9 << 12, 1: 15}
+
+
+@pytest.mark.parametrize("k, n", [(128, 64), (384, 192), (1024, 128)])
+def test_layout_round_trip(k, n):
+    q = torch.randint(0, 16, (k, n), generator=gen("mma-layout", k, n), dtype=torch.int32)
+    qw = pack_codes(q)
+    assert torch.equal(unpack_rows(qw, 4), q)
+    packed = pack_wna16_mma(qw)
+    assert packed.shape == (n // 64, k // 128, 2048)
+    assert torch.equal(unpack_wna16_mma(packed, k), q)
+
+
+def test_layout_refuses_shapes_it_cannot_hold():
+    with pytest.raises(ValueError, match="N % 64 == 0 and K % 128 == 0"):
+        pack_wna16_mma(torch.zeros(16, 96, dtype=torch.int32))
+    with pytest.raises(ValueError, match="N % 64 == 0 and K % 128 == 0"):
+        pack_wna16_mma(torch.zeros(24, 64, dtype=torch.int32))
+
+
+CASES = [  # k, n, group size, act-order, bias
+    (256, 128, 128, False, True), (384, 64, 128, True, False), (512, 192, -1, False, True),
+    (256, 64, -1, True, True)]
+
+
+def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
+    from runtime.ops import triton_quant as tq
+
+    for k, n, gs, act, has_bias in CASES:
+        qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)
+        packed = pack_wna16_mma(qw)
+        qw, s, z, packed = (t.to(device) for t in (qw, s, z, packed))
+        perm = perm.to(device) if perm is not None else None
+        bias = torch.randn(n, generator=g).to(dtype).to(device) if has_bias else None
+        for m in ms:
+            x = torch.randn(m, k + 3, generator=g).to(dtype).to(device)[:, 1:1 + k]  # row-strided x
+            ref = linear_wna16_ref(x, qw, s, z, perm, bias, 4, gs)
+            for cfg in configs:
+                what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg}"
+                out = tq.linear_wna16_mma_cuda(x, packed, s, z, perm, bias, gs, config=cfg)
+                check(out, ref, what)
+                assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
+            if graph:
+                xs = x.contiguous()
+                args = (xs, packed, s, z, perm, bias, gs)
+                graph_, out = capture_graph(lambda a=args: tq.linear_wna16_mma_cuda(*a))
+                xs.copy_(torch.randn(xs.shape, device=device).to(dtype))
+                graph_.replay()
+                torch.cuda.synchronize()
+                check(out, linear_wna16_ref(xs, qw, s, z, perm, bias, 4, gs), f"{what} graph replay")
+
+
+def _interpreter_main() -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1: tiny CPU shapes, fp16."""
+    from runtime.ops import triton_quant as tq
+
+    g = torch.Generator().manual_seed(0)
+    cfg = tq.GemmConfig
+    configs = [cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=2), cfg(32, 64, 128, split=3, serial=True),
+               cfg(16, 64, 128, split=4, serial=True), None]
+    run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
+    print("interpreter ok")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs on the CPU)")
+def test_kernel_under_interpreter():
+    run_under_interpreter("tests.test_wna16_mma", timeout=600)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_on_gpu(dtype):
+    from runtime.ops import triton_quant as tq
+
+    cfg = tq.GemmConfig
+    configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
+               cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True)]
+    run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    # hidden 128, 4 heads of 32, 2 KV heads: qkv [256, 128], o [128, 128], gate_up [512, 128], down [128, 256]
+    return make_hf_checkpoint("llama", tmp_path_factory.mktemp("mma") / "llama", seed=4, hidden_size=128,
+                              intermediate_size=256)
+
+
+def _build(recipe, path, mma: bool):
+    return build(recipe.model_copy(update={"passes": recipe.passes.model_copy(update={"wna16_mma": mma})}), path)
+
+
+@pytest.mark.parametrize("quant", [dict(method="rtn", bits=4, group_size=128),
+                                   dict(method="rtn", bits=4, group_size=-1, symmetric=False)],
+                         ids=["g128-sym", "channel-asym"])
+def test_mma_artifact_matches_the_plain_one(ckpt, tmp_path, quant):
+    recipe = _recipe(ckpt, **quant)
+    on, off = _build(recipe, tmp_path / "on", True), _build(recipe, tmp_path / "off", False)
+    assert on.manifest["passes"][-1] == "wna16_mma" and "wna16_mma" not in off.manifest["passes"]
+    ops_on, ops_off = _spanda_ops(on.path), _spanda_ops(off.path)
+    assert ops_off["linear_wna16"] == 8 and ops_on["linear_wna16_mma"] == 8 and "linear_wna16" not in ops_on
+    assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
+    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
+    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+
+
+def test_pass_leaves_linears_it_cannot_hold(ckpt, tmp_path):
+    res = _build(_recipe(ckpt, method="rtn", bits=4, group_size=64), tmp_path / "g64", True)
+    assert "wna16_mma" not in res.manifest["passes"]
+    assert _spanda_ops(res.path)["linear_wna16"] == 8
+
+
+def test_prequantized_gptq_checkpoint_packs_at_build(ckpt, tmp_path):
+    """A GPTQ checkpoint (group 128): its qweight reaches the artifact through the pass too."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from compiler.quantize.packing import pack_gptq
+    from compiler.quantize.rtn import quantize_rtn
+
+    src = tmp_path / "gptq"
+    shutil.copytree(ckpt, src)
+    state = load_file(str(src / "model.safetensors"))
+    for name in [n for n in state if ".layers." in n and n.endswith("_proj.weight")]:
+        p, w = name[: -len(".weight")], state.pop(name).float()
+        ql = quantize_rtn(w, 4, 128, True)
+        qw, qz = pack_gptq(ql.q, ql.z, 4, "gptq")
+        state |= {f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": ql.s}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                  "sym": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    recipe = _recipe(src, method="none")
+    on, off = _build(recipe, tmp_path / "on", True), _build(recipe, tmp_path / "off", False)
+    assert _spanda_ops(on.path)["linear_wna16_mma"] == 8 and _spanda_ops(off.path)["linear_wna16"] == 8
+    assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
