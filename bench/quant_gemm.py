@@ -168,8 +168,9 @@ def decode_candidates(m: int) -> dict[str, list]:
                                          (m, 256, 128, 8, 3), (m, 64, 128, 2, 4))]
     # the tensor-core kernel on pack_wna16_mma's layout (the weight as wgmma's register operand): block_m tokens
     # per program (the wgmma N), split-K to `waves` programs per SM
-    w4 += [(f"mma m{bm} s{st} x{wv}", g(bm, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv), "mma")
-           for bm, st, wv in ((16, 3, 2), (16, 3, 4), (16, 4, 4), (16, 3, 8), (16, 2, 4), (16, 4, 8))]
+    w4 += [(f"mma m16 s{st} x{wv} u{u}", g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv, unroll=u),
+            "mma") for st, wv, u in ((3, 2, 1), (3, 4, 1), (4, 4, 1), (3, 8, 1), (2, 4, 1), (4, 8, 1), (3, 4, 2),
+                                     (3, 8, 2), (2, 4, 2))]
     base = tq.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
         ("serial", dict(serial=True)), ("magic", dict(magic=True)), ("magic serial", dict(magic=True, serial=True)),

@@ -110,7 +110,7 @@ def _interpreter_main() -> None:
     g = torch.Generator().manual_seed(0)
     cfg = tq.GemmConfig
     configs = [cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=2), cfg(32, 64, 128, split=3, serial=True),
-               cfg(16, 64, 128, split=4, serial=True), None]
+               cfg(16, 64, 128, split=4, serial=True), cfg(16, 64, 128, split=1, unroll=2), None]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     print("interpreter ok")
 
@@ -128,7 +128,8 @@ def test_kernel_on_gpu(dtype):
 
     cfg = tq.GemmConfig
     configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
-               cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True)]
+               cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),
+               cfg(16, 64, 128, waves=4, serial=True, unroll=2)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
 
 

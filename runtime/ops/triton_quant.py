@@ -53,6 +53,7 @@ linear_int8 (INT8 W8A8, symmetric)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -361,7 +362,7 @@ def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.con
 def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                       TILES: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr,
-                      BF16: tl.constexpr, MAGIC: tl.constexpr):
+                      BF16: tl.constexpr, MAGIC: tl.constexpr, UNROLL: tl.constexpr = 1):
     """W4A16 on tensor cores with the weight as the register operand: y^T[64 rows, BLOCK_M] over the program's K
     tiles [pid_k * TILES, +TILES) of 128 (one group each). qw in quant_linear.pack_wna16_mma's layout: one
     4 KB tile per (row block, K tile), loaded as [2, 4, 8, 4, 8] int16 (16 bytes per thread and vector) in the
@@ -390,7 +391,7 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     if not GROUPED:
         zz = tl.broadcast_to((tl.load(z_ptr + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
         s = tl.load(s_ptr + rn).to(tl.float32)
-    for t in range(0, TILES):
+    for t in tl.range(0, TILES, loop_unroll_factor=UNROLL):
         kt = pid_k * TILES + t
         words = tl.load(w_base + kt * 2048 + tile_off)
         if GROUPED:
@@ -655,6 +656,7 @@ class GemmConfig:
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
+    unroll: int = 1  # wna16 mma: K-loop unroll factor (fewer loop instructions per weight, more shared memory)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -825,20 +827,30 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return out
 
 
+def wna16_mma_config(m: int) -> GemmConfig:
+    """block_m (the wgmma N) grows with M: every program dequantizes its weight tiles once for block_m rows of x.
+    Untimed beyond the SASS (bench --decode 'mma')."""
+    if m <= 16:
+        return WNA16_MMA
+    if m <= 64:
+        return dataclasses.replace(WNA16_MMA, block_m=32 if m <= 32 else 64)
+    return dataclasses.replace(WNA16_MMA, block_m=128, num_stages=2)
+
+
 def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           perm: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
                           config: GemmConfig | None = None) -> torch.Tensor:
     """quant_linear.linear_wna16_mma (4-bit codes in pack_wna16_mma's layout, qmma int16 [N/64, K/128, 2048]):
     x [M, K] fp16/bf16 -> y [M, N] through _wna16_mma_kernel; group size 128 or -1 (per channel); anything
     else goes to the reference. config:
-    block_m (16, 32, 64 or 128: the wgmma N), split / waves / serial as for the other GEMMs (block_n,
-    block_k and num_warps are fixed by the layout: 64, 128, 4)."""
+    block_m (16, 32, 64 or 128: the wgmma N), split / waves / serial as for the other GEMMs, num_stages,
+    unroll (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4)."""
     if (x.dtype not in FAST_DTYPES or x.dim() != 2 or qmma.dim() != 3 or qmma.shape[1] * 128 != x.shape[1]
             or group_size not in (128, -1) or scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         return linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size)
     m, k = x.shape
     n = qmma.shape[0] * 64
-    cfg = config or WNA16_MMA
+    cfg = config or wna16_mma_config(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -857,7 +869,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
         x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-        MAGIC=128.0 if bf16 else 1024.0, num_warps=4, num_stages=cfg.num_stages)
+        MAGIC=128.0 if bf16 else 1024.0, UNROLL=cfg.unroll, num_warps=4, num_stages=cfg.num_stages)
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
