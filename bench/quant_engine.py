@@ -102,6 +102,9 @@ def main() -> None:
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--workload", action="store_true", help="also the 256-request workload (bf16, fp8+fp8kv)")
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="also batch 1 and 16 with EngineOptions.async_scheduling (the next decode step launched "
+                         "before the tokens reach the host)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -136,6 +139,12 @@ def main() -> None:
                 llm = LLM(art, gpu_memory_utilization=0.6)
                 r["bs1_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
                 r["bs16_out_tok_s"] = round(decode_rate(llm, 16), 1)
+                if args.async_scheduling:  # the engine reads the flag every step
+                    llm.engine.async_scheduling = True
+                    r["bs1_async_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
+                    r["bs16_async_out_tok_s"] = round(decode_rate(llm, 16), 1)
+                    r["steps_run_ahead"] = llm.engine.num_steps_ahead
+                    llm.engine.async_scheduling = False
                 if args.workload and name in ("bf16", "fp8+fp8kv"):
                     reqs = B.synthetic_workload()
                     B.run_offline(llm.engine, reqs[:16])

@@ -26,6 +26,9 @@ class EngineOptions:
     cuda_graphs: capture decode steps per batch bucket on CUDA (False = always eager, for debugging).
     allow_jit: on a GPU other than the one the artifact's kernels were compiled for, recompile them
         (with a warning) instead of refusing to load.
+    async_scheduling: launch the next decode step before the current step's tokens reach the host, when
+        every running sequence is plainly decoding (runtime/engine.py); the same tokens, the host work hidden
+        behind the GPU's.
     """
 
     device: str | None = None
@@ -38,6 +41,7 @@ class EngineOptions:
     allow_envelope_mismatch: bool = False
     cuda_graphs: bool = True
     allow_jit: bool = False
+    async_scheduling: bool = False
 
 
 def resolve_device(requested: str | None) -> torch.device:

@@ -84,12 +84,14 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b.size >= batch), None)
 
     @torch.inference_mode()
-    def replay(self, bucket: _Bucket, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
-               tables: list[list[int]]) -> torch.Tensor:
-        """Fill the bucket's buffers for B <= bucket.size decodes, replay, return logits [B, vocab]."""
+    def replay(self, bucket: _Bucket, ids: list[int] | torch.Tensor, pos: list[int], slots: list[int],
+               lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Fill the bucket's buffers for B <= bucket.size decodes, replay, return logits [B, vocab]. ``ids``: host
+        token ids, or a device tensor of them (copied on the device, nothing waits for it)."""
         n = len(ids)
         b = bucket
-        b.input_ids[:n].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        b.input_ids[:n].copy_(ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long),
+                              non_blocking=True)
         b.positions[:n].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
         b.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
         b.seq_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)

@@ -1,6 +1,13 @@
 """The engine: requests in, tokens out, one continuous-batching step at a time.
 
 step(): scheduler.schedule() -> model_runner.execute() -> sampler -> append tokens, detokenize, stop checks.
+
+With ``EngineOptions.async_scheduling`` a step whose every running sequence just sampled (plain decoding: no
+request waiting, one completion per request, no penalties or logprobs) launches the next decode step before
+its own tokens reach the host: the new tokens feed that step on the device, and the host appends them,
+detokenizes and checks stops while the GPU computes. A sequence that stopped has computed one token too
+many, which is dropped. Each call still returns one step's outputs (the step before the one launched), so
+the tokens, their order and the finishing steps are those of the synchronous engine.
 """
 
 from __future__ import annotations
@@ -27,6 +34,30 @@ from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Schedu
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("spanda.runtime")
+
+
+class _PlusOne(Sequence[int]):
+    """A sequence's output tokens plus the one still on the device (for the sampler of the step launched
+    ahead: min_tokens and seeded draws depend on the count only; penalties, which read the tokens, never run
+    ahead)."""
+
+    def __init__(self, tokens: list[int]):
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens) + 1
+
+    def __getitem__(self, i):
+        raise TypeError("the last token is still on the device")
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched before the previous step's tokens reached the host."""
+
+    out: SchedulerOutput
+    seqs: list[tuple[SequenceGroup, SequenceState]]
+    tokens: torch.Tensor  # [B] int64 on the device
 
 
 @dataclass(frozen=True)
@@ -108,7 +139,11 @@ class LLMEngine:
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids))
         self._groups: dict[str, SequenceGroup] = {}
         self._seq_of: dict[str, tuple[SequenceGroup, SequenceState]] = {}  # scheduler request id -> its group
+        self.async_scheduling = opts.async_scheduling
+        self._inflight: _InFlight | None = None
+        self._pinned: torch.Tensor | None = None  # host staging of the tokens of a step run ahead of
         self.num_steps = 0
+        self.num_steps_ahead = 0  # decode steps launched before the previous step's tokens were on the host
         self.num_generated = 0
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (prefix-cache hits excluded)
 
@@ -169,6 +204,8 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request with a new token (or finished)."""
+        if self._inflight is not None:
+            return self._step_in_flight()
         out = self.scheduler.schedule()
         if out.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -197,11 +234,18 @@ class LLMEngine:
             return []
         rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids,
                             self._generator(s)) for _, s in seqs]
+        if self._can_run_ahead(seqs):
+            return self._commit_running_ahead(seqs, self.sampler(logits[rows_idx], rows, to_host=False).token_ids)
         result = self.sampler(logits[rows_idx], rows)
+        return self._commit(seqs, result.token_ids.tolist(), result.logprobs)
+
+    def _commit(self, seqs: list[tuple[SequenceGroup, SequenceState]], tokens: list[int],
+                logprobs: Sequence) -> list[RequestOutput]:
+        """Append the sampled tokens, detokenize, check stops; the outputs of the requests that advanced."""
         self.num_generated += len(seqs)
         advanced: dict[str, list[SequenceState]] = {}
         now = time.monotonic()
-        for (group, seq), tok, lp in zip(seqs, result.token_ids.tolist(), result.logprobs):
+        for (group, seq), tok, lp in zip(seqs, tokens, logprobs):
             req = seq.request
             req.output_token_ids.append(tok)
             if lp is not None:
@@ -212,6 +256,78 @@ class LLMEngine:
                 self.scheduler.finish(req, status)
             advanced.setdefault(group.request_id, []).append(seq)
         return [self._emit(self._groups[rid], seqs_) for rid, seqs_ in advanced.items()]
+
+    # -- running one decode step ahead (EngineOptions.async_scheduling) -----------------------------
+    def _can_run_ahead(self, seqs: list[tuple[SequenceGroup, SequenceState]]) -> bool:
+        """Whether the next step is the decode of exactly these sequences, schedulable without their tokens."""
+        if not self.async_scheduling or self.scheduler.waiting or len(self.scheduler.running) != len(seqs):
+            return False
+        running = {id(r) for r in self.scheduler.running}
+        for group, seq in seqs:
+            req, p = seq.request, seq.request.params
+            if (group.n != 1 or p.logprobs is not None or p.has_penalties or id(req) not in running
+                    or req.num_computed_tokens != req.num_tokens or req.num_tokens >= self.config.max_model_len):
+                return False
+        return True
+
+    def _run_ahead(self, seqs: list[tuple[SequenceGroup, SequenceState]], tokens: torch.Tensor) -> _InFlight | None:
+        """Launch the decode step after the one whose sampled ``tokens`` (device) are not on the host yet."""
+        chunks = []
+        for _, seq in seqs:
+            req = seq.request
+            if not self.kv.allocate(req.request_id, req.num_tokens + 1):
+                return None  # the pool is short: the next schedule() decides (and may preempt)
+            chunks.append(ScheduledChunk(req, req.num_tokens, 1))
+        out = SchedulerOutput(chunks, len(chunks))
+        logits = self.runner.execute(out, [self.kv.block_table(c.request.request_id) for c in chunks], ids=tokens)
+        rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, _PlusOne(s.request.output_token_ids))
+                for _, s in seqs]
+        self.num_steps += 1
+        self.num_steps_ahead += 1
+        return _InFlight(out, list(seqs), self.sampler(logits, rows, to_host=False).token_ids)
+
+    def _commit_running_ahead(self, seqs: list[tuple[SequenceGroup, SequenceState]], tokens: torch.Tensor
+                              ) -> list[RequestOutput]:
+        """Launch the next step, then bring these tokens to the host and commit them while it runs."""
+        fetch = self._tokens_to_host(tokens)  # queued before the next step: it does not wait for that one
+        nxt = self._run_ahead(seqs, tokens)
+        outputs = self._commit(seqs, fetch(), [None] * len(seqs))
+        if nxt is not None:
+            live = [c for c, (_, s) in zip(nxt.out.chunks, nxt.seqs) if not s.request.status.finished]
+            if live:  # their input token is on the host now: the KV blocks it filled can be hashed
+                self.scheduler.advance(SchedulerOutput(live, len(live)))
+                self._inflight = nxt
+        return outputs
+
+    def _tokens_to_host(self, tokens: torch.Tensor):
+        """Start copying ``tokens`` to the host; returns the function that waits for them (a list). On CUDA a
+        copy into pinned memory and an event, so that waiting does not also wait for work queued later."""
+        if tokens.device.type != "cuda":
+            return tokens.tolist
+        n = tokens.shape[0]
+        if self._pinned is None or self._pinned.shape[0] < n:
+            self._pinned = torch.empty(max(n, self.config.max_num_seqs), dtype=torch.long, pin_memory=True)
+        buf = self._pinned[:n]
+        buf.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[int]:
+            done.synchronize()
+            return buf.tolist()
+
+        return wait
+
+    def _step_in_flight(self) -> list[RequestOutput]:
+        cur, self._inflight = self._inflight, None
+        keep = [i for i, (_, s) in enumerate(cur.seqs) if not s.request.status.finished]  # stopped or aborted
+        if not keep:
+            return []
+        seqs = [cur.seqs[i] for i in keep]
+        tokens = cur.tokens if len(keep) == len(cur.seqs) else cur.tokens[torch.tensor(keep, device=cur.tokens.device)]
+        if self._can_run_ahead(seqs):
+            return self._commit_running_ahead(seqs, tokens)
+        return self._commit(seqs, tokens.tolist(), [None] * len(seqs))
 
     def _fork(self, group: SequenceGroup, parent: SequenceState) -> list[SequenceState]:
         """On a group's first sample: n - 1 more sequences sharing the prompt's KV blocks (copy-on-fork of

@@ -135,17 +135,19 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def prepare(self, out: SchedulerOutput, block_tables: list[list[int]], all_logits: bool = False
-                ) -> tuple[tuple[torch.Tensor, ...], AttentionMetadata]:
+    def prepare(self, out: SchedulerOutput, block_tables: list[list[int]], all_logits: bool = False,
+                ids: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], AttentionMetadata]:
         """Flat inputs and attention metadata of a step, built host-side as lists, then one copy each.
-        ``all_logits``: logits for every token (scoring) instead of each chunk's last one."""
+        ``all_logits``: logits for every token (scoring) instead of each chunk's last one. ``ids``: the input
+        token ids already on the device (a decode step launched before its tokens reached the host)."""
         page = self.kv_spec.page_size
-        ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         qsl, lens, last = [0], [], []
+        host_ids: list[int] = []
         for c, table in zip(out.chunks, block_tables):
-            ids += c.request.token_slice(c.start, c.end)
+            if ids is None:
+                host_ids += c.request.token_slice(c.start, c.end)
             span = range(c.start, c.end)
             pos += span
             slots += [table[p // page] * page + p % page for p in span]
@@ -165,7 +167,7 @@ class ModelRunner:
             query_start_loc_host=qsl,
             seq_lens_host=lens,
         )
-        inputs = (torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+        inputs = (ids if ids is not None else torch.tensor(host_ids, dtype=torch.long).to(dev, non_blocking=True),
                   torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
                   torch.tensor(last, dtype=torch.long).to(dev, non_blocking=True))
         return inputs, meta
@@ -189,20 +191,24 @@ class ModelRunner:
         return True
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_tables: list[list[int]]) -> torch.Tensor:
-        """Run one step; returns logits [num_chunks, vocab] (last token of each chunk)."""
+    def execute(self, out: SchedulerOutput, block_tables: list[list[int]], ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Run one step; returns logits [num_chunks, vocab] (last token of each chunk). ``ids``: the flat input
+        token ids on the device instead of the requests' host tokens."""
         self.copy_blocks(out.block_copies)
         if self.graphs is not None and all(c.num_tokens == 1 for c in out.chunks):
             bucket = self.graphs.bucket_for(len(out.chunks))
             if bucket is not None:
-                return self._replay(bucket, out, block_tables)
-        inputs, meta = self.prepare(out, block_tables)
+                return self._replay(bucket, out, block_tables, ids)
+        inputs, meta = self.prepare(out, block_tables, ids=ids)
         return self.run_tokens(inputs, meta)
 
-    def _replay(self, bucket, out: SchedulerOutput, block_tables: list[list[int]]) -> torch.Tensor:
+    def _replay(self, bucket, out: SchedulerOutput, block_tables: list[list[int]], ids: torch.Tensor | None
+                ) -> torch.Tensor:
         page = self.kv_spec.page_size
         pos = [c.start for c in out.chunks]
-        ids = [c.request.token_slice(c.start, c.end)[0] for c in out.chunks]
+        if ids is None:
+            ids = [c.request.token_slice(c.start, c.end)[0] for c in out.chunks]
         slots = [t[p // page] * page + p % page for t, p in zip(block_tables, pos)]
         self.num_tokens_computed += len(ids)
         return self.graphs.replay(bucket, ids, pos, slots, [p + 1 for p in pos], block_tables)

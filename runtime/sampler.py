@@ -61,7 +61,7 @@ class TokenLogprobs:
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # [B] int64, CPU
+    token_ids: torch.Tensor  # [B] int64, CPU (on the logits' device with to_host=False)
     logprobs: list[TokenLogprobs | None]  # per row; None where params.logprobs is None
 
 
@@ -96,8 +96,9 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits: [B, V] any float dtype/device; rows: B rows. Returns token ids [B] int64 on CPU."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow], to_host: bool = True) -> SamplerOutput:
+        """logits: [B, V] any float dtype/device; rows: B rows. Returns token ids [B] int64 on CPU, or left on
+        the logits' device without waiting for them (``to_host=False``; rows must not ask for logprobs)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [B, V] with B = len(rows) = {len(rows)}, got {tuple(logits.shape)}"
@@ -110,8 +111,10 @@ class Sampler:
         tokens = self._choose(logits, rows)
         lps: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
+            if not to_host:
+                raise ValueError("logprobs are gathered on the host: sample with to_host=True")
             lps = _gather_logprobs(raw_logprobs, tokens, rows)
-        return SamplerOutput(token_ids=tokens.cpu(), logprobs=lps)
+        return SamplerOutput(token_ids=tokens.cpu() if to_host else tokens, logprobs=lps)
 
     # -- penalties ---------------------------------------------------------------------------------
     def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

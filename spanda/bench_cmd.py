@@ -31,10 +31,12 @@ def _levels(text: str | None) -> list[float | None]:
 @click.option("--concurrency", help="Comma-separated max in-flight levels, e.g. 1,8,64 (default: all at once).")
 @click.option("--request-rate", help="Comma-separated Poisson arrival rates in req/s (online only).")
 @click.option("--device", default=None)
+@click.option("--async-scheduling", is_flag=True,
+              help="Launch each decode step before the previous step's tokens reach the host (EngineOptions).")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write a latency-throughput PNG.")
 def bench(artifact, url, model_name, api_key, workload, num_requests, input_len, output_len, token_range, seed,
-          concurrency, request_rate, device, out_json, plot_png) -> None:
+          concurrency, request_rate, device, async_scheduling, out_json, plot_png) -> None:
     """Measure throughput and latency of ARTIFACT (offline) or of the server at --url (online)."""
     from tqdm import tqdm
 
@@ -49,7 +51,7 @@ def bench(artifact, url, model_name, api_key, workload, num_requests, input_len,
         from runtime.config import EngineOptions
         from runtime.engine import LLMEngine
 
-        engine = LLMEngine(artifact, EngineOptions(device=device))
+        engine = LLMEngine(artifact, EngineOptions(device=device, async_scheduling=async_scheduling))
         encode = engine.tokenizer.encode
     else:
         encode = None

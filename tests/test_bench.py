@@ -29,11 +29,12 @@ def test_synthetic_workload_is_the_peer_baseline_workload():
     assert all(r.max_tokens == 128 for r in ours)
 
 
-def test_offline_bench_counts_every_token(artifacts_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--async-scheduling"]], ids=["sync", "async"])
+def test_offline_bench_counts_every_token(artifacts_dir, tmp_path, extra):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["bench", str(artifacts_dir["llama"]), "--num-requests", "12", "--input-len",
                                   "8:40", "--output-len", "6", "--seed", "3", "--token-range", "3:500",
-                                  "--concurrency", "4,12", "--device", "cpu", "--out", str(out)])
+                                  "--concurrency", "4,12", "--device", "cpu", "--out", str(out), *extra])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert [x["max_concurrency"] for x in data["results"]] == [4, 12]

@@ -71,6 +71,21 @@ def test_cuda_graph_replay_gives_the_eager_tokens(bf16_artifact):
     assert graphed.engine.runner.graphs.num_replays > 0
 
 
+def test_async_scheduling_gives_the_same_tokens(bf16_artifact):
+    """EngineOptions.async_scheduling on the GPU (CUDA graphs, the pinned copy and its event): the tokens of
+    the synchronous engine, sequences finishing at different steps, greedy and seeded sampling."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 33, 64, 90)]
+    sync = LLM(bf16_artifact, device="cuda")
+    ahead = LLM(bf16_artifact, device="cuda", async_scheduling=True)
+    for params in ([SamplingParams(temperature=0.0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(5)],
+                   [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=20, ignore_eos=True)
+                    for i in range(5)]):
+        want = [o.outputs[0].token_ids for o in sync.generate(prompts, params)]
+        assert [o.outputs[0].token_ids for o in ahead.generate(prompts, params)] == want
+    assert ahead.engine.num_steps_ahead > 0 and ahead.engine.runner.graphs.num_replays > 0
+
+
 def test_cold_start_compiles_no_kernel(bf16_artifact):
     """The build tuned and compiled every kernel for this GPU: a fresh process loads, captures its graphs,
     prefills and decodes without a single Triton compilation."""
