@@ -275,6 +275,8 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
         ep, plan, applied = plan_and_capture(recipe, cfg, quant)
         torch.export.save(ep, str(writer.path / GRAPH_FILE))
         meta = _meta_state(ep)
+        if quant is not None:
+            quant.device = device
         if quant is not None and recipe.quantization.calibrated:
             quant.calibrate(ckpt.read, ckpt.path, plan, Path(scratch), device)
         kv_scales, kv_calib_sha = _kv_scales(recipe, cfg, ckpt, device)

@@ -55,3 +55,32 @@ def test_gpu_calibrated_build_meets_its_gate_and_serves(gpu_builds, method):
     # the served greedy continuation is the eval's model: its first token is the quantized logits' argmax
     ids = llm.engine.tokenizer.encode("def fibonacci(n):")
     assert out[0].outputs[0].token_ids[0] == int(llm.engine.compute_logits(ids)[-1].argmax())
+
+
+@pytest.mark.parametrize("quant", [dict(method="rtn", bits=4, group_size=128),
+                                   dict(method="rtn", bits=4, group_size=64, symmetric=False),
+                                   dict(method="int8", activations="none"), dict(method="fp8"),
+                                   dict(method="fp8", weight_scale="per_tensor")],
+                         ids=["rtn4", "rtn4-asym-g64", "int8-weight-only", "fp8", "fp8-tensor"])
+def test_gpu_build_quantizes_the_tensors_the_cpu_build_does(tmp_path_factory, quant):
+    """RTN / FP8 / INT8 computed on the build's GPU: the same artifact tensors, bit for bit, as on the CPU."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import make_hf_checkpoint
+    from tests.test_quantize_build import _recipe
+
+    root = tmp_path_factory.mktemp("quant-device")
+    ckpt = make_hf_checkpoint("llama", root / "hf", seed=6, hidden_size=128, intermediate_size=256)
+    tensors = {}
+    for device in ("cpu", "cuda"):
+        r = _recipe(ckpt, **quant)
+        r = r.model_copy(update={"target": r.target.model_copy(update={"device": device})})
+        res = build(r, root / device)
+        tensors[device] = {k: v for f in sorted(res.path.glob("weights-*.safetensors")) for k, v in
+                           load_file(str(f)).items()}
+    cpu, gpu = tensors["cpu"], tensors["cuda"]
+    assert cpu.keys() == gpu.keys()
+    differ = [k for k in cpu if not torch.equal(cpu[k].view(torch.uint8) if cpu[k].dtype == torch.float8_e4m3fn
+                                                else cpu[k], gpu[k].view(torch.uint8) if gpu[k].dtype ==
+                                                torch.float8_e4m3fn else gpu[k])]
+    assert not differ, f"tensors quantized differently on the GPU: {differ[:5]}"

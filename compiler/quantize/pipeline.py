@@ -50,6 +50,9 @@ class QuantPipeline:
         self.scratch: dict[str, Path] = {}  # calibrated results: plan group / tensor name -> scratch file
         self.calibration_sha256: str | None = None
         self.summary: dict[str, Any] = {}
+        # where the uncalibrated methods (RTN, FP8, INT8) compute their tensors: the build's device (set by the
+        # build before the weights are written; the same codes on a GPU, much sooner)
+        self.device = "cpu"
 
     # ------------------------------------------------------------------ graph pass
 
@@ -73,6 +76,16 @@ class QuantPipeline:
         q, dtype, source = self.q, self.cfg.torch_dtype, site.source
 
         def lazy(read):
+            if self.device != "cpu":
+                dev = self.device
+                try:
+                    return {k: v.cpu() for k, v in compute(lambda name: read(name).to(dev)).items()}
+                except torch.cuda.OutOfMemoryError:
+                    log.warning("%s: out of GPU memory quantizing it, quantizing on the CPU", site.prefix)
+                    torch.cuda.empty_cache()
+            return compute(read)
+
+        def compute(read):
             if q.method == "int8" and q.activations == "dynamic" or q.method == "fp8" and q.weight_scale == \
                     "per_channel":
                 # Per output channel: each fused part quantizes on its own, in its stored dtype (bounded memory).
