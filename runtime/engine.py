@@ -186,6 +186,8 @@ class LLMEngine:
             self._seq_of.pop(seq.request.request_id, None)
             if not seq.request.status.finished:
                 self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+        if self._inflight is not None and all(s.request.status.finished for _, s in self._inflight.seqs):
+            self._inflight = None  # nothing of the step run ahead is wanted any more
         return True
 
     def has_unfinished_requests(self) -> bool:

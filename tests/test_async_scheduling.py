@@ -103,3 +103,20 @@ def test_requests_added_and_aborted_mid_stream(artifacts_dir):
 ], ids=["penalty", "logprobs", "n2"])
 def test_no_running_ahead_where_the_host_must_see_the_tokens(artifacts_dir, params):
     _same(artifacts_dir["llama"], [("a", PROMPTS[0], params)], ahead=False)
+
+
+def test_aborting_everything_in_flight_leaves_a_clean_engine(artifacts_dir):
+    engine = LLMEngine(artifacts_dir["llama"], EngineOptions(device="cpu", async_scheduling=True))
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine.add_request("a", PROMPTS[0], params)
+    for _ in range(3):
+        engine.step()
+    assert engine.num_steps_ahead > 0
+    engine.abort_request("a")
+    assert not engine.has_unfinished_requests()
+    engine.add_request("b", PROMPTS[1], params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    fresh, _ = _trace(artifacts_dir["llama"], False, [("b", PROMPTS[1], params)])
+    assert outs and outs[-1].outputs[0].token_ids == list(fresh[-1][0][2][0][1])
