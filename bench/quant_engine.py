@@ -44,6 +44,11 @@ VARIANTS = {
     "w4a16-mma": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
+    # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py; SPANDA_PDL=1 outside the bench)
+    "bf16-pdl": {"pdl": True},
+    "fp8-pdl": {"quantization": {"method": "fp8"}, "pdl": True},
+    "w4a16-mma-pdl": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True},
+                      "pdl": True},
     # lm_head quantized too (quantization.quantize_lm_head: the recipe's choice; 1.05 GB of bf16 at the 8B shape)
     "w4a16+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True}},
     "fp8+lm": {"quantization": {"method": "fp8", "quantize_lm_head": True}},
@@ -135,6 +140,9 @@ def main() -> None:
             r["build_s"] = round(time.perf_counter() - t, 1)
             print(f"[{time.perf_counter() - t0:.0f} s] {name} built in {r['build_s']} s", flush=True)
             r["weights_GB"] = round(sum(f.stat().st_size for f in art.glob("weights-*.safetensors")) / 1e9, 3)
+            from runtime.ops import pdl
+
+            pdl.ENABLED = VARIANTS[name].get("pdl", False)  # read at every launch, captured in the graphs
             with kernel_overrides(VARIANTS[name].get("kernels", {})):
                 llm = LLM(art, gpu_memory_utilization=0.6)
                 r["bs1_tok_s"] = round(decode_rate(llm, 1, new=256), 1)
@@ -151,6 +159,7 @@ def main() -> None:
                     r["workload_out_tok_s"] = round(B.run_offline(llm.engine, reqs)["output_tokens_per_s"], 1)
                 r["new_kernel_compilations"] = llm.engine.kernels.new_compilations()
             res["variants"][name] = r
+            pdl.ENABLED = False
             del llm
             gc.collect()
             torch.cuda.empty_cache()

@@ -86,6 +86,27 @@ def test_async_scheduling_gives_the_same_tokens(bf16_artifact):
     assert ahead.engine.num_steps_ahead > 0 and ahead.engine.runner.graphs.num_replays > 0
 
 
+def test_programmatic_dependent_launch_gives_the_same_tokens(bf16_artifact):
+    """SPANDA_PDL=1 (runtime/ops/pdl.py): every Triton kernel of the decode graphs launched with PDL, waiting
+    for the previous kernel first thing; the tokens of ordinary launches."""
+    from runtime.ops import pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    g = torch.Generator().manual_seed(4)
+    prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 33, 64, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(bf16_artifact, device="cuda").generate(prompts, params)]
+    pdl.ENABLED = True
+    try:
+        llm = LLM(bf16_artifact, device="cuda")
+        assert pdl.launch_kwargs(torch.device("cuda"))
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.engine.runner.graphs.num_replays > 0
+    finally:
+        pdl.ENABLED = False
+
+
 def test_cold_start_compiles_no_kernel(bf16_artifact):
     """The build tuned and compiled every kernel for this GPU: a fresh process loads, captures its graphs,
     prefills and decodes without a single Triton compilation."""

@@ -131,6 +131,14 @@ def test_kernel_on_gpu(dtype):
                cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),
                cfg(16, 64, 128, waves=4, serial=True, unroll=2)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
+    if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
+        from runtime.ops import pdl
+
+        pdl.ENABLED = True
+        try:
+            run_cases("cuda", dtype, (1, 16, 257), [None], gen("mma-gpu-pdl", dtype), graph=True)
+        finally:
+            pdl.ENABLED = False
 
 
 # ------------------------------------------------------------------------------------------------ the pass

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from runtime.ops.pdl import launch_kwargs
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,11 @@ def _decode_split_kernel(
     page, group, head_dim, window, n_splits, scale_log2, v_scale,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     h = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
@@ -152,8 +159,12 @@ def _decode_reduce_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, out_ptr,
     stride_ot, stride_oh, group, head_dim, n_splits, num_kv_heads,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid (Hq, B): merges the S partial (m, l, acc) of one query head, all splits loaded at once."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     hq = tl.program_id(0)
     b = tl.program_id(1)
     tok = tl.load(qsl_ptr + b)
@@ -212,7 +223,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(q.device),
     )
     if split:
         s_pad = max(2, triton.next_power_of_2(n_splits))
@@ -220,5 +231,6 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
             part_m, part_l, part_acc, query_start_loc, out,
             out.stride(0), out.stride(1), group, head_dim, n_splits, num_kv_heads,
             G_PAD=g_pad, D_PAD=d_pad, S_PAD=s_pad, num_warps=8 if s_pad * d_pad >= 8192 else 4,
+            **launch_kwargs(q.device),
         )
     return out

@@ -24,6 +24,7 @@ import torch
 
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
+from runtime.ops.pdl import launch_kwargs
 from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_activation_rows
 from runtime.ops.rotary import rotary_embedding_ref
 from runtime.ops.triton_quant import act_codes, act_scale
@@ -31,6 +32,7 @@ from runtime.ops.triton_quant import act_codes, act_scale
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only install: the reference implementations serve every call
     triton = tl = None
 AVAILABLE = triton is not None
@@ -53,11 +55,15 @@ def _jit(fn=None, **kw):
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, in_scale_ptr, n_rows, stride_x, stride_r,
                      width: tl.constexpr, eps: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK: tl.constexpr, QUANT: tl.constexpr = False, STATIC: tl.constexpr = False,
-                     INT8: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 1e-12):
+                     INT8: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 1e-12,
+                     PDL: tl.constexpr = False):
     """Rows [pid*ROWS, +ROWS) of out = w * (s * rsqrt(mean(s^2) + eps)).to(dtype), s = x (+ r, rounded to
     dtype and also written to sum_ptr). x/r rows strided; out/sum contiguous [n_rows, width]. QUANT: out (in
     the model dtype, never stored) is quantized as _quant_codes does and written as codes to q_ptr, scales to
     qs_ptr [n_rows]."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     cmask = cols < width
@@ -98,9 +104,13 @@ def _quant_codes(v, q_ptrs, mask, s_ptrs, rmask, in_scale_ptr, STATIC: tl.conste
 
 @_jit
 def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: tl.constexpr, STATIC: tl.constexpr,
-                           INT8: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+                           INT8: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr = False):
     """Row t of silu(gate) * up (as _silu_and_mul_kernel rounds it), whole (BLOCK >= inter), quantized by
     _quant_codes."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < inter
@@ -114,8 +124,11 @@ def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: 
 
 
 @_jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, c] = (silu(x[t, c]).to(dtype) * x[t, inter + c]).to(dtype) for one BLOCK chunk of row t."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -147,8 +160,11 @@ def _rotate_heads(src, dst, cos, sin, d, dmask, n_heads: tl.constexpr, head_dim:
 @_jit
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, qo_ptr, ko_ptr, stride_q, stride_k, stride_c,
                    n_q: tl.constexpr, n_k: tl.constexpr, head_dim: tl.constexpr, half: tl.constexpr,
-                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """Token t: cos/sin = cache[positions[t]] rounded to q's dtype, then every q head and every k head."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -194,7 +210,7 @@ def _norm_launch(x, residual, weight, eps, num_warps, out=None, s=None, quant=No
             r2.stride(0), width=width, eps=float(eps), HAS_RES=residual is not None, ROWS=rows, BLOCK=block,
             QUANT=quant is not None, STATIC=static is not None, INT8=q.dtype == torch.int8,
             QMAX=INT8_MAX if q.dtype == torch.int8 else FP8_MAX, FLOOR=SCALE_FLOOR,
-            num_warps=num_warps or _warps(rows * block))
+            num_warps=num_warps or _warps(rows * block), **launch_kwargs(x.device))
     return out.view(x.shape), s.view(x.shape)
 
 
@@ -231,7 +247,7 @@ def silu_and_mul_cuda(x: torch.Tensor, block: int = SILU_BLOCK, num_warps: int =
     if n and inter:
         block = min(block, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(n, triton.cdiv(inter, block))](x2, out, x2.stride(0), inter=inter, BLOCK=block,
-                                                              num_warps=num_warps)
+                                                              num_warps=num_warps, **launch_kwargs(x.device))
     return out.view(*x.shape[:-1], inter)
 
 
@@ -276,7 +292,8 @@ def silu_and_mul_quant_cuda(x: torch.Tensor, input_scale: torch.Tensor | None, i
         block = triton.next_power_of_2(inter)
         _silu_mul_quant_kernel[(n,)](x2, q, qs, static if static is not None else qs, x2.stride(0), inter=inter,
                                      STATIC=static is not None, INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX,
-                                     FLOOR=SCALE_FLOOR, BLOCK=block, num_warps=num_warps or _warps(block))
+                                     FLOOR=SCALE_FLOOR, BLOCK=block, num_warps=num_warps or _warps(block),
+                                     **launch_kwargs(x2.device))
     return q, qs
 
 
@@ -301,7 +318,7 @@ def rotary_embedding_cuda(positions: torch.Tensor, q: torch.Tensor, k: torch.Ten
         _rotary_kernel[(t,)](positions.contiguous(), q2, k2, cache, qo, ko, q2.stride(0), k2.stride(0),
                              cache.stride(0), n_q=n_q, n_k=n_k, head_dim=head_dim, half=half, BLOCK_HQ=bq,
                              BLOCK_HK=bk, BLOCK_D=bd,
-                             num_warps=num_warps or min(8, _warps(2 * bq * bd)))
+                             num_warps=num_warps or min(8, _warps(2 * bq * bd)), **launch_kwargs(q.device))
     return qo, ko
 
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.ops.pdl import launch_kwargs
 from runtime.ops.quant_linear import (
     FP8_MAX,
     INT8_MAX,
@@ -72,6 +73,7 @@ from runtime.ops.quant_linear import (
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only install: the reference implementations serve every call
     triton = tl = None
 AVAILABLE = triton is not None
@@ -120,9 +122,11 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, SCALE_ACC: tl.constexpr,
                   RESHAPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr = False,
-                  MAGIC_BITS: tl.constexpr = 0, MAGIC_VAL: tl.constexpr = 0):
+                  MAGIC_BITS: tl.constexpr = 0, MAGIC_VAL: tl.constexpr = 0, PDL: tl.constexpr = False):
     """y[rm, rn] (or its K-split partial) = x[rm, perm[k]] @ ((q[k, rn] - z[g(k), rn]) * s[g(k), rn]) over the
     program's K tiles [pid_k * TILES, +TILES). Grouped: BLOCK_K divides group_size."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
     PER: tl.constexpr = 32 // BITS
     QMASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
@@ -179,6 +183,8 @@ def _wna16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_pt
                 acc = tl.dot(a, (wq.to(tl.float32) * s[None, :]).to(dt), acc)
         else:
             acc = tl.dot(a, wq, acc)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
     if not GROUPED:
         acc = acc * s0[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -221,7 +227,8 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
                        group_size, magic, TILES: tl.constexpr, BITS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False, ZSUM: tl.constexpr = False):
+                       EVEN: tl.constexpr = False, PREFETCH: tl.constexpr = False, ZSUM: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
     """The same product as _wna16_kernel for one row of x per program (decode; BLOCK_M is 1, a few rows re-read
     the tile from L2), without tensor cores: float32 FMAs on codes turned into floats by bit tricks. A tile of
     R = BLOCK_K / PER packed rows x BLOCK_N columns is read once; for each of its PER codes per word, code j of
@@ -240,6 +247,8 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
     off once per tile as z * sum(x) over each packed row's inputs; the scales and zero points are loaded in the
     words' layout (_gemv_cols WIDE) at the top of each tile (they are needed only after its codes): no layout
     conversion in the loop, and no [R, BLOCK_N] constant per code position."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2
     R: tl.constexpr = BLOCK_K // PER
@@ -314,6 +323,8 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
             acc += part * s
         else:
             acc += part
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
     y = tl.sum(acc, axis=0)
     if not GROUPED:
         y = y * s0
@@ -362,7 +373,7 @@ def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.con
 def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                       TILES: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr,
-                      BF16: tl.constexpr, MAGIC: tl.constexpr, UNROLL: tl.constexpr = 1):
+                      BF16: tl.constexpr, MAGIC: tl.constexpr, UNROLL: tl.constexpr = 1, PDL: tl.constexpr = False):
     """W4A16 on tensor cores with the weight as the register operand: y^T[64 rows, BLOCK_M] over the program's K
     tiles [pid_k * TILES, +TILES) of 128 (one group each). qw in quant_linear.pack_wna16_mma's layout: one
     4 KB tile per (row block, K tile), loaded as [2, 4, 8, 4, 8] int16 (16 bytes per thread and vector) in the
@@ -371,6 +382,8 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     elements, so nothing goes through shared memory. x^T [128, BLOCK_M] is the B operand (shared memory,
     pipelined). The group's product (exact small integers times x, float32) is scaled per row after the dot.
     Needs N % 64 == 0, K % 128 == 0 and group size 128 or per-channel; 4 warps (one warpgroup)."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -409,6 +422,8 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
             acc += part * tl.load(s_ptr + kt * N + rn).to(tl.float32)[:, None]
         else:
             acc += part
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
     if not GROUPED:
         acc = acc * s[:, None]
     offs = rm[None, :].to(tl.int64) * N + rn[:, None]
@@ -456,12 +471,14 @@ def _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, mask, HAS_BIAS: tl.constex
 def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                       TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                       FP8: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias (or the
     partial when split). w [N, K] and a [M, K] contiguous codes: int8 (int32 acc, exact) or E4M3 (float32 acc:
     E4M3 products are exact in float32; UPCAST converts the codes to float16 first, also exact; E4M3 codes
     arrive as uint8 and are reinterpreted here). SERIAL: split partials summed by the tile's last program
     (_split_k)."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -490,6 +507,8 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
                 acc = tl.dot(a, b, acc)
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
     finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
@@ -503,12 +522,15 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
 @_jit(do_not_specialize=["M"])
 def _w8a8_gemv_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                       TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
-                      FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False):
+                      FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     """One row of quantized activations (a [M, K] codes, contiguous) against w [N, K] per program, without
     tensor cores: the [BLOCK_N, BLOCK_K] weight tile is read K-contiguous (16 codes per thread), the row's codes
     are read as the same [BLOCK_N, BLOCK_K] shape with a zero stride along N, so both arrive in one layout (no
     conversion) and the products accumulate elementwise: E4M3 x E4M3 in float32 (exact products), int8 x int8
     in int32 (exact). Summed over K once at the end; split-K and the epilogue as _w8a8_gemm_kernel's."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -537,6 +559,8 @@ def _w8a8_gemv_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
                     * a.to(tl.float8e4nv, bitcast=True).to(tl.float32))
         else:
             acc += w.to(tl.int32) * a.to(tl.int32)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
     y = tl.sum(acc, axis=1)
     offs = row.to(tl.int64) * N + rn
     finish, y = _split_k(y, part_ptr, lock_ptr, pid_n * M + row, pid_k, offs, n_mask, M, N, SPLIT, SERIAL)
@@ -548,9 +572,13 @@ def _w8a8_gemv_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
 
 @_jit(do_not_specialize=["M"])
 def _split_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, SPLIT: tl.constexpr, SCALES: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """out = (sum_s part[s]) [* xs[row] * ws[col]] [+ bias], rounded to out's dtype. The sum runs in the
     partials' dtype (float32, or int32: exact), in split order."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
@@ -595,8 +623,12 @@ def act_codes(v, s, INT8: tl.constexpr, QMAX: tl.constexpr):
 
 @_jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, stride_xm, K: tl.constexpr, QMAX: tl.constexpr,
-                       FLOOR: tl.constexpr, STATIC: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr):
+                       FLOOR: tl.constexpr, STATIC: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """Row r of x -> q[r, :] = act_codes(x, s), s[r] = act_scale(amax(|x[r]|)), BLOCK columns at a time."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     cols = tl.arange(0, BLOCK)
@@ -817,11 +849,11 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if cfg.gemv:
         even = k % (k_tiles * bk) == 0 and n % cfg.block_n == 0
         _wna16_gemv_kernel[(tiles_n, tiles_m, split)](*common, 0x4B000000, EVEN=even, PREFETCH=cfg.prefetch,
-                                                      ZSUM=cfg.zsum, **flags)
+                                                      ZSUM=cfg.zsum, **flags, **launch_kwargs(x.device))
     else:
         _wna16_kernel[(tiles_n, tiles_m, split)](*common, SCALE_ACC=cfg.scale_acc, RESHAPE=cfg.reshape,
                                                  MAGIC=cfg.magic and magic_ok, MAGIC_BITS=magic_bits,
-                                                 MAGIC_VAL=magic_val, **flags)
+                                                 MAGIC_VAL=magic_val, **flags, **launch_kwargs(x.device))
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
@@ -869,7 +901,8 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
         x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-        MAGIC=128.0 if bf16 else 1024.0, UNROLL=cfg.unroll, num_warps=4, num_stages=cfg.num_stages)
+        MAGIC=128.0 if bf16 else 1024.0, UNROLL=cfg.unroll, num_warps=4, num_stages=cfg.num_stages,
+        **launch_kwargs(x.device))
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
@@ -880,7 +913,8 @@ def _reduce(part, xs, ws, bias, out):
     bm, bn = min(16, max(2, triton.next_power_of_2(m))), 256
     _split_reduce_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         part, xs if xs is not None else part, ws if ws is not None else part, bias if bias is not None else part,
-        out, m, n, SPLIT=split, SCALES=xs is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        out, m, n, SPLIT=split, SCALES=xs is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        **launch_kwargs(part.device))
 
 
 # --------------------------------------------------------------------------------------- activations
@@ -900,7 +934,7 @@ def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, dtype: torc
         _quant_rows_kernel[(m,)](
             x, q, s, input_scale.float() if static else s, x.stride(0), K=k,
             QMAX=INT8_MAX if dtype == torch.int8 else FP8_MAX, FLOOR=SCALE_FLOOR, STATIC=static,
-            INT8=dtype == torch.int8, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+            INT8=dtype == torch.int8, BLOCK=block, num_warps=max(1, min(8, block // 256)), **launch_kwargs(x.device))
     return q, s
 
 
@@ -1044,9 +1078,10 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if gemv:
         _w8a8_gemv_kernel[(tiles_n, m, split)](
-            *args, EVEN=k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0, **flags)
+            *args, EVEN=k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0, **flags, **launch_kwargs(xq.device))
     else:
-        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m, **flags)
+        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m, **flags,
+                                                     **launch_kwargs(xq.device))
     if split > 1 and not serial:
         _reduce(part, sx, ws, bias, out)
 

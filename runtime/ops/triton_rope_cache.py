@@ -13,12 +13,14 @@ import torch
 
 from runtime.forward_context import get_forward_context
 from runtime.ops.attention import attend_ref
+from runtime.ops.pdl import launch_kwargs
 from runtime.ops.rope_cache import rope_and_cache_ref
 from runtime.ops.triton_elementwise import AVAILABLE, FAST_DTYPES, _jit, _rows, _warps
 
 if AVAILABLE:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     from runtime.ops.triton_attention import KV_QUANT_DTYPES, _fast_ok, _quantize_kv, attend, kv_quant_mode
     from runtime.ops.triton_elementwise import _rotate_heads
@@ -50,7 +52,10 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
                        stride_q, stride_k, stride_v, stride_c, k_scale, v_scale,
                        n_q: tl.constexpr, n_k: tl.constexpr, head_dim: tl.constexpr, half: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_KV: tl.constexpr, QUANT: tl.constexpr):
+                       BLOCK_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -96,7 +101,7 @@ def rope_and_cache_cuda(positions, q, k, v, cos_sin_cache, layer_idx: int, head_
             q2.stride(0), k2.stride(0), v2.stride(0), cache.stride(0), float(ks), float(vs),
             n_q=n_q, n_k=num_kv_heads, head_dim=head_dim, half=half, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_D=bd,
             BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), QUANT=kv_quant_mode(kv_cache.dtype),
-            num_warps=min(8, _warps(2 * bq * bd)))
+            num_warps=min(8, _warps(2 * bq * bd)), **launch_kwargs(q.device))
     return qo
 
 
