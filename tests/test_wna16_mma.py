@@ -126,6 +126,8 @@ def test_kernel_under_interpreter():
 def test_kernel_on_gpu(dtype):
     from runtime.ops import triton_quant as tq
 
+    qw = torch.randint(-2**31, 2**31 - 1, (512 // 8, 192), dtype=torch.int32)
+    assert torch.equal(pack_wna16_mma(qw.cuda()).cpu(), pack_wna16_mma(qw)), "the layout differs on the GPU"
     cfg = tq.GemmConfig
     configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
                cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),

@@ -146,7 +146,11 @@ def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
 
         def derived(read, inner=inner, key=key):
             out = dict(inner(read))
-            out[key + "_mma"] = ql.pack_wna16_mma(out.pop(key))
+            q = out.pop(key)
+            # integer shuffles, the same bytes anywhere: on a GPU if there is one (an 8B model's take minutes
+            # on a few CPU cores)
+            on = torch.device("cuda") if torch.cuda.is_available() else q.device
+            out[key + "_mma"] = ql.pack_wna16_mma(q.to(on)).to(q.device)
             return out
 
         plan.derived[group] = derived
