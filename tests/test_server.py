@@ -402,3 +402,31 @@ def test_sigterm_drains_and_exits_0(artifacts_dir):
         assert sorted(finish) == list(range(8)) and set(finish.values()) <= {"length", "abort"}, finish
         assert proc.proc.wait(timeout=30) == 0, proc.output()
         assert "draining" in proc.output()
+
+
+def test_async_scheduling_server_serves_the_offline_texts(artifacts_dir, offline):
+    """`spanda serve --async-scheduling`: concurrent greedy completions of different lengths (the engine runs
+    decode steps ahead of the host while they all decode) and a stream give the offline engine's texts, and
+    the server drains to idle."""
+    engine = AsyncEngine(lambda: LLMEngine(artifacts_dir["llama"], EngineOptions(device="cpu", async_scheduling=True)),
+                         max_queue=64)
+    with LiveServer(create_app(engine, MODEL, api_key=KEY, shutdown_timeout=5)) as live:
+        lengths = (6, 11, 17)
+        refs = [offline.generate(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0].outputs[0].text
+                for p, n in zip(PROMPTS, lengths)]
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=live.url, timeout=60,
+                                         headers={"Authorization": f"Bearer {KEY}"}) as ac:
+                return await asyncio.gather(*(ac.post("/v1/completions", json={
+                    "model": MODEL, "prompt": p, "max_tokens": n, "temperature": 0.0, "ignore_eos": True})
+                    for p, n in zip(PROMPTS, lengths)))
+
+        responses = asyncio.run(burst())
+        assert [r.json()["choices"][0]["text"] for r in responses] == refs
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=17, stream=True,
+                                                **GREEDY))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == refs[2]
+        assert engine.engine.num_steps_ahead > 0
+        wait_until(lambda: _idle(live.url), 10, what="the server to go idle")
