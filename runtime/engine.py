@@ -141,7 +141,7 @@ class LLMEngine:
         self._seq_of: dict[str, tuple[SequenceGroup, SequenceState]] = {}  # scheduler request id -> its group
         self.async_scheduling = opts.async_scheduling
         self._inflight: _InFlight | None = None
-        self._pinned: torch.Tensor | None = None  # host staging of the tokens of a step run ahead of
+        self._pinned: torch.Tensor | None = None  # host staging of a step's tokens while the next one runs
         self.num_steps = 0
         self.num_steps_ahead = 0  # decode steps launched before the previous step's tokens were on the host
         self.num_generated = 0
