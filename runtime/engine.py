@@ -142,6 +142,7 @@ class LLMEngine:
         self.async_scheduling = opts.async_scheduling
         self._inflight: _InFlight | None = None
         self._pinned: torch.Tensor | None = None  # host staging of a step's tokens while the next one runs
+        self._copied: torch.cuda.Event | None = None  # recorded after the copy into _pinned
         self.num_steps = 0
         self.num_steps_ahead = 0  # decode steps launched before the previous step's tokens were on the host
         self.num_generated = 0
@@ -309,9 +310,9 @@ class LLMEngine:
         n = tokens.shape[0]
         if self._pinned is None or self._pinned.shape[0] < n:
             self._pinned = torch.empty(max(n, self.config.max_num_seqs), dtype=torch.long, pin_memory=True)
-        buf = self._pinned[:n]
+            self._copied = torch.cuda.Event()
+        buf, done = self._pinned[:n], self._copied  # one copy at a time: each is waited for before the next
         buf.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
         done.record()
 
         def wait() -> list[int]:

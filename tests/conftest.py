@@ -102,6 +102,14 @@ def run_under_interpreter(module: str, timeout: int = 600) -> None:
     assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+def cuda_kernel_names(step) -> str:
+    """The names of the CUDA kernels one call of ``step()`` launches, space-separated (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
 def capture_graph(step):
     """Run ``step()`` once on a side stream (Triton compiles, ops pick their modes: nothing of that may happen
     inside a capture), then capture it in a CUDA graph. Returns (graph, the captured call's outputs)."""

@@ -27,7 +27,7 @@ from runtime.ops import triton_quant as tq
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.quant_linear import w8a8_codes_ref
-from tests.conftest import capture_graph, make_hf_checkpoint, run_under_interpreter
+from tests.conftest import capture_graph, cuda_kernel_names, make_hf_checkpoint, run_under_interpreter
 from tests.test_quantize_build import _artifact_logits, _quantized_checkpoint, _recipe
 from tests.test_triton_quant import check
 
@@ -184,10 +184,7 @@ def test_fused_ops_dispatch_to_triton_and_capture_in_graphs():
         c = spanda.silu_and_mul_quant(gu, None, False)
         return (*a, *b, *c, spanda.linear_w8a8(c[0], c[1], wt["weight"], wt["weight_scale"], None, torch.bfloat16))
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    names = " ".join(e.name for e in prof.events())
+    names = cuda_kernel_names(step)
     for kernel in ("_rms_norm_kernel", "_silu_mul_quant_kernel", "_w8a8_gemm_kernel"):
         assert kernel in names, f"{kernel} did not run: {names[:2000]}"
     assert "_quant_rows_kernel" not in names, "a fused op launched the separate quantization kernel"

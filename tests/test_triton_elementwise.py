@@ -21,7 +21,7 @@ from runtime.ops import triton_elementwise as te
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.rotary import rotary_embedding_ref
-from tests.conftest import capture_graph, run_under_interpreter
+from tests.conftest import capture_graph, cuda_kernel_names, run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -162,10 +162,7 @@ def test_ops_dispatch_to_triton_and_capture_in_graphs():
         q, k = spanda.rotary_embedding(pos, qkv[:, :hq * d], qkv[:, hq * d:(hq + hkv) * d], cache, d)
         return n1, n2, s, spanda.silu_and_mul(gu), q, k
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    names = " ".join(e.name for e in prof.events())
+    names = cuda_kernel_names(step)
     for kernel in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel"):
         assert kernel in names, f"{kernel} did not run: {names[:2000]}"
 

@@ -19,14 +19,16 @@ import os
 import torch
 
 ENABLED = os.environ.get("SPANDA_PDL", "0") == "1"
-_CAPABLE: dict[int, bool] = {}
+_HOPPER: dict[torch.device, bool] = {}
+
+
+def hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9 or later (cached: asked on every launch)."""
+    if device not in _HOPPER:
+        _HOPPER[device] = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return _HOPPER[device]
 
 
 def launch_kwargs(device: torch.device) -> dict:
     """Extra launch arguments of a Triton kernel that has a ``PDL`` constexpr: PDL on (sm_90+, opt-in) or {}."""
-    if not ENABLED or device.type != "cuda":
-        return {}
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABLE:
-        _CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _CAPABLE[idx] else {}
+    return {"PDL": True, "launch_pdl": True} if ENABLED and hopper(device) else {}

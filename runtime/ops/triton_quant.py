@@ -53,12 +53,11 @@ linear_int8 (INT8 W8A8, symmetric)
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from runtime.ops.pdl import launch_kwargs
+from runtime.ops.pdl import hopper, launch_kwargs
 from runtime.ops.quant_linear import (
     FP8_MAX,
     INT8_MAX,
@@ -701,6 +700,10 @@ WNA16_DECODE = {4: GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=Tru
                 8: GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)}
 # the W4A16 tensor-core kernel on pack_wna16_mma's layout (block_m = the wgmma N; untimed: bench --decode 'mma')
 WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)
+# ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
+WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
+                  64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
+                  128: GemmConfig(128, 64, 128, num_warps=4, num_stages=2, serial=SERIAL_SPLIT)}
 FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=6, serial=SERIAL_SPLIT)
 INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
 _SMS: dict[int, int] = {}
@@ -864,9 +867,7 @@ def wna16_mma_config(m: int) -> GemmConfig:
     Untimed beyond the SASS (bench --decode 'mma')."""
     if m <= 16:
         return WNA16_MMA
-    if m <= 64:
-        return dataclasses.replace(WNA16_MMA, block_m=32 if m <= 32 else 64)
-    return dataclasses.replace(WNA16_MMA, block_m=128, num_stages=2)
+    return WNA16_MMA_WIDE[32 if m <= 32 else 64 if m <= 64 else 128]
 
 
 def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -895,7 +896,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
     bf16 = x.dtype == torch.bfloat16
     # the packed bf16x2 subtraction needs sm_90; the interpreter and older GPUs run the same arithmetic in Triton
-    asm = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    asm = hopper(x.device)
     _wna16_mma_kernel[(tiles_n, tiles_m, split)](
         x, qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma,
         bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
