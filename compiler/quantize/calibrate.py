@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from compiler.models.config import ModelConfig, rope_cos_sin_cache
 from compiler.quantize import layout
-from compiler.quantize.rtn import QuantizedLinear
+from compiler.quantize.rtn import QuantizedLinear, div_exact
 from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, dequantize_wna16
 
 log = logging.getLogger("spanda.compiler")
@@ -249,11 +249,11 @@ def group_params(w: torch.Tensor, bits: int, sym: bool, dtype: torch.dtype | Non
     2^(bits-1), scale 2 max|w| / maxq; asymmetric: [min, max] widened to hold 0), scale rounded as stored."""
     maxq = 2**bits - 1
     if sym:
-        s = w.abs().amax(1).clamp_min(1e-8) * 2 / maxq
+        s = div_exact(w.abs().amax(1).clamp_min(1e-8) * 2, maxq)
         z = torch.full_like(s, (maxq + 1) // 2)
     else:
         lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
-        s = ((hi - lo) / maxq).clamp_min(1e-8)
+        s = div_exact(hi - lo, maxq).clamp_min(1e-8)
         z = torch.round(-lo / s)
     return round_scale(s, dtype), z
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from compiler.quantize.packing import _pack
-from compiler.quantize.rtn import QuantizedLinear, quantize_rtn
+from compiler.quantize.rtn import QuantizedLinear, div_exact, quantize_rtn
 from runtime.ops.quant_linear import FP8_MAX, INT8_MAX
 
 WNA16_KEYS = ("qweight", "scales", "zeros", "perm")
@@ -68,13 +68,13 @@ def fp8_weight(w: torch.Tensor, per_channel: bool = True) -> dict[str, torch.Ten
     amax = _row_amax(w)
     if not per_channel:
         amax = amax.amax().reshape(1)
-    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    scale = div_exact(amax, FP8_MAX).clamp_min(1e-12)
     q = _rows(w, scale, lambda x: x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
     return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}
 
 
 def int8_weight(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """w [N, K] (any float dtype) -> {weight: int8 [N, K] in [-127, 127], weight_scale: float32 [N]}."""
-    scale = (_row_amax(w) / INT8_MAX).clamp_min(1e-12)
+    scale = div_exact(_row_amax(w), INT8_MAX).clamp_min(1e-12)
     q = _rows(w, scale, lambda x: torch.round(x).clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
     return {"weight": q.contiguous(), "weight_scale": scale.contiguous()}

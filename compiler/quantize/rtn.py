@@ -9,6 +9,13 @@ import torch
 from compiler.quantize.packing import default_g_idx
 
 
+def div_exact(t: torch.Tensor, value: float) -> torch.Tensor:
+    """t / value, correctly rounded on every device. (CUDA divides a tensor by a Python number as a
+    multiplication by the float32 reciprocal, the CPU divides: a build on the GPU would store other scales and
+    codes than the same build on the CPU. A divisor on t's device is divided by on both.)"""
+    return t / torch.tensor(value, dtype=t.dtype, device=t.device)
+
+
 @dataclass(frozen=True)
 class QuantizedLinear:
     """q [in, out] int32 codes in [0, 2^bits), z/s [groups, out], g_idx [in] (see packing.py)."""
@@ -38,11 +45,11 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, symmetri
     wg = w.float().t().reshape(in_f // gs, gs, out_f)  # [groups, gs, out]
     if symmetric:
         amax = wg.abs().amax(1)
-        s = (amax * 2 / maxq).clamp_min(SCALE_FLOOR)
+        s = div_exact(amax * 2, maxq).clamp_min(SCALE_FLOOR)
         z = torch.full_like(s, (maxq + 1) // 2)
     else:
         lo, hi = wg.amin(1).clamp(max=0), wg.amax(1).clamp(min=0)
-        s = ((hi - lo) / maxq).clamp_min(SCALE_FLOOR)
+        s = div_exact(hi - lo, maxq).clamp_min(SCALE_FLOOR)
         z = torch.round(-lo / s)
     s = s.to(scale_dtype).float()  # quantize with the scale as stored, so dequantization sees the same scale
     q = torch.clamp(torch.round(wg / s.unsqueeze(1)) + z.unsqueeze(1), 0, maxq)
