@@ -40,7 +40,7 @@ import triton  # noqa: E402
 import runtime.ops  # noqa: E402,F401
 from compiler.quantize.layout import fp8_weight, int8_weight  # noqa: E402
 from runtime.ops import triton_quant as tq  # noqa: E402
-from runtime.ops.quant_linear import pack_wna16_mma  # noqa: E402
+from runtime.ops.quant_linear import pack_mma_zeros, pack_wna16_mma  # noqa: E402
 
 FP8_SWEEP = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in (
     (64, 256, 4, 4), (128, 128, 4, 4), (64, 128, 4, 6), (32, 256, 2, 4), (64, 512, 4, 3), (128, 256, 8, 3))]
@@ -168,9 +168,16 @@ def decode_candidates(m: int) -> dict[str, list]:
                                          (m, 256, 128, 8, 3), (m, 64, 128, 2, 4))]
     # the tensor-core kernel on pack_wna16_mma's layout (the weight as wgmma's register operand): block_m tokens
     # per program (the wgmma N), split-K to `waves` programs per SM
-    w4 += [(f"mma m16 s{st} x{wv} u{u}", g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv, unroll=u),
-            "mma") for st, wv, u in ((3, 2, 1), (3, 4, 1), (4, 4, 1), (3, 8, 1), (2, 4, 1), (4, 8, 1), (3, 4, 2),
-                                     (3, 8, 2), (2, 4, 2))]
+    # per SM; b: tiles whose loads are issued together; a1: the scale folded into the weight; meta: zero points
+    # and scales as one int32 per row and group (pack_mma_zeros: pipelined by cp.async like the codes)
+    w4 += [(f"mma m16 s{st} x{wv} b{bt} a{int(not sa)}{' meta' if mt else ''}",
+            g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv, batch=bt, scale_acc=sa),
+            "mma-meta" if mt else "mma")
+           for st, wv, bt, sa, mt in [(2, 4, 1, True, False), (3, 2, 1, True, False)]
+           + [(st, wv, bt, True, True) for st in (2, 3, 4) for wv in (2, 4) for bt in (1, 2)]
+           + [(3, 4, 1, False, True), (3, 2, 1, False, True), (3, 8, 1, True, True), (4, 8, 1, True, True),
+              (6, 4, 1, True, True)]]
+    w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
     base = tq.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
         ("serial", dict(serial=True)), ("magic", dict(magic=True)), ("magic serial", dict(magic=True, serial=True)),
@@ -206,10 +213,12 @@ def decode_candidates(m: int) -> dict[str, list]:
 def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
     if op == "bf16":
         return lambda: torch.mm(x, w["bf16"].t())
-    if op == "w4a16" and path == "mma":
+    if op == "w4a16" and path in ("mma", "mma-meta"):
         if "w4mma" not in w:
             w["w4mma"] = pack_wna16_mma(w["w4"][0])
-        return lambda: tq.linear_wna16_mma_cuda(x, w["w4mma"], w["w4"][1], w["w4"][2], None, None, GROUP, config=cfg)
+            w["w4words"] = pack_mma_zeros(w["w4"][1], w["w4"][2])
+        z = w["w4words"] if path == "mma-meta" else w["w4"][2]
+        return lambda: tq.linear_wna16_mma_cuda(x, w["w4mma"], w["w4"][1], z, None, None, GROUP, config=cfg)
     if op == "w4a16":
         return lambda: tq.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
     if path == "codes":  # the GEMM alone, on codes quantized beforehand (a fused norm/SiLU made them)

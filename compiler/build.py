@@ -60,10 +60,16 @@ def _model_config(recipe: Recipe, ckpt: HFCheckpoint) -> ModelConfig:
     return cfg
 
 
-def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | None = None
+def _hopper_build(device: str) -> bool:
+    """The build runs on a compute-capability 9.0 GPU (H100, H200): the W4A16 mma kernel's target."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev) == (9, 0)
+
+
+def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | None = None, device: str = "cpu"
                      ) -> tuple[torch.export.ExportedProgram, WeightPlan, list[str]]:
-    """Export the unfused model, run the enabled passes (then quantization), re-export.
-    Returns (program, plan, passes run)."""
+    """Export the unfused model, run the enabled passes (then quantization), re-export; ``device``: the build's
+    (resolves the passes set to ``auto``). Returns (program, plan, passes run)."""
     t = recipe.target
     model = build_meta_model(cfg, t.max_seq_len)
     ep = capture.export_model(model, t.max_num_batched_tokens, t.max_batch)
@@ -76,6 +82,8 @@ def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | No
             plan.copy(name, name)
     applied = []
     enabled = set(recipe.passes.enabled())
+    if recipe.passes.wna16_mma == "auto" and not _hopper_build(device):
+        enabled.discard("wna16_mma")
     for name, run in PASSES:
         if name in enabled:
             n = run(gm, plan)
@@ -272,7 +280,7 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
     quant = _quant_pipeline(recipe, cfg, ckpt)
     with ArtifactWriter(out_dir, overwrite=overwrite) as writer, \
             tempfile.TemporaryDirectory(prefix=".spanda-scratch-", dir=writer.path.parent) as scratch:
-        ep, plan, applied = plan_and_capture(recipe, cfg, quant)
+        ep, plan, applied = plan_and_capture(recipe, cfg, quant, device)
         torch.export.save(ep, str(writer.path / GRAPH_FILE))
         meta = _meta_state(ep)
         if quant is not None:

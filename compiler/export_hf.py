@@ -40,7 +40,7 @@ from safetensors import safe_open
 from compiler.hf_loader import HFCheckpoint
 from compiler.quantize.packing import _pack
 from compiler.weights import write_safetensors_stream
-from runtime.ops.quant_linear import unpack_wna16_mma
+from runtime.ops.quant_linear import unpack_mma_zeros, unpack_wna16_mma
 
 log = logging.getLogger("spanda.compiler")
 
@@ -182,6 +182,8 @@ def _module_tensors(read: Callable[[str], torch.Tensor], prefix: str, suffixes: 
     t = {s: read(n) for s, n in suffixes.items()}
     if "qweight_mma" in t:  # the tensor-core layout of the same 4-bit codes: back to the GPTQ words
         t["qweight"] = _pack(unpack_wna16_mma(t.pop("qweight_mma"), _in_features(leaf, c)), 4, 0)
+        if t["zeros"].dtype == torch.int32:  # and its zero points, stored as pack_mma_zeros' words
+            t["zeros"] = unpack_mma_zeros(t["zeros"], t["scales"].dtype)
     bias = t.get("bias")
     if op == "float":
         n_out = t["weight"].shape[0]

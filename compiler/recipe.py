@@ -72,10 +72,12 @@ class PassesSection(_Section):
     fuse_act_quant: bool = True
     """W8A8 builds: the RMSNorm or SiLU-and-multiply before a linear_fp8 / linear_int8 also quantizes its output
     (one launch fewer per linear); runs after quantization."""
-    wna16_mma: bool = False
+    wna16_mma: bool | Literal["auto"] = "auto"
     """4-bit builds: linears with group size 128 or per channel and N % 64 == 0, K % 128 == 0 store their codes
     in the Hopper tensor-core kernel's layout and run spanda::linear_wna16_mma (wgmma with the weight in
-    registers); runs after quantization. Off until timed on a GPU (bench/quant_engine.py w4a16-mma)."""
+    registers); runs after quantization. ``auto``: when the build runs on a Hopper GPU (compute capability
+    9.0), the target the kernel is written for (other devices run its arithmetic without the packed
+    dequantization instructions)."""
 
     def enabled(self) -> list[str]:
         """Names of enabled passes, in declaration (= application) order."""

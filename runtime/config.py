@@ -28,7 +28,7 @@ class EngineOptions:
         (with a warning) instead of refusing to load.
     async_scheduling: launch the next decode step before the current step's tokens reach the host, when
         every running sequence is plainly decoding (runtime/engine.py); the same tokens, the host work hidden
-        behind the GPU's.
+        behind the GPU's. None (default): on for CUDA devices (on the CPU there is nothing to overlap).
     """
 
     device: str | None = None
@@ -41,7 +41,7 @@ class EngineOptions:
     allow_envelope_mismatch: bool = False
     cuda_graphs: bool = True
     allow_jit: bool = False
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
 
 
 def resolve_device(requested: str | None) -> torch.device:

@@ -139,7 +139,8 @@ class LLMEngine:
         self.sampler = Sampler(eos_token_ids=sorted(self.eos_token_ids))
         self._groups: dict[str, SequenceGroup] = {}
         self._seq_of: dict[str, tuple[SequenceGroup, SequenceState]] = {}  # scheduler request id -> its group
-        self.async_scheduling = opts.async_scheduling
+        self.async_scheduling = (opts.async_scheduling if opts.async_scheduling is not None
+                                 else self.device.type == "cuda")
         self._inflight: _InFlight | None = None
         self._pinned: torch.Tensor | None = None  # host staging of a step's tokens while the next one runs
         self._copied: torch.cuda.Event | None = None  # recorded after the copy into _pinned

@@ -31,8 +31,9 @@ def _levels(text: str | None) -> list[float | None]:
 @click.option("--concurrency", help="Comma-separated max in-flight levels, e.g. 1,8,64 (default: all at once).")
 @click.option("--request-rate", help="Comma-separated Poisson arrival rates in req/s (online only).")
 @click.option("--device", default=None)
-@click.option("--async-scheduling", is_flag=True,
-              help="Launch each decode step before the previous step's tokens reach the host (EngineOptions).")
+@click.option("--async-scheduling/--no-async-scheduling", default=None,
+              help="Launch each decode step before the previous step's tokens reach the host (EngineOptions; "
+                   "default: on a GPU).")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write a latency-throughput PNG.")
 def bench(artifact, url, model_name, api_key, workload, num_requests, input_len, output_len, token_range, seed,

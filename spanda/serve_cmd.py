@@ -30,14 +30,16 @@ log = logging.getLogger("spanda.server")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available).")
 @click.option("--allow-jit", is_flag=True,
               help="On a GPU the artifact's kernels were not compiled for, recompile them instead of refusing.")
-@click.option("--async-scheduling", is_flag=True,
-              help="Launch each decode step before the previous step's tokens reach the host (EngineOptions).")
+@click.option("--async-scheduling/--no-async-scheduling", default=None,
+              help="Launch each decode step before the previous step's tokens reach the host (EngineOptions; "
+                   "default: on a GPU).")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
               help="Requests that may wait beyond one full batch; more get 429.")
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds in-flight requests may run after SIGTERM before they are aborted.")
 def serve(artifact: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          device: str | None, allow_jit: bool, async_scheduling: bool, max_queue: int, shutdown_timeout: float
+          device: str | None, allow_jit: bool, async_scheduling: bool | None, max_queue: int,
+          shutdown_timeout: float
           ) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API."""
     import uvicorn

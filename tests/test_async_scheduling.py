@@ -105,6 +105,14 @@ def test_no_running_ahead_where_the_host_must_see_the_tokens(artifacts_dir, para
     _same(artifacts_dir["llama"], [("a", PROMPTS[0], params)], ahead=False)
 
 
+def test_default_runs_ahead_on_a_gpu_only(artifacts_dir):
+    """EngineOptions.async_scheduling None (the default): on for CUDA devices (tests/test_gpu.py), off on the CPU,
+    where nothing overlaps; an explicit value wins."""
+    assert EngineOptions().async_scheduling is None
+    assert LLMEngine(artifacts_dir["llama"], EngineOptions(device="cpu")).async_scheduling is False
+    assert LLMEngine(artifacts_dir["llama"], EngineOptions(device="cpu", async_scheduling=True)).async_scheduling
+
+
 def test_aborting_everything_in_flight_leaves_a_clean_engine(artifacts_dir):
     engine = LLMEngine(artifacts_dir["llama"], EngineOptions(device="cpu", async_scheduling=True))
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

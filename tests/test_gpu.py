@@ -76,7 +76,7 @@ def test_async_scheduling_gives_the_same_tokens(bf16_artifact):
     the synchronous engine, sequences finishing at different steps, greedy and seeded sampling."""
     g = torch.Generator().manual_seed(3)
     prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 33, 64, 90)]
-    sync = LLM(bf16_artifact, device="cuda")
+    sync = LLM(bf16_artifact, device="cuda", async_scheduling=False)  # the default on a GPU is async
     ahead = LLM(bf16_artifact, device="cuda", async_scheduling=True)
     for params in ([SamplingParams(temperature=0.0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(5)],
                    [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=20, ignore_eos=True)
@@ -84,6 +84,7 @@ def test_async_scheduling_gives_the_same_tokens(bf16_artifact):
         want = [o.outputs[0].token_ids for o in sync.generate(prompts, params)]
         assert [o.outputs[0].token_ids for o in ahead.generate(prompts, params)] == want
     assert ahead.engine.num_steps_ahead > 0 and ahead.engine.runner.graphs.num_replays > 0
+    assert LLM(bf16_artifact, device="cuda").engine.async_scheduling  # the default on a GPU
 
 
 def test_programmatic_dependent_launch_gives_the_same_tokens(bf16_artifact):

@@ -31,7 +31,8 @@ def test_tiny_recipe_loads() -> None:
     r = load_recipe(RECIPES / "tiny-llama.yaml")
     assert r.name == "tiny-llama" and r.model.dtype == "float32" and r.model.source is None
     assert r.passes.enabled() == ["fuse_qkv", "fuse_gate_up", "fuse_add_rmsnorm", "fuse_act_mul", "fuse_rope_kv_write",
-                                  "fuse_act_quant"]
+                                  "fuse_act_quant", "wna16_mma"]
+    assert r.passes.wna16_mma == "auto"  # resolved by the build's device
     assert r.target.batch_buckets[-1] == r.target.max_batch
     assert r.quantization.method == "none"
 

@@ -19,7 +19,14 @@ from safetensors.torch import load_file
 import runtime.ops  # noqa: F401
 from compiler.build import build
 from compiler.export_hf import export_hf
-from runtime.ops.quant_linear import linear_wna16_ref, pack_wna16_mma, unpack_rows, unpack_wna16_mma
+from runtime.ops.quant_linear import (
+    linear_wna16_ref,
+    pack_mma_zeros,
+    pack_wna16_mma,
+    unpack_mma_zeros,
+    unpack_rows,
+    unpack_wna16_mma,
+)
 from tests.conftest import capture_graph, make_hf_checkpoint, run_under_interpreter
 from tests.test_act_quant_fusion import _spanda_ops
 from tests.test_quantize_build import _artifact_logits, _recipe
@@ -64,6 +71,21 @@ def test_layout_round_trip(k, n):
     assert torch.equal(unpack_wna16_mma(packed, k), q)
 
 
+def test_zero_point_words_hold_the_scale_and_magic_plus_zero():
+    # bf16: 128 + 3 = 131 = 0x4303, scale 0.5 = 0x3F00; fp16: 1024 + 15 = 1039 = 0x640F, scale -2 = 0xC000
+    s = torch.tensor([[0.5]], dtype=torch.bfloat16)
+    words = pack_mma_zeros(s, torch.tensor([[3]], dtype=torch.uint8))
+    assert words.dtype == torch.int32 and int(words) == 0x4303_3F00
+    words = pack_mma_zeros(torch.tensor([[-2.0]], dtype=torch.float16), torch.tensor([[15]], dtype=torch.uint8))
+    assert int(words) & 0xFFFFFFFF == 0x640F_C000
+    for dtype in (torch.bfloat16, torch.float16):  # every zero point, random scales: back where they came from
+        z = torch.arange(16, dtype=torch.uint8).repeat(4, 1)
+        s = torch.randn(4, 16, generator=gen("mma-zeros", str(dtype))).to(dtype)
+        words = pack_mma_zeros(s, z)
+        assert torch.equal(unpack_mma_zeros(words, dtype), z)
+        assert torch.equal((words & 0xFFFF).to(torch.int16).view(dtype), s)
+
+
 def test_layout_refuses_shapes_it_cannot_hold():
     with pytest.raises(ValueError, match="N % 64 == 0 and K % 128 == 0"):
         pack_wna16_mma(torch.zeros(16, 96, dtype=torch.int32))
@@ -89,10 +111,11 @@ def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, 
             x = torch.randn(m, k + 3, generator=g).to(dtype).to(device)[:, 1:1 + k]  # row-strided x
             ref = linear_wna16_ref(x, qw, s, z, perm, bias, 4, gs)
             for cfg in configs:
-                what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg}"
-                out = tq.linear_wna16_mma_cuda(x, packed, s, z, perm, bias, gs, config=cfg)
-                check(out, ref, what)
-                assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
+                for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
+                    what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype}"
+                    out = tq.linear_wna16_mma_cuda(x, packed, s, zeros, perm, bias, gs, config=cfg)
+                    check(out, ref, what)
+                    assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
             if graph:
                 xs = x.contiguous()
                 args = (xs, packed, s, z, perm, bias, gs)
@@ -110,7 +133,9 @@ def _interpreter_main() -> None:
     g = torch.Generator().manual_seed(0)
     cfg = tq.GemmConfig
     configs = [cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=2), cfg(32, 64, 128, split=3, serial=True),
-               cfg(16, 64, 128, split=4, serial=True), cfg(16, 64, 128, split=1, unroll=2), None]
+               cfg(16, 64, 128, split=4, serial=True), cfg(16, 64, 128, split=1, batch=2),
+               cfg(16, 64, 128, split=2, batch=4, scale_acc=False), cfg(32, 64, 128, split=1, batch=4),
+               cfg(128, 64, 128, dequant_mm=True), None]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     print("interpreter ok")
 
@@ -131,7 +156,10 @@ def test_kernel_on_gpu(dtype):
     cfg = tq.GemmConfig
     configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
                cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),
-               cfg(16, 64, 128, waves=4, serial=True, unroll=2)]
+               cfg(16, 64, 128, waves=4, serial=True, batch=2), cfg(16, 64, 128, waves=4, serial=True, batch=4),
+               cfg(16, 64, 128, waves=2, serial=True, batch=4, scale_acc=False),
+               cfg(16, 64, 128, split=1, batch=4), cfg(64, 64, 128, serial=True, batch=2, scale_acc=False),
+               cfg(128, 64, 128, dequant_mm=True)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
     if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
         from runtime.ops import pdl
@@ -156,12 +184,18 @@ def _build(recipe, path, mma: bool):
     return build(recipe.model_copy(update={"passes": recipe.passes.model_copy(update={"wna16_mma": mma})}), path)
 
 
-@pytest.mark.parametrize("quant", [dict(method="rtn", bits=4, group_size=128),
-                                   dict(method="rtn", bits=4, group_size=-1, symmetric=False)],
-                         ids=["g128-sym", "channel-asym"])
-def test_mma_artifact_matches_the_plain_one(ckpt, tmp_path, quant):
+@pytest.mark.parametrize("quant,dtype", [(dict(method="rtn", bits=4, group_size=128), "float32"),
+                                         (dict(method="rtn", bits=4, group_size=-1, symmetric=False), "float32"),
+                                         (dict(method="rtn", bits=4, group_size=128, symmetric=False), "bfloat16")],
+                         ids=["g128-sym", "channel-asym", "g128-asym-bf16"])
+def test_mma_artifact_matches_the_plain_one(ckpt, tmp_path, quant, dtype):
     recipe = _recipe(ckpt, **quant)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": dtype})})
     on, off = _build(recipe, tmp_path / "on", True), _build(recipe, tmp_path / "off", False)
+    zeros = {k: v for f in on.path.glob("weights-*.safetensors") for k, v in load_file(str(f)).items()
+             if k.endswith(".zeros")}
+    # group 128 in bf16: the zero points as pack_mma_zeros' words (the scale in their low half)
+    assert zeros and {v.dtype for v in zeros.values()} == {torch.int32 if dtype == "bfloat16" else torch.uint8}
     assert on.manifest["passes"][-1] == "wna16_mma" and "wna16_mma" not in off.manifest["passes"]
     ops_on, ops_off = _spanda_ops(on.path), _spanda_ops(off.path)
     assert ops_off["linear_wna16"] == 8 and ops_on["linear_wna16_mma"] == 8 and "linear_wna16" not in ops_on
@@ -169,6 +203,20 @@ def test_mma_artifact_matches_the_plain_one(ckpt, tmp_path, quant):
     hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
     a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)])])
+def test_auto_packs_on_hopper_builds_only(ckpt, tmp_path, device):
+    """passes.wna16_mma: auto (the default) runs the pass when the build's device is a compute-capability 9.0
+    GPU, the kernel's target, and leaves the codes in the GPTQ layout elsewhere."""
+    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128)
+    recipe = recipe.model_copy(update={"target": recipe.target.model_copy(update={"device": device})})
+    assert recipe.passes.wna16_mma == "auto"
+    res = build(recipe, tmp_path / device)
+    hopper = device == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    assert ("wna16_mma" in res.manifest["passes"]) == hopper
+    assert _spanda_ops(res.path)["linear_wna16_mma" if hopper else "linear_wna16"] == 8
 
 
 def test_pass_leaves_linears_it_cannot_hold(ckpt, tmp_path):

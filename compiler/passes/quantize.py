@@ -122,7 +122,8 @@ def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
     """After quantization: 4-bit ``linear_wna16`` nodes whose shapes the tensor-core layout holds (N % 64 == 0,
     K % 128 == 0, group size 128 or per channel) become ``linear_wna16_mma`` and their ``qweight`` becomes
     ``qweight_mma`` (quant_linear.pack_wna16_mma: the same codes, the same bytes, rearranged for the Hopper
-    kernel), packed when the weights are written. ``dtype`` is unused (the pass signature of the build)."""
+    kernel), packed when the weights are written; with group size 128 in bf16/fp16 their ``zeros`` become
+    quant_linear.pack_mma_zeros' int32 words. ``dtype`` is unused (the pass signature of the build)."""
     count = 0
     graph = gm.graph
     for node in list(graph.nodes):
@@ -143,14 +144,23 @@ def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
         # the codes come out of one call per linear: pack them in its result
         group, key = source.sources
         inner = plan.derived[group]
+        # group size 128 in bf16/fp16: the zero points as pack_mma_zeros' words (with the scale: four bytes the
+        # kernel's cp.async pipeline loads; a one-byte zero point is loaded, and waited for, tile by tile)
+        s_meta = attr_tensor(gm, scales)
+        z_name = str(zeros.target) if zeros.op == "get_attr" else None
+        words = (gs == 128 and s_meta.dtype in ql.MMA_MAGIC and z_name is not None
+                 and plan.entries.get(z_name) == WeightSource("derived", (group, "zeros"))
+                 and plan.entries.get(str(scales.target)) == WeightSource("derived", (group, "scales")))
 
-        def derived(read, inner=inner, key=key):
+        def derived(read, inner=inner, key=key, words=words):
             out = dict(inner(read))
             q = out.pop(key)
             # integer shuffles, the same bytes anywhere: on a GPU if there is one (an 8B model's take minutes
             # on a few CPU cores)
             on = torch.device("cuda") if torch.cuda.is_available() else q.device
             out[key + "_mma"] = ql.pack_wna16_mma(q.to(on)).to(q.device)
+            if words:
+                out["zeros"] = ql.pack_mma_zeros(out["scales"], out["zeros"])
             return out
 
         plan.derived[group] = derived
@@ -158,6 +168,8 @@ def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
         del plan.entries[name]
         set_parameter(gm, new_name, torch.empty((n // ql.MMA_ROWS, k // ql.MMA_K, 2048), dtype=torch.int16,
                                                 device="meta"))
+        if words:
+            set_parameter(gm, z_name, torch.empty(s_meta.shape, dtype=torch.int32, device="meta"))
         with graph.inserting_before(node):
             new_qw = graph.get_attr(new_name)
             new = graph.call_function(spanda.linear_wna16_mma.default, (x, new_qw, scales, zeros, perm, bias, gs))

@@ -18,7 +18,9 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
     linear_wna16 at 4 bits with the codes stored for the Hopper tensor-core kernel (``pack_wna16_mma``:
     int16 [N / 64, K / 128, 2048], the same bytes as qweight); scales, zeros, perm, bias and the product as
     above, group_size 128 or -1. The build's ``wna16_mma`` pass rewrites linear_wna16 to it where the shapes
-    allow (N % 64 == 0, K % 128 == 0).
+    allow (N % 64 == 0, K % 128 == 0). With group size 128 and a bf16/fp16 model it also stores ``zeros`` as
+    int32 [G, N] words (``pack_mma_zeros``: the bits of MAGIC + z in the model dtype above the bits of the
+    scale), which the kernel loads through its cp.async pipeline (one-byte zero points are too narrow for it).
 
 ``spanda::linear_fp8(x, weight, weight_scale, input_scale, bias)``  (FP8 W8A8, E4M3)
     weight        float8_e4m3fn [N, K];  weight_scale float32 [N] (per channel) or [1] (per tensor)
@@ -101,6 +103,22 @@ def pack_wna16_mma(qweight: torch.Tensor) -> torch.Tensor:
     return torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16).contiguous()
 
 
+MMA_MAGIC = {torch.bfloat16: 128.0, torch.float16: 1024.0}  # MAGIC + q is exact for q < 128, and has MAGIC's exponent
+
+
+def pack_mma_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """scales [G, N] bf16/fp16, zeros uint8 [G, N] -> int32 [G, N]: bits of (MAGIC + zero) in the scales' dtype
+    (exact: zeros < 128) in the high half, bits of the scale in the low half."""
+    zz = (zeros.float() + MMA_MAGIC[scales.dtype]).to(scales.dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    return ((zz << 16) | (scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF)).contiguous()
+
+
+def unpack_mma_zeros(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pack_mma_zeros' words -> the uint8 zero points (dtype: the scales' dtype)."""
+    zz = (words >> 16).to(torch.int16).view(dtype).float() - MMA_MAGIC[dtype]
+    return zz.to(torch.uint8)
+
+
 def unpack_wna16_mma(packed: torch.Tensor, k: int) -> torch.Tensor:
     """pack_wna16_mma's int16 [N/64, K/128, 2048] -> codes int32 [K, N]."""
     n = packed.shape[0] * MMA_ROWS
@@ -131,6 +149,8 @@ def linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits: int, group_siz
 
 
 def linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size: int):
+    if zeros.dtype == torch.int32:  # pack_mma_zeros' words
+        zeros = unpack_mma_zeros(zeros, scales.dtype)
     w = dequantize_codes(unpack_wna16_mma(qmma, x.shape[-1]), scales, zeros, group_size)
     return _wna16_product(x, w, perm, bias)
 

@@ -342,6 +342,33 @@ def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @_jit
+def _mma_dequant_scaled(words, zz, ss, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """_mma_dequant times the row's group scale ss (the model dtype): (q - z) * s rounded once to the model
+    dtype, one packed multiplication more per pair (HMUL2), so that the group's product accumulates in the
+    wgmma accumulator itself (scale_acc=False)."""
+    if ASM:
+        SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
+        MUL: tl.constexpr = "mul.rn.bf16x2" if BF16 else "mul.rn.f16x2"
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, u;
+            and.b32 u, $5, 0xFF80FF80;
+            and.b32 t, $4, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $0, t, $6;
+            shr.u32 t, $4, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $1, t, $6;
+            shr.u32 t, $4, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $2, t, $6;
+            shr.u32 t, $4, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $3, t, $6;
+            }}""",
+            constraints="=r,=r,=r,=r,r,r,r", args=[words, zz, ss], dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
+    else:
+        sf = ss.to(tl.float32)
+        o0 = (_mma_nibbles(words, zz, 0, MAGIC).to(tl.float32) * sf).to(zz.dtype)
+        o1 = (_mma_nibbles(words, zz, 1, MAGIC).to(tl.float32) * sf).to(zz.dtype)
+        o2 = (_mma_nibbles(words, zz, 2, MAGIC).to(tl.float32) * sf).to(zz.dtype)
+        o3 = (_mma_nibbles(words, zz, 3, MAGIC).to(tl.float32) * sf).to(zz.dtype)
+    return o0, o1, o2, o3
+
+
+@_jit
 def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
     """int16 words (4 codes each) -> 4 tensors of q - z in the model dtype, nibble i in the i-th. On the GPU one
     asm block per pair of int16 (one 32-bit register; pack=2): per nibble position a shift, one LOP3 (mask the
@@ -368,11 +395,107 @@ def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.con
     return o0, o1, o2, o3
 
 
+@_jit
+def _mma_index(pid_n):
+    """Row block pid_n's indices: each word's offset in a 4 KB tile ([2, 4, 8, 4, 8]: pack_wna16_mma's
+    v, w, g, t, r), the weight row of each word ([2, 4, 8, 1, 1]) and the block's 64 rows."""
+    ov = tl.arange(0, 2)[:, None, None, None, None]
+    ow = tl.arange(0, 4)[None, :, None, None, None]
+    og = tl.arange(0, 8)[None, None, :, None, None]
+    ot = tl.arange(0, 4)[None, None, None, :, None]
+    orr = tl.arange(0, 8)[None, None, None, None, :]
+    tile_off = ov * 1024 + ow * 256 + og * 32 + ot * 8 + orr
+    row5 = pid_n * 64 + 16 * ow + 8 * ov + og
+    return tile_off, row5, pid_n * 64 + tl.arange(0, 64)
+
+
+@_jit
+def _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn, GROUPED: tl.constexpr, SCALE_A: tl.constexpr,
+              META: tl.constexpr):
+    """Tile kt's words and (grouped) its zero points and scales (META: both in one int32 word), loads issued,
+    nothing waited for."""
+    words = tl.load(w_base + kt * 2048 + tile_off)
+    if GROUPED:
+        zr = tl.load(z_ptr + kt * N + row5)
+        if META and SCALE_A:
+            sr = zr
+        elif META:
+            sr = tl.load(z_ptr + kt * N + rn[:, None])
+        else:
+            sr = tl.load(s_ptr + kt * N + (row5 if SCALE_A else rn[:, None]))
+    else:
+        zr = words
+        sr = words
+    return words, zr, sr
+
+
+@_jit
+def _mma_operand(words, zr, sr, zz, dt: tl.constexpr, GROUPED: tl.constexpr, SCALE_A: tl.constexpr,
+                 ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, META: tl.constexpr):
+    """A tile's words -> the [64, 128] weight tile (rows: output channels, columns: K) in the model dtype,
+    q - z, or (q - z) * s with SCALE_A; also returns the tile's scales ([64, 1], unless SCALE_A)."""
+    if GROUPED and META:
+        zz = tl.broadcast_to((zr >> 16).to(tl.int16).to(dt, bitcast=True), (2, 4, 8, 4, 8))
+        sr = (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
+    elif GROUPED:
+        zz = tl.broadcast_to((zr.to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
+    if SCALE_A:
+        o0, o1, o2, o3 = _mma_dequant_scaled(words, zz, tl.broadcast_to(sr.to(dt), (2, 4, 8, 4, 8)), ASM, BF16,
+                                             MAGIC)
+    else:
+        o0, o1, o2, o3 = _mma_dequant(words, zz, ASM, BF16, MAGIC)
+    a = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [v, w, g, t, r, i0, i1]: join appends its axis
+    a = a.reshape(2, 4, 8, 4, 2, 2, 2, 2, 2)  # v, w, g, t, p1, p0, h, i0, i1
+    a = a.permute(1, 0, 2, 4, 5, 8, 7, 3, 6).reshape(64, 128)  # rows (w, v, g), columns (p1, p0, i1, i0, t, h)
+    return a, sr
+
+
+@_jit
+def _mma_tile(acc, words, zr, sr, zz, kt, x_rows, m_mask, perm_ptr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
+              SCALE_A: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, META: tl.constexpr):
+    """acc [64, BLOCK_M] += the tile's W x^T (grouped: times the tile's scales)."""
+    a, sr = _mma_operand(words, zr, sr, zz, x_rows.dtype.element_ty, GROUPED, GROUPED and SCALE_A, ASM, BF16, MAGIC,
+                         META)
+    rk = kt * 128 + tl.arange(0, 128)
+    if HAS_PERM:
+        rk = tl.load(perm_ptr + rk)
+    b = tl.load(x_rows + rk[:, None], mask=m_mask[None, :], other=0.0)
+    if GROUPED and not SCALE_A:
+        acc += tl.dot(a, b) * sr.to(tl.float32)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@_jit
+def _wna16_mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, GROUPED: tl.constexpr,
+                              HAS_PERM: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+                              META: tl.constexpr):
+    """w^T[n, perm[k]] = (q[k, n] - z) * s in w's dtype, one [64, 128] tile per program (w^T [N, K]: the
+    weight for F.linear, columns back in input-channel order)."""
+    pid_n = tl.program_id(0)
+    kt = tl.program_id(1)
+    tile_off, row5, rn = _mma_index(pid_n)
+    dt = w_ptr.dtype.element_ty
+    w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
+    words, zr, sr = _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn, GROUPED, True, META)
+    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)
+    if not GROUPED:  # one group: the row's zero point and scale
+        zz = tl.broadcast_to((tl.load(z_ptr + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
+        sr = tl.load(s_ptr + row5)
+    a, sr = _mma_operand(words, zr, sr, zz, dt, GROUPED, True, ASM, BF16, MAGIC, META)
+    cols = kt * 128 + tl.arange(0, 128)
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols)
+    tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + cols[None, :], a)
+
+
 @_jit(do_not_specialize=["M"])
 def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                       TILES: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr,
-                      BF16: tl.constexpr, MAGIC: tl.constexpr, UNROLL: tl.constexpr = 1, PDL: tl.constexpr = False):
+                      BF16: tl.constexpr, MAGIC: tl.constexpr, BATCH: tl.constexpr = 1, PDL: tl.constexpr = False,
+                      SCALE_A: tl.constexpr = False, META: tl.constexpr = False):
     """W4A16 on tensor cores with the weight as the register operand: y^T[64 rows, BLOCK_M] over the program's K
     tiles [pid_k * TILES, +TILES) of 128 (one group each). qw in quant_linear.pack_wna16_mma's layout: one
     4 KB tile per (row block, K tile), loaded as [2, 4, 8, 4, 8] int16 (16 bytes per thread and vector) in the
@@ -380,47 +503,56 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     permute: register renaming only) into the [64, 128] wgmma A operand: its threads already hold their own
     elements, so nothing goes through shared memory. x^T [128, BLOCK_M] is the B operand (shared memory,
     pipelined). The group's product (exact small integers times x, float32) is scaled per row after the dot.
-    Needs N % 64 == 0, K % 128 == 0 and group size 128 or per-channel; 4 warps (one warpgroup)."""
+    Needs N % 64 == 0, K % 128 == 0 and group size 128 or per-channel; 4 warps (one warpgroup).
+    The words and x come through Triton's cp.async pipeline (num_stages, shared memory, then LDS); the one-byte
+    zero points and two-byte scales are too narrow for cp.async and are loaded straight into registers, each
+    tile waiting for them from memory (carrying the next tile's in registers instead makes Triton move the A
+    operand through shared memory to change its layout; an L2 prefetch of the next tiles was slower on the
+    H200). So:
+    META (grouped only): z_ptr is quant_linear.pack_mma_zeros' int32 [K / 128, N] (MAGIC + z in the model dtype
+    in the high half, the scale in the low half; s_ptr unused): four-byte loads, pipelined like the words.
+    BATCH (1, 2, 4): the loads of that many tiles are issued before the first of them is computed.
+    SCALE_A (grouped only): the scale multiplies the dequantized weight (_mma_dequant_scaled) and the dot
+    accumulates in place instead of a product scaled after each dot."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    ov = tl.arange(0, 2)[:, None, None, None, None]
-    ow = tl.arange(0, 4)[None, :, None, None, None]
-    og = tl.arange(0, 8)[None, None, :, None, None]
-    ot = tl.arange(0, 4)[None, None, None, :, None]
-    orr = tl.arange(0, 8)[None, None, None, None, :]
-    tile_off = ov * 1024 + ow * 256 + og * 32 + ot * 8 + orr  # [2, 4, 8, 4, 8]
-    row5 = pid_n * 64 + 16 * ow + 8 * ov + og  # [2, 4, 8, 1, 1]: the weight row of each word
-    rn = pid_n * 64 + tl.arange(0, 64)
+    tile_off, row5, rn = _mma_index(pid_n)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     dt = x_ptr.dtype.element_ty
     w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
     x_rows = x_ptr + rm[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
+    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # grouped: each tile's, in _mma_tile
     if not GROUPED:
         zz = tl.broadcast_to((tl.load(z_ptr + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
         s = tl.load(s_ptr + rn).to(tl.float32)
-    for t in tl.range(0, TILES, loop_unroll_factor=UNROLL):
-        kt = pid_k * TILES + t
-        words = tl.load(w_base + kt * 2048 + tile_off)
-        if GROUPED:
-            zz = tl.broadcast_to((tl.load(z_ptr + kt * N + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
-        o0, o1, o2, o3 = _mma_dequant(words, zz, ASM, BF16, MAGIC)
-        a = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [v, w, g, t, r, i0, i1]: join appends its axis
-        a = a.reshape(2, 4, 8, 4, 2, 2, 2, 2, 2)  # v, w, g, t, p1, p0, h, i0, i1
-        a = a.permute(1, 0, 2, 4, 5, 8, 7, 3, 6).reshape(64, 128)  # rows (w, v, g), columns (p1, p0, i1, i0, t, h)
-        rk = kt * 128 + tl.arange(0, 128)
-        if HAS_PERM:
-            rk = tl.load(perm_ptr + rk)
-        b = tl.load(x_rows + rk[:, None], mask=m_mask[None, :], other=0.0)
-        part = tl.dot(a, b)
-        if GROUPED:
-            acc += part * tl.load(s_ptr + kt * N + rn).to(tl.float32)[:, None]
-        else:
-            acc += part
+    kt0 = pid_k * TILES
+    for t in tl.range(0, TILES // BATCH):
+        kt = kt0 + t * BATCH
+        w0, z0, s0 = _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
+        if BATCH >= 2:
+            w1, z1, s1 = _mma_load(w_base, z_ptr, s_ptr, kt + 1, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
+        if BATCH >= 4:
+            w2, z2, s2 = _mma_load(w_base, z_ptr, s_ptr, kt + 2, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
+            w3, z3, s3 = _mma_load(w_base, z_ptr, s_ptr, kt + 3, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
+        acc = _mma_tile(acc, w0, z0, s0, zz, kt, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM, BF16,
+                        MAGIC, META)
+        if BATCH >= 2:
+            acc = _mma_tile(acc, w1, z1, s1, zz, kt + 1, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
+                            BF16, MAGIC, META)
+        if BATCH >= 4:
+            acc = _mma_tile(acc, w2, z2, s2, zz, kt + 2, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
+                            BF16, MAGIC, META)
+            acc = _mma_tile(acc, w3, z3, s3, zz, kt + 3, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
+                            BF16, MAGIC, META)
+    for t in tl.range(TILES // BATCH * BATCH, TILES):  # the tiles left over (TILES not a multiple of BATCH)
+        w0, z0, s0 = _mma_load(w_base, z_ptr, s_ptr, kt0 + t, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
+        acc = _mma_tile(acc, w0, z0, s0, zz, kt0 + t, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
+                        BF16, MAGIC, META)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
     if not GROUPED:
@@ -687,7 +819,7 @@ class GemmConfig:
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
-    unroll: int = 1  # wna16 mma: K-loop unroll factor (fewer loop instructions per weight, more shared memory)
+    batch: int = 1  # wna16 mma: tiles whose loads are issued before the first of them is computed (1, 2, 4)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -698,7 +830,8 @@ WNA16_GEMV = GemmConfig(1, 64, 128, num_warps=2, num_stages=3, gemv=True, serial
 # 4-bit, 2-16 rows: magic-number unpacking, 128-wide tiles (168 us per 8B layer at M = 4, 172 at M = 16)
 WNA16_DECODE = {4: GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=True, serial=SERIAL_SPLIT),
                 8: GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)}
-# the W4A16 tensor-core kernel on pack_wna16_mma's layout (block_m = the wgmma N; untimed: bench --decode 'mma')
+# the W4A16 tensor-core kernel on pack_wna16_mma's layout (block_m = the wgmma N): 3 stages, 2 programs per SM,
+# zero points as words: 79.5 us per 8B layer at M = 1 (GEMV 89.4), 82.0 at M = 16 (172.9; bf16 cuBLAS 130-132)
 WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
@@ -863,11 +996,28 @@ def linear_wna16_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 
 def wna16_mma_config(m: int) -> GemmConfig:
-    """block_m (the wgmma N) grows with M: every program dequantizes its weight tiles once for block_m rows of x.
-    Untimed beyond the SASS (bench --decode 'mma')."""
+    """block_m (the wgmma N) grows with M: every program dequantizes its weight tiles once for block_m rows of x;
+    from DEQUANT_MM_MIN_M rows the weight is dequantized once and multiplied by cuBLAS (bench --decode 'mma',
+    bench/results/quant-gemm-mma-h200.json)."""
     if m <= 16:
         return WNA16_MMA
+    if DEQUANT_MM_MIN_M is not None and m >= DEQUANT_MM_MIN_M:  # as linear_wna16 (H200: 2355 us per 8B layer
+        return GemmConfig(128, 64, 128, dequant_mm=True)       # at M = 2048 in the kernel, 1402 dequantized)
     return WNA16_MMA_WIDE[32 if m <= 32 else 64 if m <= 64 else 128]
+
+
+def wna16_mma_dequantize(qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """pack_wna16_mma's codes (group size 128 or per channel) -> the weight as [N, K] in ``dtype``, columns in
+    input-channel order: y = F.linear(x, W)."""
+    n, k = qmma.shape[0] * 64, qmma.shape[1] * 128
+    w = torch.empty((n, k), dtype=dtype, device=qmma.device)
+    bf16 = dtype == torch.bfloat16
+    _wna16_mma_dequant_kernel[(n // 64, k // 128)](
+        qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma, w, n, k,
+        GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None, ASM=hopper(qmma.device), BF16=bf16,
+        MAGIC=128.0 if bf16 else 1024.0, META=zeros.dtype == torch.int32, num_warps=4)
+    return w
 
 
 def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -877,13 +1027,17 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     x [M, K] fp16/bf16 -> y [M, N] through _wna16_mma_kernel; group size 128 or -1 (per channel); anything
     else goes to the reference. config:
     block_m (16, 32, 64 or 128: the wgmma N), split / waves / serial as for the other GEMMs, num_stages,
-    unroll (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4)."""
+    batch, scale_acc (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4). zeros: uint8 zero
+    points, or (group size 128) quant_linear.pack_mma_zeros' int32 words, read instead of scales and zeros."""
     if (x.dtype not in FAST_DTYPES or x.dim() != 2 or qmma.dim() != 3 or qmma.shape[1] * 128 != x.shape[1]
-            or group_size not in (128, -1) or scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+            or group_size not in (128, -1) or scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
+            or (zeros.dtype == torch.int32 and group_size != 128)):
         return linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size)
     m, k = x.shape
     n = qmma.shape[0] * 64
     cfg = config or wna16_mma_config(m)
+    if cfg.dequant_mm:  # prefill-sized: the weight dequantized once, then cuBLAS
+        return torch.nn.functional.linear(x, wna16_mma_dequantize(qmma, scales, zeros, perm, x.dtype), bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -902,7 +1056,9 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
         x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-        MAGIC=128.0 if bf16 else 1024.0, UNROLL=cfg.unroll, num_warps=4, num_stages=cfg.num_stages,
+        MAGIC=128.0 if bf16 else 1024.0, BATCH=cfg.batch, SCALE_A=not cfg.scale_acc,
+        META=zeros.dtype == torch.int32, num_warps=4,
+        num_stages=cfg.num_stages,
         **launch_kwargs(x.device))
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
