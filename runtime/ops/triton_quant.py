@@ -2,10 +2,11 @@
 references and the fakes): Triton kernels, plus cuBLAS through ``torch._scaled_mm`` / ``torch._int_mm``.
 
 Imported by :mod:`runtime.ops` always; with Triton installed it registers the ``*_cuda`` functions below as
-the CUDA kernels of ``spanda::linear_wna16``, ``spanda::linear_fp8`` and ``spanda::linear_int8``; without
-Triton it is inert. Launch sizes and buffers depend on shapes only and nothing synchronizes with the host,
-so every path is CUDA-graph capturable. Configurations come from fixed heuristics per M range (nothing
-autotunes while serving); every launcher takes an explicit ``config`` too (tests, benchmark sweeps).
+the CUDA kernels of ``spanda::linear_wna16`` (and ``_mma``), ``spanda::linear_fp8``, ``spanda::linear_int8``
+and ``spanda::linear_w8a8``; without Triton it is inert. Launch sizes and buffers depend on shapes only and
+nothing synchronizes with the host, so every path is CUDA-graph capturable. Configurations come from fixed
+heuristics per M range (nothing autotunes while serving); every launcher takes an explicit ``config`` too
+(tests, benchmark sweeps).
 
 linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
     One Triton GEMM, tile [BLOCK_M, BLOCK_N] of y per program, looping over K in BLOCK_K steps: the x tile
@@ -21,11 +22,16 @@ linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
     ``serial`` (the default) the last program of each tile to finish does that sum itself (tile counters that
     every launch re-arms; no second launch). Up to WNA16_GEMV_MAX_M rows, _wna16_gemv_kernel replaces the
     tensor-core kernel: one row per program, codes turned into float32 by masking them in place and ORing
-    the bits of 2^23 (no int -> float conversion), float32 FMAs. Options (GemmConfig, untimed until a GPU
-    run picks them): ``prefetch`` (tile t + 1 loaded while tile t is computed), ``zsum`` (zero point off once
+    the bits of 2^23 (no int -> float conversion), float32 FMAs. Options (GemmConfig; the defaults from H200
+    sweeps): ``prefetch`` (tile t + 1 loaded while tile t is computed), ``zsum`` (zero point off once
     per tile; no layout conversion in the loop), ``waves`` (programs per SM the split-K choice aims for).
     Large M may instead dequantize the weight once into a [K, N] buffer in x's dtype (rows un-permuted)
     and call cuBLAS (``DEQUANT_MM_MIN_M``), at the cost of that transient buffer.
+
+linear_wna16_mma (W4A16, the codes in quant_linear.pack_wna16_mma's layout: Hopper builds by default)
+    _wna16_mma_kernel: y^T = W x^T on wgmma with the dequantized weight as the register operand (see its
+    docstring), the same kernel from 1 to DEQUANT_MM_MIN_M rows (block_m 16 to 128), split-K as above;
+    from DEQUANT_MM_MIN_M rows _wna16_mma_dequant_kernel writes W [N, K] and cuBLAS multiplies.
 
 linear_fp8 (FP8 W8A8, E4M3)
     A Triton kernel per row of x (amax, scale = amax / 448 rounded as torch on CUDA rounds it, clamp,
