@@ -26,9 +26,11 @@ import torch
 
 from bench.engine import copy_bandwidth, make_checkpoint
 
+GPTQ_LAYOUT = {"wna16_mma": False}  # the W4A16 GEMV / tensor-core GEMM (a Hopper build's default is the mma layout)
+
 VARIANTS = {
     "bf16": {},
-    "w4a16": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}},
+    "w4a16": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": GPTQ_LAYOUT},
     "w8a16": {"quantization": {"method": "int8", "activations": "none"}},
     "fp8": {"quantization": {"method": "fp8"}},
     "fp8+fp8kv": {"quantization": {"method": "fp8"}, "kv_dtype": "fp8_e4m3"},
@@ -37,8 +39,9 @@ VARIANTS = {
     # the engine loads and captures its graphs, restored after)
     "fp8-unfused": {"quantization": {"method": "fp8"}, "passes": {"fuse_act_quant": False}},
     "w4a16-gemv-old": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},  # the GEMV default before
+                       "passes": GPTQ_LAYOUT,
                        "kernels": {"WNA16_GEMV": {"block_n": 128, "num_warps": 4, "prefetch": False, "waves": 2}}},
-    "w4a16-zsum": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+    "w4a16-zsum": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": GPTQ_LAYOUT,
                    "kernels": {"WNA16_GEMV": {"zsum": True, "waves": 4}}},
     # the 4-bit codes in the tensor-core kernel's layout (passes.wna16_mma: spanda::linear_wna16_mma, wgmma)
     "w4a16-mma": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True}},
@@ -50,7 +53,8 @@ VARIANTS = {
     "w4a16-mma-pdl": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True},
                       "pdl": True},
     # lm_head quantized too (quantization.quantize_lm_head: the recipe's choice; 1.05 GB of bf16 at the 8B shape)
-    "w4a16+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True}},
+    "w4a16+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
+                 "passes": GPTQ_LAYOUT},
     "fp8+lm": {"quantization": {"method": "fp8", "quantize_lm_head": True}},
 }
 

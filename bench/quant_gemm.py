@@ -168,15 +168,13 @@ def decode_candidates(m: int) -> dict[str, list]:
                                          (m, 256, 128, 8, 3), (m, 64, 128, 2, 4))]
     # the tensor-core kernel on pack_wna16_mma's layout (the weight as wgmma's register operand): block_m tokens
     # per program (the wgmma N), split-K to `waves` programs per SM
-    # per SM; b: tiles whose loads are issued together; a1: the scale folded into the weight; meta: zero points
-    # and scales as one int32 per row and group (pack_mma_zeros: pipelined by cp.async like the codes)
-    w4 += [(f"mma m16 s{st} x{wv} b{bt} a{int(not sa)}{' meta' if mt else ''}",
-            g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv, batch=bt, scale_acc=sa),
-            "mma-meta" if mt else "mma")
-           for st, wv, bt, sa, mt in [(2, 4, 1, True, False), (3, 2, 1, True, False)]
-           + [(st, wv, bt, True, True) for st in (2, 3, 4) for wv in (2, 4) for bt in (1, 2)]
-           + [(3, 4, 1, False, True), (3, 2, 1, False, True), (3, 8, 1, True, True), (4, 8, 1, True, True),
-              (6, 4, 1, True, True)]]
+    # per SM; meta: zero points and scales as one int32 per row and group (pack_mma_zeros: pipelined by cp.async
+    # like the codes). (Also timed in bench/results/quant-gemm-mma-sweep-h200.json, slower, since removed:
+    # b2/b4, 2-4 tiles loaded before computing them; a1, the scale folded into the weight.)
+    w4 += [(f"mma m16 s{st} x{wv}{' meta' if mt else ''}",
+            g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv), "mma-meta" if mt else "mma")
+           for st, wv, mt in [(2, 4, False), (3, 2, False)] + [(st, wv, True) for st in (2, 3, 4) for wv in (2, 4)]
+           + [(3, 8, True), (4, 8, True), (6, 4, True)]]
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
     base = tq.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (

@@ -147,10 +147,7 @@ def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
         # group size 128 in bf16/fp16: the zero points as pack_mma_zeros' words (with the scale: four bytes the
         # kernel's cp.async pipeline loads; a one-byte zero point is loaded, and waited for, tile by tile)
         s_meta = attr_tensor(gm, scales)
-        z_name = str(zeros.target) if zeros.op == "get_attr" else None
-        words = (gs == 128 and s_meta.dtype in ql.MMA_MAGIC and z_name is not None
-                 and plan.entries.get(z_name) == WeightSource("derived", (group, "zeros"))
-                 and plan.entries.get(str(scales.target)) == WeightSource("derived", (group, "scales")))
+        words = gs == 128 and s_meta.dtype in ql.MMA_MAGIC
 
         def derived(read, inner=inner, key=key, words=words):
             out = dict(inner(read))
@@ -168,8 +165,8 @@ def pack_wna16_mma(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
         del plan.entries[name]
         set_parameter(gm, new_name, torch.empty((n // ql.MMA_ROWS, k // ql.MMA_K, 2048), dtype=torch.int16,
                                                 device="meta"))
-        if words:
-            set_parameter(gm, z_name, torch.empty(s_meta.shape, dtype=torch.int32, device="meta"))
+        if words:  # the same derived group's "zeros" (quantize_linears), now its words
+            set_parameter(gm, str(zeros.target), torch.empty(s_meta.shape, dtype=torch.int32, device="meta"))
         with graph.inserting_before(node):
             new_qw = graph.get_attr(new_name)
             new = graph.call_function(spanda.linear_wna16_mma.default, (x, new_qw, scales, zeros, perm, bias, gs))

@@ -67,6 +67,7 @@ from runtime.ops.pdl import hopper, launch_kwargs
 from runtime.ops.quant_linear import (
     FP8_MAX,
     INT8_MAX,
+    MMA_MAGIC,
     SCALE_FLOOR,
     linear_fp8_ref,
     linear_int8_ref,
@@ -350,8 +351,7 @@ def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr):
 @_jit
 def _mma_dequant_scaled(words, zz, ss, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
     """_mma_dequant times the row's group scale ss (the model dtype): (q - z) * s rounded once to the model
-    dtype, one packed multiplication more per pair (HMUL2), so that the group's product accumulates in the
-    wgmma accumulator itself (scale_acc=False)."""
+    dtype, one packed multiplication more per pair (HMUL2); _wna16_mma_dequant_kernel's weight."""
     if ASM:
         SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
         MUL: tl.constexpr = "mul.rn.bf16x2" if BF16 else "mul.rn.f16x2"
@@ -416,36 +416,29 @@ def _mma_index(pid_n):
 
 
 @_jit
-def _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn, GROUPED: tl.constexpr, SCALE_A: tl.constexpr,
-              META: tl.constexpr):
-    """Tile kt's words and (grouped) its zero points and scales (META: both in one int32 word), loads issued,
-    nothing waited for."""
+def _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, srows, GROUPED: tl.constexpr, META: tl.constexpr):
+    """Tile kt's words and (grouped) its zero points ([2, 4, 8, 1, 1]) and scales (offsets ``srows``), loads
+    issued, nothing waited for; META: both in pack_mma_zeros' words."""
     words = tl.load(w_base + kt * 2048 + tile_off)
+    zr = words
+    sr = words
     if GROUPED:
         zr = tl.load(z_ptr + kt * N + row5)
-        if META and SCALE_A:
-            sr = zr
-        elif META:
-            sr = tl.load(z_ptr + kt * N + rn[:, None])
-        else:
-            sr = tl.load(s_ptr + kt * N + (row5 if SCALE_A else rn[:, None]))
-    else:
-        zr = words
-        sr = words
+        sr = tl.load((z_ptr if META else s_ptr) + kt * N + srows)
     return words, zr, sr
 
 
 @_jit
-def _mma_operand(words, zr, sr, zz, dt: tl.constexpr, GROUPED: tl.constexpr, SCALE_A: tl.constexpr,
+def _mma_operand(words, zr, sr, zz, dt: tl.constexpr, GROUPED: tl.constexpr, SCALED: tl.constexpr,
                  ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, META: tl.constexpr):
     """A tile's words -> the [64, 128] weight tile (rows: output channels, columns: K) in the model dtype,
-    q - z, or (q - z) * s with SCALE_A; also returns the tile's scales ([64, 1], unless SCALE_A)."""
+    q - z, or (q - z) * s with SCALED (sr then in the words' row layout); also returns the tile's scales."""
     if GROUPED and META:
         zz = tl.broadcast_to((zr >> 16).to(tl.int16).to(dt, bitcast=True), (2, 4, 8, 4, 8))
         sr = (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
     elif GROUPED:
         zz = tl.broadcast_to((zr.to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
-    if SCALE_A:
+    if SCALED:
         o0, o1, o2, o3 = _mma_dequant_scaled(words, zz, tl.broadcast_to(sr.to(dt), (2, 4, 8, 4, 8)), ASM, BF16,
                                              MAGIC)
     else:
@@ -454,23 +447,6 @@ def _mma_operand(words, zr, sr, zz, dt: tl.constexpr, GROUPED: tl.constexpr, SCA
     a = a.reshape(2, 4, 8, 4, 2, 2, 2, 2, 2)  # v, w, g, t, p1, p0, h, i0, i1
     a = a.permute(1, 0, 2, 4, 5, 8, 7, 3, 6).reshape(64, 128)  # rows (w, v, g), columns (p1, p0, i1, i0, t, h)
     return a, sr
-
-
-@_jit
-def _mma_tile(acc, words, zr, sr, zz, kt, x_rows, m_mask, perm_ptr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
-              SCALE_A: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, META: tl.constexpr):
-    """acc [64, BLOCK_M] += the tile's W x^T (grouped: times the tile's scales)."""
-    a, sr = _mma_operand(words, zr, sr, zz, x_rows.dtype.element_ty, GROUPED, GROUPED and SCALE_A, ASM, BF16, MAGIC,
-                         META)
-    rk = kt * 128 + tl.arange(0, 128)
-    if HAS_PERM:
-        rk = tl.load(perm_ptr + rk)
-    b = tl.load(x_rows + rk[:, None], mask=m_mask[None, :], other=0.0)
-    if GROUPED and not SCALE_A:
-        acc += tl.dot(a, b) * sr.to(tl.float32)
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @_jit
@@ -484,7 +460,7 @@ def _wna16_mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, GROUP
     tile_off, row5, rn = _mma_index(pid_n)
     dt = w_ptr.dtype.element_ty
     w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
-    words, zr, sr = _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn, GROUPED, True, META)
+    words, zr, sr = _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, row5, GROUPED, META)
     zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)
     if not GROUPED:  # one group: the row's zero point and scale
         zz = tl.broadcast_to((tl.load(z_ptr + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
@@ -500,8 +476,7 @@ def _wna16_mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, GROUP
 def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                       TILES: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr,
-                      BF16: tl.constexpr, MAGIC: tl.constexpr, BATCH: tl.constexpr = 1, PDL: tl.constexpr = False,
-                      SCALE_A: tl.constexpr = False, META: tl.constexpr = False):
+                      BF16: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr = False, META: tl.constexpr = False):
     """W4A16 on tensor cores with the weight as the register operand: y^T[64 rows, BLOCK_M] over the program's K
     tiles [pid_k * TILES, +TILES) of 128 (one group each). qw in quant_linear.pack_wna16_mma's layout: one
     4 KB tile per (row block, K tile), loaded as [2, 4, 8, 4, 8] int16 (16 bytes per thread and vector) in the
@@ -510,16 +485,13 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     elements, so nothing goes through shared memory. x^T [128, BLOCK_M] is the B operand (shared memory,
     pipelined). The group's product (exact small integers times x, float32) is scaled per row after the dot.
     Needs N % 64 == 0, K % 128 == 0 and group size 128 or per-channel; 4 warps (one warpgroup).
-    The words and x come through Triton's cp.async pipeline (num_stages, shared memory, then LDS); the one-byte
+    The words and x come through Triton's cp.async pipeline (num_stages, shared memory, then LDS); one-byte
     zero points and two-byte scales are too narrow for cp.async and are loaded straight into registers, each
-    tile waiting for them from memory (carrying the next tile's in registers instead makes Triton move the A
-    operand through shared memory to change its layout; an L2 prefetch of the next tiles was slower on the
-    H200). So:
-    META (grouped only): z_ptr is quant_linear.pack_mma_zeros' int32 [K / 128, N] (MAGIC + z in the model dtype
-    in the high half, the scale in the low half; s_ptr unused): four-byte loads, pipelined like the words.
-    BATCH (1, 2, 4): the loads of that many tiles are issued before the first of them is computed.
-    SCALE_A (grouped only): the scale multiplies the dequantized weight (_mma_dequant_scaled) and the dot
-    accumulates in place instead of a product scaled after each dot."""
+    tile waiting for them from memory. So, META (grouped only): z_ptr is quant_linear.pack_mma_zeros' int32
+    [K / 128, N] (MAGIC + z in the model dtype in the high half, the scale in the low half; s_ptr unused):
+    four-byte loads, pipelined like the words. Slower on the H200 (README): carrying the next tile's zero
+    points in registers (Triton then moves the A operand through shared memory to change its layout), an L2
+    prefetch of the next tiles, loading 2-4 tiles before computing them, the scale folded into the weight."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
     pid_n = tl.program_id(0)
@@ -532,33 +504,22 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
     x_rows = x_ptr + rm[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
-    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # grouped: each tile's, in _mma_tile
+    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # grouped: each tile's, in _mma_operand
     if not GROUPED:
         zz = tl.broadcast_to((tl.load(z_ptr + row5).to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
         s = tl.load(s_ptr + rn).to(tl.float32)
-    kt0 = pid_k * TILES
-    for t in tl.range(0, TILES // BATCH):
-        kt = kt0 + t * BATCH
-        w0, z0, s0 = _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
-        if BATCH >= 2:
-            w1, z1, s1 = _mma_load(w_base, z_ptr, s_ptr, kt + 1, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
-        if BATCH >= 4:
-            w2, z2, s2 = _mma_load(w_base, z_ptr, s_ptr, kt + 2, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
-            w3, z3, s3 = _mma_load(w_base, z_ptr, s_ptr, kt + 3, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
-        acc = _mma_tile(acc, w0, z0, s0, zz, kt, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM, BF16,
-                        MAGIC, META)
-        if BATCH >= 2:
-            acc = _mma_tile(acc, w1, z1, s1, zz, kt + 1, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
-                            BF16, MAGIC, META)
-        if BATCH >= 4:
-            acc = _mma_tile(acc, w2, z2, s2, zz, kt + 2, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
-                            BF16, MAGIC, META)
-            acc = _mma_tile(acc, w3, z3, s3, zz, kt + 3, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
-                            BF16, MAGIC, META)
-    for t in tl.range(TILES // BATCH * BATCH, TILES):  # the tiles left over (TILES not a multiple of BATCH)
-        w0, z0, s0 = _mma_load(w_base, z_ptr, s_ptr, kt0 + t, N, tile_off, row5, rn, GROUPED, SCALE_A, META)
-        acc = _mma_tile(acc, w0, z0, s0, zz, kt0 + t, x_rows, m_mask, perm_ptr, GROUPED, HAS_PERM, SCALE_A, ASM,
-                        BF16, MAGIC, META)
+    for t in tl.range(0, TILES):
+        kt = pid_k * TILES + t
+        words, zr, sr = _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, rn[:, None], GROUPED, META)
+        a, sr = _mma_operand(words, zr, sr, zz, dt, GROUPED, False, ASM, BF16, MAGIC, META)
+        rk = kt * 128 + tl.arange(0, 128)
+        if HAS_PERM:
+            rk = tl.load(perm_ptr + rk)
+        b = tl.load(x_rows + rk[:, None], mask=m_mask[None, :], other=0.0)
+        if GROUPED:
+            acc += tl.dot(a, b) * sr.to(tl.float32)
+        else:
+            acc = tl.dot(a, b, acc)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
     if not GROUPED:
@@ -825,7 +786,6 @@ class GemmConfig:
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
-    batch: int = 1  # wna16 mma: tiles whose loads are issued before the first of them is computed (1, 2, 4)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1022,7 +982,7 @@ def wna16_mma_dequantize(qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.
     _wna16_mma_dequant_kernel[(n // 64, k // 128)](
         qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma, w, n, k,
         GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None, ASM=hopper(qmma.device), BF16=bf16,
-        MAGIC=128.0 if bf16 else 1024.0, META=zeros.dtype == torch.int32, num_warps=4)
+        MAGIC=MMA_MAGIC[dtype], META=zeros.dtype == torch.int32, num_warps=4)
     return w
 
 
@@ -1033,7 +993,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     x [M, K] fp16/bf16 -> y [M, N] through _wna16_mma_kernel; group size 128 or -1 (per channel); anything
     else goes to the reference. config:
     block_m (16, 32, 64 or 128: the wgmma N), split / waves / serial as for the other GEMMs, num_stages,
-    batch, scale_acc (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4). zeros: uint8 zero
+    dequant_mm (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4). zeros: uint8 zero
     points, or (group size 128) quant_linear.pack_mma_zeros' int32 words, read instead of scales and zeros."""
     if (x.dtype not in FAST_DTYPES or x.dim() != 2 or qmma.dim() != 3 or qmma.shape[1] * 128 != x.shape[1]
             or group_size not in (128, -1) or scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
@@ -1062,8 +1022,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
         x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-        MAGIC=128.0 if bf16 else 1024.0, BATCH=cfg.batch, SCALE_A=not cfg.scale_acc,
-        META=zeros.dtype == torch.int32, num_warps=4,
+        MAGIC=MMA_MAGIC[x.dtype], META=zeros.dtype == torch.int32, num_warps=4,
         num_stages=cfg.num_stages,
         **launch_kwargs(x.device))
     if split > 1 and not serial:
