@@ -110,9 +110,13 @@ def check_producers(device: str, dtype: torch.dtype, widths, ns, g: torch.Genera
                 same_codes(got, (*tq.quantize_rows(normed, sc, qd), total), f"fused_add_rms_norm_quant {key}")
                 close_to_reference(got[0], got[1], fused_add_rms_norm_ref(x, res, w, 1e-5)[0],
                                    f"fused_add_rms_norm_quant vs reference {key}", vs_ref)
-                got = te.silu_and_mul_quant_cuda(gu, sc, int8)
-                same_codes(got, tq.quantize_rows(te.silu_and_mul_cuda(gu), sc, qd), f"silu_and_mul_quant {key}")
-                close_to_reference(*got, silu_and_mul_ref(gu), f"silu_and_mul_quant vs reference {key}", vs_ref)
+                unfused = tq.quantize_rows(te.silu_and_mul_cuda(gu), sc, qd)
+                # one program per row, and rows split over chunks (two launches; 32 wide: several per row)
+                for split_rows, chunk in ((0, te.SILU_BLOCK), (n, 32)):
+                    got = te.silu_and_mul_quant_cuda(gu, sc, int8, split_rows=split_rows, chunk=chunk)
+                    name = f"silu_and_mul_quant {key} split_rows {split_rows} chunk {chunk}"
+                    same_codes(got, unfused, name)
+                    close_to_reference(*got, silu_and_mul_ref(gu), f"{name} vs reference", vs_ref)
 
 
 def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -> None:
@@ -185,7 +189,8 @@ def test_fused_ops_dispatch_to_triton_and_capture_in_graphs():
         return (*a, *b, *c, spanda.linear_w8a8(c[0], c[1], wt["weight"], wt["weight_scale"], None, torch.bfloat16))
 
     names = cuda_kernel_names(step)
-    for kernel in ("_rms_norm_kernel", "_silu_mul_quant_kernel", "_w8a8_gemm_kernel"):
+    # 4 rows: silu_and_mul_quant splits them (te.SILU_QUANT_SPLIT_ROWS): products + chunk maxima, then codes
+    for kernel in ("_rms_norm_kernel", "_silu_mul_amax_kernel", "_quant_chunks_kernel", "_w8a8_gemm_kernel"):
         assert kernel in names, f"{kernel} did not run: {names[:2000]}"
     assert "_quant_rows_kernel" not in names, "a fused op launched the separate quantization kernel"
     graph, static_out = capture_graph(step)
@@ -194,6 +199,41 @@ def test_fused_ops_dispatch_to_triton_and_capture_in_graphs():
     graph.replay()
     torch.cuda.synchronize()
     same(static_out, step(), "graph replay")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+def test_programmatic_dependent_launch_gives_the_same_bits():
+    """SPANDA_PDL=1 on sm_90: the fused producers (silu_and_mul_quant split over programs, and whole rows) and
+    the W8A8 GEMM (split-K at decode sizes) chained in a CUDA graph give the bits of ordinary launches."""
+    from runtime.ops import pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    g = seed("pdl")
+    h, inter = 4096, 14336
+    w = torch.rand(h, generator=g, device="cuda").bfloat16()
+    wts = [{key: v.cuda() for key, v in fp8_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+                                                    * 0.02).items()} for n, k in ((2 * inter, h), (h, inter))]
+    for t in (1, 16, 200):
+        x, res = (torch.randn(t, h, generator=g, device="cuda").bfloat16() for _ in range(2))
+
+        def step(x=x, res=res):
+            a, sa, total = spanda.fused_add_rms_norm_quant(x, res, w, 1e-5, None, False)
+            gu = spanda.linear_w8a8(a, sa, wts[0]["weight"], wts[0]["weight_scale"], None, torch.bfloat16)
+            c, sc = spanda.silu_and_mul_quant(gu, None, False)
+            return total, spanda.linear_w8a8(c, sc, wts[1]["weight"], wts[1]["weight_scale"], None, torch.bfloat16)
+
+        pdl.ENABLED = False  # the reference: ordinary launches
+        want = step()
+        pdl.ENABLED = True
+        try:
+            graph, static_out = capture_graph(step)
+            graph.replay()
+            torch.cuda.synchronize()
+        finally:
+            pdl.ENABLED = False
+        same(static_out, want, f"PDL graph, {t} rows")
 
 
 def _interpreter_main() -> None:

@@ -14,7 +14,8 @@ only; nothing synchronizes with the host, so every launch is CUDA-graph capturab
 
     rms_norm / fused_add      grid (ceil(T/ROWS),)   tile [ROWS, next_pow2(H)]  (ROWS > 1 only for narrow H)
     silu_and_mul              grid (T, ceil(I/BLOCK)) one BLOCK-wide chunk of one row
-    silu_and_mul_quant        grid (T,)              one whole row (its amax needs every element)
+    silu_and_mul_quant        grid (T,)              one whole row (its amax needs every element); few rows:
+                              grid (T, ceil(I/BLOCK)) twice: chunk products + maxima, then chunk codes
     rotary_embedding          grid (T,)              all q heads then all k heads of one token
 """
 
@@ -40,6 +41,11 @@ AVAILABLE = triton is not None
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_NORM_WIDTH = 32768  # one row lives in registers; wider rows (none in supported models) use the reference
 SILU_BLOCK = 1024  # elements of the output row per program
+# silu_and_mul_quant: up to this many rows, each row split over programs of this many elements (two launches).
+# 14336 wide on an H200 (bench/act_quant.py; its figures include a 4.4 us timer floor): 7.5-8.0 against 10.1-10.3
+# us for one program per row at 1-16 rows, 9.9 against 10.8 at 64; at 256 rows one program per row is as fast
+SILU_QUANT_SPLIT_ROWS = 64
+SILU_QUANT_CHUNK = 512
 
 
 def _jit(fn=None, **kw):
@@ -121,6 +127,52 @@ def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: 
     v = (act * u).to(dt).to(tl.float32)
     _quant_codes(v[None, :], (q_ptr + t * inter + cols)[None, :], mask[None, :], qs_ptr + t + tl.arange(0, 1),
                  tl.full((1,), True, tl.int1), in_scale_ptr, STATIC, INT8, QMAX, FLOOR)
+
+
+@_jit
+def _silu_mul_amax_kernel(x_ptr, h_ptr, amax_ptr, stride_x, inter: tl.constexpr, CHUNKS: tl.constexpr,
+                          BLOCK: tl.constexpr, STATIC: tl.constexpr, PDL: tl.constexpr = False):
+    """silu_and_mul_quant's first half for few rows: chunk c of row t of silu(gate) * up (as
+    _silu_and_mul_kernel rounds it) to h [T, inter] and (dynamic) its |max| to amax [T, CHUNKS]."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    dt = h_ptr.dtype.element_ty
+    g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    v = (act * u).to(dt)
+    tl.store(h_ptr + t * inter + cols, v, mask=mask)
+    if not STATIC:
+        tl.store(amax_ptr + t * CHUNKS + c, tl.max(tl.abs(v.to(tl.float32)), axis=0))
+
+
+@_jit
+def _quant_chunks_kernel(h_ptr, amax_ptr, q_ptr, qs_ptr, in_scale_ptr, inter: tl.constexpr, CHUNKS: tl.constexpr,
+                         C_PAD: tl.constexpr, BLOCK: tl.constexpr, STATIC: tl.constexpr, INT8: tl.constexpr,
+                         QMAX: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr = False):
+    """silu_and_mul_quant's second half: chunk c of row t of h quantized with the row's scale (act_scale of the
+    largest of its chunks' maxima: the row's |max|), so every chunk quantizes in parallel; chunk 0 writes it."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    if STATIC:
+        amax = tl.zeros((1,), dtype=tl.float32)
+    else:
+        ch = tl.arange(0, C_PAD)
+        amax = tl.max(tl.load(amax_ptr + t * CHUNKS + ch[None, :], mask=ch[None, :] < CHUNKS, other=0.0), axis=1)
+    s = act_scale(amax, in_scale_ptr, STATIC, QMAX, FLOOR)
+    tl.store(qs_ptr + t + tl.arange(0, 1), s, mask=(tl.arange(0, 1) + c) == 0)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    v = tl.load(h_ptr + t * inter + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(q_ptr + t * inter + cols, act_codes(v, s, INT8, QMAX).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -210,7 +262,8 @@ def _norm_launch(x, residual, weight, eps, num_warps, out=None, s=None, quant=No
             r2.stride(0), width=width, eps=float(eps), HAS_RES=residual is not None, ROWS=rows, BLOCK=block,
             QUANT=quant is not None, STATIC=static is not None, INT8=q.dtype == torch.int8,
             QMAX=INT8_MAX if q.dtype == torch.int8 else FP8_MAX, FLOOR=SCALE_FLOOR,
-            num_warps=num_warps or _warps(rows * block), **launch_kwargs(x.device))
+            # quantizing: twice the warps (16 at 4096 wide: 6.6 us against 6.9 with a 4.4 us floor, H200)
+            num_warps=num_warps or _warps(rows * block * (2 if quant is not None else 1)), **launch_kwargs(x.device))
     return out.view(x.shape), s.view(x.shape)
 
 
@@ -281,14 +334,30 @@ def fused_add_rms_norm_quant_cuda(x: torch.Tensor, residual: torch.Tensor, weigh
 
 
 def silu_and_mul_quant_cuda(x: torch.Tensor, input_scale: torch.Tensor | None, int8: bool,
-                            num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu_and_mul(x) quantized (quant_linear.silu_and_mul_quant): one program per row holds the whole row."""
+                            num_warps: int | None = None, split_rows: int | None = None,
+                            chunk: int = SILU_QUANT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_and_mul(x) quantized (quant_linear.silu_and_mul_quant). Up to ``split_rows`` rows
+    (SILU_QUANT_SPLIT_ROWS): two launches, each over (row, ``chunk``-wide chunk): the products and their chunk
+    maxima, then the codes; more rows: one program per row holds the whole row. The same codes and scales."""
     if x.dtype not in FAST_DTYPES or x.dim() != 2 or x.shape[-1] % 2 or x.shape[-1] // 2 > MAX_NORM_WIDTH:
         return quantize_activation_rows(silu_and_mul_ref(x), input_scale, int8)
     x2 = _rows(x)
     n, inter = x2.shape[0], x2.shape[1] // 2
     q, qs, static = _quant_out(x2, inter, input_scale, int8)
-    if n and inter:
+    split_rows = SILU_QUANT_SPLIT_ROWS if split_rows is None else split_rows
+    if n and inter and n <= split_rows:
+        block = min(chunk, triton.next_power_of_2(inter))
+        chunks = triton.cdiv(inter, block)
+        h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
+        amax = torch.empty((n, chunks), dtype=torch.float32, device=x.device)
+        consts = dict(inter=inter, CHUNKS=chunks, BLOCK=block, STATIC=static is not None)
+        _silu_mul_amax_kernel[(n, chunks)](x2, h, amax, x2.stride(0), num_warps=num_warps or _warps(block),
+                                           **consts, **launch_kwargs(x2.device))
+        _quant_chunks_kernel[(n, chunks)](h, amax, q, qs, static if static is not None else qs,
+                                          C_PAD=triton.next_power_of_2(chunks), INT8=int8,
+                                          QMAX=INT8_MAX if int8 else FP8_MAX, FLOOR=SCALE_FLOOR,
+                                          num_warps=num_warps or _warps(block), **consts, **launch_kwargs(x2.device))
+    elif n and inter:
         block = triton.next_power_of_2(inter)
         _silu_mul_quant_kernel[(n,)](x2, q, qs, static if static is not None else qs, x2.stride(0), inter=inter,
                                      STATIC=static is not None, INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX,
