@@ -8,6 +8,7 @@ RoPE + KV write, norms, activation, other), with the GEMMs' achieved bandwidth (
 time) beside the measured copy bandwidth. Prints a table and the top host functions; writes JSON with --out.
 
     python bench/profile_decode.py --shape 8b --out bench/results/profile-decode-8b-h100.json
+    python bench/profile_decode.py --shape 8b --variant w4a16-mma --out ...  (a quant_engine.py build)
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch  # noqa: E402
 from bench.engine import build, copy_bandwidth, make_checkpoint  # noqa: E402
 
 KINDS = [  # (kind, substrings of kernel names), first match wins
-    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "splitk", "cublas")),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "splitk", "cublas", "wna16", "w8a8")),
+    ("act_quant", ("quant_rows",)),
     ("attention", ("_decode", "_reduce", "_prefill", "attn")),
     ("rope_kv_write", ("rope", "_write_kv")),
     ("norm", ("rms", "norm")),
@@ -71,10 +73,10 @@ def kernel_breakdown(fn, iters: int = 20) -> dict:
 
 
 def gemm_weight_bytes(gm: torch.nn.Module) -> int:
-    """Bytes the step's GEMMs must stream: every 2-D weight except an embedding table that is only gathered
+    """Bytes the step's GEMMs must stream: every weight of 2 or more dimensions except an embedding table only gathered
     (with tied embeddings the table is the LM head too, so it counts)."""
     named = dict(gm.named_parameters()) | dict(gm.named_buffers())
-    two_d = {n: t for n, t in named.items() if t.dim() == 2}
+    two_d = {n: t for n, t in named.items() if t.dim() >= 2}  # 3-D: pack_wna16_mma's codes
     has_head = any("lm_head" in n for n in two_d)
     return sum(t.numel() * t.element_size() for n, t in two_d.items() if not (has_head and "embed" in n))
 
@@ -83,19 +85,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--artifact", default=None, help="profile this artifact instead of building --shape's")
+    ap.add_argument("--variant", default="bf16",
+                    help="a build of bench/quant_engine.py's VARIANTS (quantization, passes) for the built artifact")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from runtime import LLM, SamplingParams
     from runtime.forward_context import ForwardContext, set_forward_context
 
-    res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape}
+    res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variant": args.variant}
     res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         art = args.artifact
         if art is None:
             make_checkpoint(args.shape, tmp / "hf")
-            art = build(tmp / "hf", tmp / "art", 8)
+            if args.variant == "bf16":
+                art = build(tmp / "hf", tmp / "art", 8)
+            else:
+                from bench.quant_engine import build as build_variant
+
+                art = build_variant(tmp / "hf", tmp / "art", args.variant, 8)
         llm = LLM(art, gpu_memory_utilization=0.5)
         eng = llm.engine
         graphs = eng.runner.graphs
@@ -144,7 +153,7 @@ def main() -> None:
         print(which, json.dumps(res[which]["us_per_call_by_kind"]), "total us", res[which]["us_per_call_total"])
         for k in res[which]["top_kernels"][:8]:
             print(f"    {k['us_per_call']:>8} us  x{k['launches_per_call']:<6} {k['name']}")
-    print(f"{res['device']}, {args.shape}, batch 1 decode")
+    print(f"{res['device']}, {args.shape} {args.variant}, batch 1 decode")
     for k in ("copy_bw_TBps", "graph_replay_ms", "engine_step_ms", "host_ms_per_step", "gemm_weight_GB",
               "gemm_roofline_us", "gemm_achieved_TBps"):
         print(f"{k:>20}  {res.get(k)}")
