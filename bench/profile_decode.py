@@ -76,9 +76,9 @@ def gemm_weight_bytes(gm: torch.nn.Module) -> int:
     """Bytes the step's GEMMs must stream: every weight of 2 or more dimensions except an embedding table only gathered
     (with tied embeddings the table is the LM head too, so it counts)."""
     named = dict(gm.named_parameters()) | dict(gm.named_buffers())
-    two_d = {n: t for n, t in named.items() if t.dim() >= 2}  # 3-D: pack_wna16_mma's codes
-    has_head = any("lm_head" in n for n in two_d)
-    return sum(t.numel() * t.element_size() for n, t in two_d.items() if not (has_head and "embed" in n))
+    mats = {n: t for n, t in named.items() if t.dim() >= 2}  # 3-D: pack_wna16_mma's codes
+    has_head = any("lm_head" in n for n in mats)
+    return sum(t.numel() * t.element_size() for n, t in mats.items() if not (has_head and "embed" in n))
 
 
 def main() -> None:

@@ -104,8 +104,9 @@ def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | No
     return ep, plan, applied
 
 
-def _quant_pipeline(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint):
-    """What quantizes the linears: the recipe's method, the checkpoint's own quantization, or nothing."""
+def _quant_pipeline(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint, device: str):
+    """What quantizes the linears: the recipe's method (computed on ``device``), the checkpoint's own
+    quantization, or nothing."""
     from compiler.quantize.hf_formats import detect
 
     sq = detect(ckpt.config)
@@ -116,7 +117,7 @@ def _quant_pipeline(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint):
                 f"{recipe.quantization.method!r}: set it to 'none' to build the checkpoint's own quantization "
                 "(requantizing a quantized checkpoint would compound the error)")
         return PrequantizedPipeline(sq, cfg)
-    return QuantPipeline(recipe.quantization, cfg) if recipe.quantization.method != "none" else None
+    return QuantPipeline(recipe.quantization, cfg, device) if recipe.quantization.method != "none" else None
 
 
 def _meta_state(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -277,14 +278,12 @@ def build(recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Build
     device = recipe.target.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    quant = _quant_pipeline(recipe, cfg, ckpt)
+    quant = _quant_pipeline(recipe, cfg, ckpt, device)
     with ArtifactWriter(out_dir, overwrite=overwrite) as writer, \
             tempfile.TemporaryDirectory(prefix=".spanda-scratch-", dir=writer.path.parent) as scratch:
         ep, plan, applied = plan_and_capture(recipe, cfg, quant, device)
         torch.export.save(ep, str(writer.path / GRAPH_FILE))
         meta = _meta_state(ep)
-        if quant is not None:
-            quant.device = device
         if quant is not None and recipe.quantization.calibrated:
             quant.calibrate(ckpt.read, ckpt.path, plan, Path(scratch), device)
         kv_scales, kv_calib_sha = _kv_scales(recipe, cfg, ckpt, device)

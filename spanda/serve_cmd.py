@@ -39,8 +39,7 @@ log = logging.getLogger("spanda.server")
               help="Seconds in-flight requests may run after SIGTERM before they are aborted.")
 def serve(artifact: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
           device: str | None, allow_jit: bool, async_scheduling: bool | None, max_queue: int,
-          shutdown_timeout: float
-          ) -> None:
+          shutdown_timeout: float) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API."""
     import uvicorn
 

@@ -80,7 +80,9 @@ def test_gpu_build_quantizes_the_tensors_the_cpu_build_does(tmp_path_factory, qu
                            load_file(str(f)).items()}
     cpu, gpu = tensors["cpu"], tensors["cuda"]
     assert cpu.keys() == gpu.keys()
-    differ = [k for k in cpu if not torch.equal(cpu[k].view(torch.uint8) if cpu[k].dtype == torch.float8_e4m3fn
-                                                else cpu[k], gpu[k].view(torch.uint8) if gpu[k].dtype ==
-                                                torch.float8_e4m3fn else gpu[k])]
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # E4M3 compared by its bytes
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    differ = [k for k in cpu if not torch.equal(bits(cpu[k]), bits(gpu[k]))]
     assert not differ, f"tensors quantized differently on the GPU: {differ[:5]}"

@@ -42,7 +42,7 @@ def linear_scheme(q: QuantizationSection) -> LinearScheme:
 class QuantPipeline:
     """Holds the recipe's choices and the state between the graph pass and the weight writer."""
 
-    def __init__(self, q: QuantizationSection, cfg: ModelConfig):
+    def __init__(self, q: QuantizationSection, cfg: ModelConfig, device: str = "cpu"):
         self.q = q
         self.cfg = cfg
         self.scheme = linear_scheme(q)
@@ -50,9 +50,9 @@ class QuantPipeline:
         self.scratch: dict[str, Path] = {}  # calibrated results: plan group / tensor name -> scratch file
         self.calibration_sha256: str | None = None
         self.summary: dict[str, Any] = {}
-        # where the uncalibrated methods (RTN, FP8, INT8) compute their tensors: the build's device (set by the
-        # build before the weights are written; the same codes on a GPU, much sooner)
-        self.device = "cpu"
+        # where the uncalibrated methods (RTN, FP8, INT8) compute their tensors: the build's device (the same
+        # codes on a GPU, much sooner)
+        self.device = device
 
     # ------------------------------------------------------------------ graph pass
 

@@ -1022,8 +1022,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
         x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-        MAGIC=MMA_MAGIC[x.dtype], META=zeros.dtype == torch.int32, num_warps=4,
-        num_stages=cfg.num_stages,
+        MAGIC=MMA_MAGIC[x.dtype], META=zeros.dtype == torch.int32, num_warps=4, num_stages=cfg.num_stages,
         **launch_kwargs(x.device))
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
