@@ -201,7 +201,10 @@ def test_fp8(case, m):
         for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1),
                     tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(1, 64, 128, gemv=True, serial=True),
                     tq.GemmConfig(4, 32, 256, split=2, gemv=True),
-                    tq.GemmConfig(1, 32, 256, num_warps=8, gemv=True, serial=True, waves=8)):
+                    tq.GemmConfig(1, 32, 256, num_warps=8, gemv=True, serial=True, waves=8),
+                    tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True),
+                    tq.GemmConfig(16, 128, 256, num_stages=3, swap=True),
+                    tq.GemmConfig(32, 64, 128, split=2, swap=True)):
             check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
 
 
@@ -240,7 +243,8 @@ def test_int8(case, m):
     check(spanda.linear_int8(x, w, ws, in_scale, bias), ref, "spanda.linear_int8")
     for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(64, 64, 64, split=1),
                 tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(2, 64, 128, gemv=True, serial=True),
-                tq.GemmConfig(1, 16, 256, gemv=True, serial=True, waves=8)):
+                tq.GemmConfig(1, 16, 256, gemv=True, serial=True, waves=8),
+                tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True), tq.GemmConfig(16, 128, 128, swap=True)):
         check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, config=cfg), ref, f"int8 {cfg}")
     assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
 
@@ -382,7 +386,9 @@ def _interpreter_main() -> None:
         ref = linear_int8_ref(x, wt["weight"], wt["weight_scale"], sc, bias)
         for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
                     tq.GemmConfig(16, 16, 32, split=3, serial=True), tq.GemmConfig(2, 16, 32, split=2, gemv=True),
-                    tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True), None):
+                    tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True),
+                    tq.GemmConfig(16, 16, 32, split=3, serial=True, swap=True), tq.GemmConfig(16, 32, 32, swap=True),
+                    None):
             with serial_only(cfg):
                 out = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
             check(out, ref, f"int8 {cfg}")
@@ -400,7 +406,9 @@ def _interpreter_main() -> None:
         for path in ("triton_upcast", "triton"):
             for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
                         tq.GemmConfig(16, 16, 32, split=2, serial=True), tq.GemmConfig(4, 16, 32, split=1, gemv=True),
-                        tq.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True)):
+                        tq.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True),
+                        tq.GemmConfig(16, 16, 32, split=2, serial=True, swap=True),
+                        tq.GemmConfig(16, 32, 32, swap=True)):
                 with serial_only(cfg):
                     out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
                 check(out, ref, f"fp8 {path} {cfg}")

@@ -37,8 +37,9 @@ linear_fp8 (FP8 W8A8, E4M3)
     A Triton kernel per row of x (amax, scale = amax / 448 rounded as torch on CUDA rounds it, clamp,
     round-to-nearest-even cast to E4M3; or the static scale). Up to FP8_TRITON_MAX_M rows (decode) the codes
     go to the split-K Triton W8A8 GEMM below (float32 accumulation of exact E4M3 products; the row and
-    column scales and the bias in the epilogue, or in the split reduction): _scaled_mm streams the weight at
-    a fraction of copy bandwidth there. Above that, ``torch._scaled_mm`` with row-wise scales
+    column scales and the bias in the epilogue, or in the split reduction; FP8_DECODE runs it as
+    _w8a8_swap_kernel, the weight tile on wgmma's M side and the rows on its N): _scaled_mm streams the
+    weight at a fraction of copy bandwidth there. Above that, ``torch._scaled_mm`` with row-wise scales
     (scale_a [M, 1], scale_b [1, N] float32; a per-tensor weight scale is expanded) or tensor-wise scales
     when both are per tensor, the bias and the output dtype in cuBLAS's epilogue. _scaled_mm needs K and N
     multiples of 16 (M is free); other shapes use the reference. A combination that this torch/cuBLAS
@@ -618,6 +619,58 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
 
 
 @_jit(do_not_specialize=["M"])
+def _w8a8_swap_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
+                      TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                      FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN: tl.constexpr = False, PDL: tl.constexpr = False):
+    """_w8a8_gemm_kernel with the operands swapped, for a few rows (decode): y^T[BLOCK_N, BLOCK_M] = w[rn, k] @
+    a[rm, k]^T, so the weight tile (BLOCK_N >= 64 output channels, K-contiguous as stored) is the tensor-core
+    instruction's M side (wgmma's A operand from shared memory) and the few token rows its N (16): no MMA rows
+    spent on padding, both operands K-major as FP8 wgmma wants them. Same codes, scales, split-K and epilogue
+    as _w8a8_gemm_kernel."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    a_cols = a_ptr + rm.to(tl.int64)[None, :] * K
+    if FP8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    kt0 = pid_k * TILES
+    for t in range(0, TILES):
+        offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if EVEN:
+            w = tl.load(w_rows + offs_k[None, :])
+            a = tl.load(a_cols + offs_k[:, None], mask=m_mask[None, :], other=0)
+        else:
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            a = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & m_mask[None, :], other=0)
+        if FP8:
+            acc = tl.dot(w.to(tl.float8e4nv, bitcast=True), a.to(tl.float8e4nv, bitcast=True), acc)
+        else:
+            acc = tl.dot(w, a, acc, out_dtype=tl.int32)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
+                           SPLIT, SERIAL)
+    if finish:
+        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        _store_out(acc.to(tl.float32) * ws[:, None] * xs[None, :], out_ptr, b_ptr, rn[:, None], n_mask[:, None],
+                   offs, out_mask, HAS_BIAS)
+
+
+@_jit(do_not_specialize=["M"])
 def _w8a8_gemv_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                       TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                       FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False,
@@ -786,6 +839,7 @@ class GemmConfig:
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
+    swap: bool = False  # fp8/int8: _w8a8_swap_kernel (the weight tile as the MMA's M side, the rows its N)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -803,7 +857,11 @@ WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPL
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   128: GemmConfig(128, 64, 128, num_warps=4, num_stages=2, serial=SERIAL_SPLIT)}
-FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=6, serial=SERIAL_SPLIT)
+# FP8 on codes, up to 16 rows: _w8a8_swap_kernel (the weight tile as wgmma's M side), 4 stages, split-K only up to
+# one program per SM: 80.4 us per 8B layer at M = 1 and 82.4 at M = 16 against 83.6 / 87.1 for _w8a8_gemm_kernel
+# (16 x 64 x 128, 6 stages, 2 programs per SM; figures include a 4.4 us timer floor per GEMM; bf16 cuBLAS 127-130;
+# bench/results/quant-gemm-decode-h200-swap.json)
+FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True)
 INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
 _SMS: dict[int, int] = {}
 LOCK_SLOTS = 1 << 14  # split tiles one serial split-K launch may count (more: the reduce kernel instead)
@@ -847,7 +905,7 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
 
 def fp8_config(m: int, n: int, k: int) -> GemmConfig:
     """Decode-sized FP8 (M <= FP8_TRITON_MAX_M): the best of a sweep at 8B shapes on an H200
-    (bench/results/quant-gemm-h200.json)."""
+    (bench/results/quant-gemm-decode-h200-swap.json)."""
     return FP8_DECODE
 
 
@@ -1197,9 +1255,12 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
     args = (xq, w, sx, ws, bias if bias is not None else ws, out, part, _locks(xq.device) if serial else part, m, n, k)
     flags = dict(TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, FP8=fp8,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    even = k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0
     if gemv:
-        _w8a8_gemv_kernel[(tiles_n, m, split)](
-            *args, EVEN=k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0, **flags, **launch_kwargs(xq.device))
+        _w8a8_gemv_kernel[(tiles_n, m, split)](*args, EVEN=even, **flags, **launch_kwargs(xq.device))
+    elif cfg.swap and not upcast:
+        _w8a8_swap_kernel[(tiles_n, tiles_m, split)](*args, EVEN=even, BLOCK_M=cfg.block_m, **flags,
+                                                     **launch_kwargs(xq.device))
     else:
         _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m, **flags,
                                                      **launch_kwargs(xq.device))
