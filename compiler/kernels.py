@@ -53,6 +53,28 @@ def _warm_up(engine, limits: dict[str, Any]) -> None:
             engine.step()
 
 
+def forget_compiled_kernels() -> int:
+    """Drop the kernels this process already compiled from every Triton kernel of Spanda's modules (their
+    in-memory caches), so the warm-up compiles each one into the artifact's cache instead of launching it from
+    memory: a kernel an earlier build, a GPU calibration or anything else in the process ran would otherwise be
+    missing from the artifact, and a fresh server would compile it at load. Returns the kernels reset. (Triton
+    never unloads a compiled module, so graphs captured before keep working.)"""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    n = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("runtime.", "compiler.")):
+            continue
+        for value in list(vars(module).values()):
+            fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # an autotuner wraps one
+            if isinstance(fn, JITFunction) and fn.device_caches:
+                fn.device_caches.clear()
+                n += 1
+    return n
+
+
 def compile_kernels(out: Path, make_engine, cfg: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
     """Tune, then warm up an engine made by ``make_engine()`` with Triton's cache pointed into ``out``.
     Writes out/tuning.json and out/kernels/; returns the manifest's ``kernels`` record."""
@@ -66,6 +88,9 @@ def compile_kernels(out: Path, make_engine, cfg: dict[str, Any], limits: dict[st
     cache.mkdir()
     previous = triton.knobs.cache.dir
     triton.knobs.cache.dir = str(cache)
+    reset = forget_compiled_kernels()
+    if reset:
+        log.info("compiling kernels: %d kernels this process had compiled before are compiled again", reset)
     try:
         t0 = time.perf_counter()
         shapes = _tuning_shapes(cfg, limits, getattr(torch, cfg["dtype"]), kv_cache_dtype(limits["kv_dtype"]))

@@ -108,6 +108,24 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(bf16_artifact):
         pdl.ENABLED = False
 
 
+def test_a_second_build_in_one_process_ships_every_kernel_too(bf16_artifact, checkpoints, tmp_path):
+    """Kernels the process compiled before a build (an earlier build here; a GPU calibration, other tests) are
+    compiled again into the new artifact's cache (compiler.kernels.forget_compiled_kernels), not launched from
+    memory and left out of it."""
+    from artifacts.store import open_artifact
+    from compiler.build import build
+    from compiler.recipe import load_recipe
+    from runtime.kernel_cache import count_kernels
+    from tests.conftest import TINY_RECIPE
+
+    recipe = load_recipe(TINY_RECIPE).with_model_source(checkpoints["llama"])
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    again = build(recipe, tmp_path / "again").path
+    first, second = open_artifact(bf16_artifact).manifest.kernels, open_artifact(again).manifest.kernels
+    assert first.num_kernels > 0 and second.num_kernels == first.num_kernels
+    assert count_kernels(again / "kernels") == second.num_kernels
+
+
 def test_cold_start_compiles_no_kernel(bf16_artifact):
     """The build tuned and compiled every kernel for this GPU: a fresh process loads, captures its graphs,
     prefills and decodes without a single Triton compilation."""

@@ -74,3 +74,19 @@ def test_compilation_listener_forgets_engines_that_are_gone(caplog) -> None:
         assert "_later" not in caplog.text
     finally:
         triton.knobs.compilation.listener = previous
+
+
+def test_a_build_forgets_the_kernels_the_process_compiled() -> None:
+    """compile_kernels starts by emptying the in-memory caches of Spanda's Triton kernels (JIT and autotuned), so
+    that its warm-up compiles each kernel into the artifact instead of launching a copy an earlier build or a
+    GPU calibration left in memory (a fresh server would then compile it at load). The GPU end of this is
+    tests/test_gpu.py::test_a_second_build_in_one_process_ships_every_kernel_too."""
+    from compiler.kernels import forget_compiled_kernels
+    from runtime.ops import triton_attention, triton_quant
+
+    kernels = [triton_quant._split_reduce_kernel, triton_quant._w8a8_swap_kernel]
+    kernels += [v for v in vars(triton_attention).values() if isinstance(v, triton.runtime.jit.JITFunction)][:1]
+    for k in kernels:  # what a launch leaves (dict.__setitem__: the defaultdict would ask for a GPU driver)
+        dict.__setitem__(k.device_caches, 0, ("compiled kernels of device 0",))
+    assert forget_compiled_kernels() >= len(kernels)
+    assert all(len(k.device_caches) == 0 for k in kernels)
