@@ -63,7 +63,9 @@ def test_gpu_calibrated_build_meets_its_gate_and_serves(gpu_builds, method):
                                    dict(method="fp8", weight_scale="per_tensor")],
                          ids=["rtn4", "rtn4-asym-g64", "int8-weight-only", "fp8", "fp8-tensor"])
 def test_gpu_build_quantizes_the_tensors_the_cpu_build_does(tmp_path_factory, quant):
-    """RTN / FP8 / INT8 computed on the build's GPU: the same artifact tensors, bit for bit, as on the CPU."""
+    """RTN / FP8 / INT8 computed on the build's GPU: the same artifact tensors, bit for bit, as on the CPU. The
+    4-bit group-128 build packs for the mma kernel on both (passes.wna16_mma would choose it on a Hopper GPU
+    only), so its packing is compared too."""
     from safetensors.torch import load_file
 
     from tests.conftest import make_hf_checkpoint
@@ -74,7 +76,9 @@ def test_gpu_build_quantizes_the_tensors_the_cpu_build_does(tmp_path_factory, qu
     tensors = {}
     for device in ("cpu", "cuda"):
         r = _recipe(ckpt, **quant)
-        r = r.model_copy(update={"target": r.target.model_copy(update={"device": device})})
+        mma = quant.get("bits") == 4 and quant.get("group_size") == 128
+        r = r.model_copy(update={"target": r.target.model_copy(update={"device": device}),
+                                 "passes": r.passes.model_copy(update={"wna16_mma": mma})})
         res = build(r, root / device)
         tensors[device] = {k: v for f in sorted(res.path.glob("weights-*.safetensors")) for k, v in
                            load_file(str(f)).items()}
