@@ -174,7 +174,9 @@ def decode_candidates(m: int) -> dict[str, list]:
     w4 += [(f"mma m16 s{st} x{wv}{' meta' if mt else ''}",
             g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv), "mma-meta" if mt else "mma")
            for st, wv, mt in [(2, 4, False), (3, 2, False)] + [(st, wv, True) for st in (2, 3, 4) for wv in (2, 4)]
-           + [(3, 8, True), (4, 8, True), (6, 4, True)]]
+           + [(3, 8, True), (4, 8, True), (6, 4, True), (2, 1, True), (3, 1, True), (4, 1, True)]]
+    w4 += [(f"mma m16 s{st} split{sp} meta", g(16, 64, 128, num_warps=4, num_stages=st, serial=True, split=sp),
+            "mma-meta") for st, sp in ((3, 1), (4, 1), (3, 2))]
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
     base = tq.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
