@@ -56,7 +56,7 @@ VARIANTS = {
     "w4a16+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                  "passes": GPTQ_LAYOUT},
     "fp8+lm": {"quantization": {"method": "fp8", "quantize_lm_head": True}},
-    # the FP8 decode GEMM before _w8a8_swap_kernel: _w8a8_gemm_kernel, 6 stages, 2 programs per SM
+    # the FP8 decode GEMM before the operands were swapped (GemmConfig.swap): 6 stages, 2 programs per SM
     "fp8-gemm-old": {"quantization": {"method": "fp8"},
                      "kernels": {"FP8_DECODE": {"swap": False, "num_stages": 6, "waves": 2}}},
 }

@@ -204,7 +204,7 @@ def decode_candidates(m: int) -> dict[str, list]:
         f8 += [(f"codes gemv n{bn} k{bk} w{w} x{wv}", g(1, bn, bk, num_warps=w, gemv=True, serial=True, waves=wv),
                 "codes") for bn, bk, w, wv in ((32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 8),
                                                 (16, 256, 4, 8), (64, 256, 8, 4), (32, 128, 2, 8), (128, 128, 4, 4))]
-    # _w8a8_swap_kernel: the weight tile as the wgmma M side (64/128 output channels), the rows as its N (16)
+    # _w8a8_gemm_kernel's SWAP: the weight tile as the wgmma M side (64/128 output channels), the rows as its N (16)
     f8 += [(f"codes swap n{bn} k{bk} w{w} s{st} x{wv}",
             g(16, bn, bk, num_warps=w, num_stages=st, serial=True, waves=wv, swap=True), "codes")
            for bn, bk, w, st in ((64, 128, 4, 4), (64, 128, 4, 6), (64, 128, 4, 8), (128, 128, 4, 4), (128, 128, 4, 6),

@@ -189,9 +189,8 @@ def test_fused_ops_dispatch_to_triton_and_capture_in_graphs():
         return (*a, *b, *c, spanda.linear_w8a8(c[0], c[1], wt["weight"], wt["weight_scale"], None, torch.bfloat16))
 
     names = cuda_kernel_names(step)
-    # 4 rows: silu_and_mul_quant splits them (te.SILU_QUANT_SPLIT_ROWS): products + chunk maxima, then codes;
-    # the decode-sized FP8 GEMM is the operand-swapped kernel
-    for kernel in ("_rms_norm_kernel", "_silu_mul_amax_kernel", "_quant_chunks_kernel", "_w8a8_swap_kernel"):
+    # 4 rows: silu_and_mul_quant splits them (te.SILU_QUANT_SPLIT_ROWS): products + chunk maxima, then codes
+    for kernel in ("_rms_norm_kernel", "_silu_mul_amax_kernel", "_quant_chunks_kernel", "_w8a8_gemm_kernel"):
         assert kernel in names, f"{kernel} did not run: {names[:2000]}"
     assert "_quant_rows_kernel" not in names, "a fused op launched the separate quantization kernel"
     graph, static_out = capture_graph(step)

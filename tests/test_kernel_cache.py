@@ -84,7 +84,7 @@ def test_a_build_forgets_the_kernels_the_process_compiled() -> None:
     from compiler.kernels import forget_compiled_kernels
     from runtime.ops import triton_attention, triton_quant
 
-    kernels = [triton_quant._split_reduce_kernel, triton_quant._w8a8_swap_kernel]
+    kernels = [triton_quant._split_reduce_kernel, triton_quant._w8a8_gemm_kernel]
     kernels += [v for v in vars(triton_attention).values() if isinstance(v, triton.runtime.jit.JITFunction)][:1]
     for k in kernels:  # what a launch leaves (dict.__setitem__: the defaultdict would ask for a GPU driver)
         dict.__setitem__(k.device_caches, 0, ("compiled kernels of device 0",))

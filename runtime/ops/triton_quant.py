@@ -38,7 +38,7 @@ linear_fp8 (FP8 W8A8, E4M3)
     round-to-nearest-even cast to E4M3; or the static scale). Up to FP8_TRITON_MAX_M rows (decode) the codes
     go to the split-K Triton W8A8 GEMM below (float32 accumulation of exact E4M3 products; the row and
     column scales and the bias in the epilogue, or in the split reduction; FP8_DECODE runs it as
-    _w8a8_swap_kernel, the weight tile on wgmma's M side and the rows on its N): _scaled_mm streams the
+    _w8a8_gemm_kernel with SWAP, the weight tile on wgmma's M side and the rows on its N): _scaled_mm streams the
     weight at a fraction of copy bandwidth there. Above that, ``torch._scaled_mm`` with row-wise scales
     (scale_a [M, 1], scale_b [1, N] float32; a per-tensor weight scale is expanded) or tensor-wise scales
     when both are per tensor, the bias and the output dtype in cuBLAS's epilogue. _scaled_mm needs K and N
@@ -570,12 +570,17 @@ def _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, mask, HAS_BIAS: tl.constex
 def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                       TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                       FP8: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False, EVEN: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     """acc = a[rm, k] @ w[rn, k].T over the program's K tiles; y = (acc * xs[rm]) * ws[rn] + bias (or the
     partial when split). w [N, K] and a [M, K] contiguous codes: int8 (int32 acc, exact) or E4M3 (float32 acc:
     E4M3 products are exact in float32; UPCAST converts the codes to float16 first, also exact; E4M3 codes
     arrive as uint8 and are reinterpreted here). SERIAL: split partials summed by the tile's last program
-    (_split_k)."""
+    (_split_k). EVEN: K and N are whole tiles (no masks but the rows').
+    SWAP (decode: a few rows): the operands swapped, acc^T [BLOCK_N, BLOCK_M] = w[rn, k] @ a[rm, k]^T, so the
+    weight tile (BLOCK_N >= 64 output channels, K-contiguous as stored) is the tensor-core instruction's M side
+    (wgmma's A operand from shared memory) and the rows its N (16): no MMA rows spent on padding, both
+    operands K-major as FP8 wgmma wants them (not with UPCAST)."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
     pid_n = tl.program_id(0)
@@ -585,89 +590,66 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    a_rows = a_ptr + rm.to(tl.int64)[:, None] * K
-    w_cols = w_ptr + rn.to(tl.int64)[None, :] * K
+    if SWAP:  # tiles [BLOCK_N, BLOCK_K] of w and [BLOCK_K, BLOCK_M] of a^T
+        rows = rn
+        cols = rm
+        row_mask = n_mask
+        col_mask = m_mask
+        lhs_ptr = w_ptr
+        rhs_ptr = a_ptr
+    else:  # tiles [BLOCK_M, BLOCK_K] of a and [BLOCK_K, BLOCK_N] of w^T
+        rows = rm
+        cols = rn
+        row_mask = m_mask
+        col_mask = n_mask
+        lhs_ptr = a_ptr
+        rhs_ptr = w_ptr
+    lhs_rows = lhs_ptr + rows.to(tl.int64)[:, None] * K
+    rhs_cols = rhs_ptr + cols.to(tl.int64)[None, :] * K
     if FP8:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.int32)
     kt0 = pid_k * TILES
     for t in range(0, TILES):
         offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
-        if FP8:
-            a = a.to(tl.float8e4nv, bitcast=True)
-            b = b.to(tl.float8e4nv, bitcast=True)
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-            else:
-                acc = tl.dot(a, b, acc)
-        else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    if PDL:  # the K loop is done: the next kernel may start launching
-        gdc_launch_dependents()
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
-                           SPLIT, SERIAL)
-    if finish:
-        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
-        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-        _store_out(acc.to(tl.float32) * xs[:, None] * ws[None, :], out_ptr, b_ptr, rn, n_mask, offs, out_mask, HAS_BIAS)
-
-
-@_jit(do_not_specialize=["M"])
-def _w8a8_swap_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
-                      TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
-                      FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr = False, PDL: tl.constexpr = False):
-    """_w8a8_gemm_kernel with the operands swapped, for a few rows (decode): y^T[BLOCK_N, BLOCK_M] = w[rn, k] @
-    a[rm, k]^T, so the weight tile (BLOCK_N >= 64 output channels, K-contiguous as stored) is the tensor-core
-    instruction's M side (wgmma's A operand from shared memory) and the few token rows its N (16): no MMA rows
-    spent on padding, both operands K-major as FP8 wgmma wants them. Same codes, scales, split-K and epilogue
-    as _w8a8_gemm_kernel."""
-    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    a_cols = a_ptr + rm.to(tl.int64)[None, :] * K
-    if FP8:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    kt0 = pid_k * TILES
-    for t in range(0, TILES):
-        offs_k = (kt0 + t) * BLOCK_K + tl.arange(0, BLOCK_K)
-        if EVEN:
-            w = tl.load(w_rows + offs_k[None, :])
-            a = tl.load(a_cols + offs_k[:, None], mask=m_mask[None, :], other=0)
+        if EVEN and SWAP:  # the weight needs no mask, the rows of a do
+            x = tl.load(lhs_rows + offs_k[None, :])
+            y = tl.load(rhs_cols + offs_k[:, None], mask=col_mask[None, :], other=0)
+        elif EVEN:
+            x = tl.load(lhs_rows + offs_k[None, :], mask=row_mask[:, None], other=0)
+            y = tl.load(rhs_cols + offs_k[:, None])
         else:
             k_mask = offs_k < K
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-            a = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & m_mask[None, :], other=0)
+            x = tl.load(lhs_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0)
+            y = tl.load(rhs_cols + offs_k[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0)
         if FP8:
-            acc = tl.dot(w.to(tl.float8e4nv, bitcast=True), a.to(tl.float8e4nv, bitcast=True), acc)
+            x = x.to(tl.float8e4nv, bitcast=True)
+            y = y.to(tl.float8e4nv, bitcast=True)
+            if UPCAST:
+                acc = tl.dot(x.to(tl.float16), y.to(tl.float16), acc)
+            else:
+                acc = tl.dot(x, y, acc)
         else:
-            acc = tl.dot(w, a, acc, out_dtype=tl.int32)
+            acc = tl.dot(x, y, acc, out_dtype=tl.int32)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
+    if SWAP:
+        offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
+        rn_out = rn[:, None]
+        n_out = n_mask[:, None]
+    else:
+        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        rn_out = rn
+        n_out = n_mask
+    out_mask = row_mask[:, None] & col_mask[None, :]
     finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M, N,
                            SPLIT, SERIAL)
     if finish:
-        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)
-        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-        _store_out(acc.to(tl.float32) * ws[:, None] * xs[None, :], out_ptr, b_ptr, rn[:, None], n_mask[:, None],
-                   offs, out_mask, HAS_BIAS)
+        rs = tl.load((ws_ptr if SWAP else xs_ptr) + rows, mask=row_mask, other=0.0)
+        cs = tl.load((xs_ptr if SWAP else ws_ptr) + cols, mask=col_mask, other=0.0)
+        _store_out(acc.to(tl.float32) * rs[:, None] * cs[None, :], out_ptr, b_ptr, rn_out, n_out, offs, out_mask,
+                   HAS_BIAS)
 
 
 @_jit(do_not_specialize=["M"])
@@ -839,7 +821,7 @@ class GemmConfig:
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
-    swap: bool = False  # fp8/int8: _w8a8_swap_kernel (the weight tile as the MMA's M side, the rows its N)
+    swap: bool = False  # fp8/int8: _w8a8_gemm_kernel's SWAP (the weight tile as the MMA's M side, the rows its N)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -857,8 +839,8 @@ WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPL
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   128: GemmConfig(128, 64, 128, num_warps=4, num_stages=2, serial=SERIAL_SPLIT)}
-# FP8 on codes, up to 16 rows: _w8a8_swap_kernel (the weight tile as wgmma's M side), 4 stages, split-K only up to
-# one program per SM: 80.4 us per 8B layer at M = 1 and 82.4 at M = 16 against 83.6 / 87.1 for _w8a8_gemm_kernel
+# FP8 on codes, up to 16 rows: _w8a8_gemm_kernel with SWAP (the weight tile as wgmma's M side), 4 stages, split-K
+# only up to one program per SM: 80.4 us per 8B layer at M = 1 and 82.4 at M = 16 against 83.6 / 87.1 unswapped
 # (16 x 64 x 128, 6 stages, 2 programs per SM; figures include a 4.4 us timer floor per GEMM; bf16 cuBLAS 127-130;
 # bench/results/quant-gemm-decode-h200-swap.json)
 FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True)
@@ -1258,11 +1240,9 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
     even = k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0
     if gemv:
         _w8a8_gemv_kernel[(tiles_n, m, split)](*args, EVEN=even, **flags, **launch_kwargs(xq.device))
-    elif cfg.swap and not upcast:
-        _w8a8_swap_kernel[(tiles_n, tiles_m, split)](*args, EVEN=even, BLOCK_M=cfg.block_m, **flags,
-                                                     **launch_kwargs(xq.device))
     else:
-        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m, **flags,
+        _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m,
+                                                     SWAP=cfg.swap and not upcast, EVEN=even, **flags,
                                                      **launch_kwargs(xq.device))
     if split > 1 and not serial:
         _reduce(part, sx, ws, bias, out)
