@@ -1,9 +1,10 @@
-"""Where batch-1 decode time goes: GPU time of one decode-graph replay vs the engine's whole step, and the
-replay's GPU time split by kernel kind against the weight-streaming ceiling.
+"""Where decode time goes (batch 1, or --batch N): GPU time of one decode-graph replay vs the engine's whole
+step, and the replay's GPU time split by kernel kind against the weight-streaming ceiling.
 
 Builds the random-weight artifact of --shape (bench/engine.py) or takes --artifact, then times (a) the
-bucket-1 decode graph's replay alone with CUDA events, (b) full engine steps, (c) a cProfile of the host side
-of those steps, and (d) the kernels of the bucket-1 forward under torch.profiler, grouped (GEMM, attention,
+decode graph's replay alone (the bucket of --batch sequences) with CUDA events, (b) full engine steps with that
+many sequences decoding, (c) a cProfile of the host side of those steps, and (d) the kernels of that bucket's
+forward under torch.profiler, grouped (GEMM, attention,
 RoPE + KV write, norms, activation, other), with the GEMMs' achieved bandwidth (their weight bytes over their
 time) beside the measured copy bandwidth. Prints a table and the top host functions; writes JSON with --out.
 
@@ -87,12 +88,14 @@ def main() -> None:
     ap.add_argument("--artifact", default=None, help="profile this artifact instead of building --shape's")
     ap.add_argument("--variant", default="bf16",
                     help="a build of bench/quant_engine.py's VARIANTS (quantization, passes) for the built artifact")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoding together (the graph bucket timed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from runtime import LLM, SamplingParams
     from runtime.forward_context import ForwardContext, set_forward_context
 
-    res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variant": args.variant}
+    res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variant": args.variant,
+                 "batch": args.batch}
     res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -100,23 +103,25 @@ def main() -> None:
         if art is None:
             make_checkpoint(args.shape, tmp / "hf")
             if args.variant == "bf16":
-                art = build(tmp / "hf", tmp / "art", 8)
+                art = build(tmp / "hf", tmp / "art", max(8, args.batch))
             else:
                 from bench.quant_engine import build as build_variant
 
-                art = build_variant(tmp / "hf", tmp / "art", args.variant, 8)
+                art = build_variant(tmp / "hf", tmp / "art", args.variant, max(8, args.batch))
         llm = LLM(art, gpu_memory_utilization=0.5)
         eng = llm.engine
         graphs = eng.runner.graphs
-        b1 = graphs.bucket_for(1)
-        eng.add_request("p", list(range(100, 228)), SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True))
+        bucket = graphs.bucket_for(args.batch)
+        for i in range(args.batch):
+            eng.add_request(f"p{i}", list(range(100 + i, 228 + i)),
+                            SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True))
         for _ in range(20):
             eng.step()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(200):
-            b1.graph.replay()
+            bucket.graph.replay()
         end.record()
         torch.cuda.synchronize()
         res["graph_replay_ms"] = round(start.elapsed_time(end) / 200, 4)
@@ -133,27 +138,27 @@ def main() -> None:
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
         res["host_profile_top"] = s.getvalue()
 
-        def eager_bucket1():
-            ctx = ForwardContext(graphs.kv_caches, b1.meta(graphs.max_seq_len))
+        def eager_bucket():
+            ctx = ForwardContext(graphs.kv_caches, bucket.meta(graphs.max_seq_len))
             with torch.inference_mode(), set_forward_context(ctx):
-                graphs.gm(b1.input_ids, b1.positions, b1.logits_indices)
+                graphs.gm(bucket.input_ids, bucket.positions, bucket.logits_indices)
 
-        res["kernels_eager_bucket1"] = kernel_breakdown(eager_bucket1)
-        res["kernels_graph_replay"] = kernel_breakdown(b1.graph.replay)
+        res["kernels_eager_bucket"] = kernel_breakdown(eager_bucket)
+        res["kernels_graph_replay"] = kernel_breakdown(bucket.graph.replay)
         gb = gemm_weight_bytes(eng.runner.graph)
         res["gemm_weight_GB"] = round(gb / 1e9, 3)
         res["gemm_roofline_us"] = round(gb / (res["copy_bw_TBps"] * 1e12) * 1e6, 1)
         kinds = (res["kernels_graph_replay"]["us_per_call_by_kind"]
-                 or res["kernels_eager_bucket1"]["us_per_call_by_kind"])
+                 or res["kernels_eager_bucket"]["us_per_call_by_kind"])
         if kinds.get("gemm"):
             res["gemm_achieved_TBps"] = round(gb / (kinds["gemm"] * 1e-6) / 1e12, 3)
     res["host_ms_per_step"] = round(res["engine_step_ms"] - res["graph_replay_ms"], 4)
     print(res["host_profile_top"])
-    for which in ("kernels_eager_bucket1", "kernels_graph_replay"):
+    for which in ("kernels_eager_bucket", "kernels_graph_replay"):
         print(which, json.dumps(res[which]["us_per_call_by_kind"]), "total us", res[which]["us_per_call_total"])
         for k in res[which]["top_kernels"][:8]:
             print(f"    {k['us_per_call']:>8} us  x{k['launches_per_call']:<6} {k['name']}")
-    print(f"{res['device']}, {args.shape} {args.variant}, batch 1 decode")
+    print(f"{res['device']}, {args.shape} {args.variant}, batch {args.batch} decode")
     for k in ("copy_bw_TBps", "graph_replay_ms", "engine_step_ms", "host_ms_per_step", "gemm_weight_GB",
               "gemm_roofline_us", "gemm_achieved_TBps"):
         print(f"{k:>20}  {res.get(k)}")
