@@ -65,10 +65,9 @@ def forget_compiled_kernels() -> int:
 
     n = 0
     for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("runtime.", "compiler.")):
+        if module is None or not name.startswith("runtime.ops."):  # where every Spanda kernel lives
             continue
-        for value in list(vars(module).values()):
-            fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # an autotuner wraps one
+        for fn in list(vars(module).values()):
             if isinstance(fn, JITFunction) and fn.device_caches:
                 fn.device_caches.clear()
                 n += 1

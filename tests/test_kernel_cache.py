@@ -77,7 +77,7 @@ def test_compilation_listener_forgets_engines_that_are_gone(caplog) -> None:
 
 
 def test_a_build_forgets_the_kernels_the_process_compiled() -> None:
-    """compile_kernels starts by emptying the in-memory caches of Spanda's Triton kernels (JIT and autotuned), so
+    """compile_kernels starts by emptying the in-memory caches of Spanda's Triton kernels, so
     that its warm-up compiles each kernel into the artifact instead of launching a copy an earlier build or a
     GPU calibration left in memory (a fresh server would then compile it at load). The GPU end of this is
     tests/test_gpu.py::test_a_second_build_in_one_process_ships_every_kernel_too."""

@@ -109,6 +109,16 @@ def _quant_codes(v, q_ptrs, mask, s_ptrs, rmask, in_scale_ptr, STATIC: tl.conste
 
 
 @_jit
+def _silu_mul(x_ptr, t, stride_x, inter: tl.constexpr, cols, mask, dt: tl.constexpr):
+    """silu(gate) * up for columns ``cols`` of row t of x [T, 2 * inter], rounded as the model computes it:
+    silu to ``dt``, then the product to ``dt`` (every silu_and_mul kernel gives these exact values)."""
+    g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (act * u).to(dt)
+
+
+@_jit
 def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: tl.constexpr, STATIC: tl.constexpr,
                            INT8: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr,
                            PDL: tl.constexpr = False):
@@ -120,11 +130,7 @@ def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: 
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < inter
-    dt = x_ptr.dtype.element_ty
-    g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    v = (act * u).to(dt).to(tl.float32)
+    v = _silu_mul(x_ptr, t, stride_x, inter, cols, mask, x_ptr.dtype.element_ty).to(tl.float32)
     _quant_codes(v[None, :], (q_ptr + t * inter + cols)[None, :], mask[None, :], qs_ptr + t + tl.arange(0, 1),
                  tl.full((1,), True, tl.int1), in_scale_ptr, STATIC, INT8, QMAX, FLOOR)
 
@@ -141,11 +147,7 @@ def _silu_mul_amax_kernel(x_ptr, h_ptr, amax_ptr, stride_x, inter: tl.constexpr,
     c = tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    dt = h_ptr.dtype.element_ty
-    g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    v = (act * u).to(dt)
+    v = _silu_mul(x_ptr, t, stride_x, inter, cols, mask, h_ptr.dtype.element_ty)
     tl.store(h_ptr + t * inter + cols, v, mask=mask)
     if not STATIC:
         tl.store(amax_ptr + t * CHUNKS + c, tl.max(tl.abs(v.to(tl.float32)), axis=0))
@@ -184,11 +186,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter: tl.constexpr, BLOCK: t
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    dt = out_ptr.dtype.element_ty
-    g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    tl.store(out_ptr + t * inter + cols, (act * u).to(dt), mask=mask)
+    tl.store(out_ptr + t * inter + cols, _silu_mul(x_ptr, t, stride_x, inter, cols, mask, out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @_jit
