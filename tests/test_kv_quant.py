@@ -480,15 +480,25 @@ def test_fp8_kv_artifact_greedy_tokens_on_gpu(checkpoints, tmp_path):
         assert runner.kv_caches[0].dtype == (FP8 if kv == "fp8_e4m3" else torch.bfloat16)
         outs[kv] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert runner.graphs.num_replays > 0
+    # Each prompt follows the bf16-KV tokens until a near tie that the fp8 cache's rounding can flip: at the first
+    # divergence i (teacher-forced on the bf16-KV tokens), the bf16-KV model's top-2 margin is under twice the
+    # largest logit change the fp8 cache makes there, that change is under one standard deviation of the logits
+    # (H200: 0.4-1.1 against 1.6), and each model's token is among the other's top 4 (H200: at most 4th). A wrong
+    # decode kernel picks tokens far down the bf16-KV ranking (of 512) or moves the logits by much more. How soon
+    # the ties come is luck: the mean first divergence was 4.0 (12, 0, 6, 2, 0, 4) with the decode kernel's bf16
+    # dots and is 3.5 with its float16 ones (the last prompt flips at a margin of 0.06 at token 1 instead of 0.31
+    # at token 4); tokens 0 come from prefill and are the same for both.
     firsts = []
     for p, w, g in zip(prompts, outs["auto"], outs["fp8_e4m3"]):
         i = next((j for j, (a, b) in enumerate(zip(w, g)) if a != b), len(w))
         firsts.append(i)
-        if i < len(w):  # a divergence only at a near tie of the bf16-KV model's logits
+        if i < len(w):
             ids = p + w[:i]
-            lf, lq = llms["auto"].engine.compute_logits(ids)[-1], llms["fp8_e4m3"].engine.compute_logits(ids)[-1]
-            top2 = lf.float().topk(2).values
-            margin, change = (top2[0] - top2[1]).item(), (lq.float() - lf.float()).abs().max().item()
-            assert margin < 2 * change, (i, margin, change, w, g)
+            lf, lq = (llms[kv].engine.compute_logits(ids)[-1].float() for kv in ("auto", "fp8_e4m3"))
+            top2 = lf.topk(2).values
+            margin, change = (top2[0] - top2[1]).item(), (lq - lf).abs().max().item()
+            rank_w, rank_g = int((lq > lq[w[i]]).sum()), int((lf > lf[g[i]]).sum())  # 0: the top token
+            detail = dict(i=i, margin=margin, change=change, std=lf.std().item(), rank_w=rank_w, rank_g=rank_g)
+            assert margin < 2 * change and change < lf.std().item(), detail
+            assert rank_w <= 3 and rank_g <= 3, detail
     print("fp8 KV vs bf16 KV: first divergence per prompt", firsts)
-    assert sum(firsts) / len(firsts) >= 4, firsts
