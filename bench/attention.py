@@ -5,7 +5,8 @@
 
 ``--kv-dtypes``: decode at batch 64, context 4096 (and prefill attention at 8k) with the KV cache in each
 dtype (fp8 e4m3 / int8: quantized, per-layer scales; bytes counted at one byte per element), default config
-and then tuned per dtype; nothing else.
+and then tuned per dtype; nothing else. A/B switches: ``--widen-to`` (an 8-bit cache's V widened with .to()
+instead of triton_decode's asm block), ``--fused-reduce`` (the default decode configs with fused_reduce).
 
 Ceilings measured here: device-to-device copy bandwidth (bytes read + written over time, 1 GiB buffer) and
 a bf16 8192^3 matrix product rate. Decode: the op (KV write + flash-decoding) at batch x context, 32/8 heads,
