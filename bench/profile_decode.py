@@ -32,7 +32,7 @@ from bench.engine import build, copy_bandwidth, make_checkpoint  # noqa: E402
 
 KINDS = [  # (kind, substrings of kernel names), first match wins
     ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "splitk", "cublas", "wna16", "w8a8")),
-    ("act_quant", ("quant_rows",)),
+    ("act_quant", ("quant_rows", "quant_chunks")),
     ("attention", ("_decode", "_reduce", "_prefill", "attn")),
     ("rope_kv_write", ("rope", "_write_kv")),
     ("norm", ("rms", "norm")),

@@ -64,14 +64,13 @@ VARIANTS = {
 
 @contextlib.contextmanager
 def kernel_overrides(overrides: dict):
-    """Replace fields of triton_quant's module-level GemmConfigs (a dict of fields) or other module constants
-    (a value) for the duration (bench A/B only)."""
+    """Replace fields of triton_quant's module-level GemmConfigs for the duration (bench A/B only)."""
     from runtime.ops import triton_quant as tq
 
     saved = {name: getattr(tq, name) for name in overrides}
     try:
         for name, fields in overrides.items():
-            setattr(tq, name, dataclasses.replace(getattr(tq, name), **fields) if isinstance(fields, dict) else fields)
+            setattr(tq, name, dataclasses.replace(getattr(tq, name), **fields))
         yield
     finally:
         for name, cfg in saved.items():

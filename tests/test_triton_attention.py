@@ -251,7 +251,7 @@ def _interpreter_main() -> None:
         ([1, 17, 33, 40], [1, 1, 1, 1], 4, 2, 16, 8, None, td.DecodeConfig(16, 4, 1, 64, 1), None),
         ([1, 17, 33, 40], [1, 1, 0, 1], 8, 1, 32, 4, 5, td.DecodeConfig(16, 4, 1, 64, 1), None),
         ([5, 17, 60], [1, 1, 1], 6, 1, 24, 16, 20, td.DecodeConfig(16, 4, 1, 1, 1), None),
-        # the splits merged by their last program (fused_reduce): 8 splits per sequence here, some empty
+        # the splits merged by their last program (fused_reduce): 3 splits per sequence here, some empty
         ([1, 17, 33, 40], [1, 1, 0, 1], 8, 2, 16, 4, None, td.DecodeConfig(16, 4, 1, 64, 1, fused_reduce=True), None),
         ([5, 17, 60], [1, 1, 1], 6, 1, 24, 16, 20, td.DecodeConfig(16, 4, 1, 64, 1, fused_reduce=True), None),
         ([1, 17, 33, 9], [1, 17, 5, 1], 4, 2, 16, 8, None, None, tp.PrefillConfig(32, 16)),

@@ -67,7 +67,8 @@ class DecodeConfig:
 
 
 DEFAULT = DecodeConfig()
-DEFAULT_8BIT = DecodeConfig(64, 4, 5, programs_per_sm=2)  # an fp8/int8 cache (module docstring; H200 sweep)
+# an fp8/int8 cache (module docstring; bench/results/attention-kv-8bit-sweep-h200.json)
+DEFAULT_8BIT = DecodeConfig(64, 4, 5, programs_per_sm=2)
 # The grid a build-time tuner sweeps (see triton_attention.tune); the winners are pinned per key.
 # num_stages: the block-table load takes a pipeline stage of its own before the K/V loads; triton 3.6 for
 # sm_90 gave one K/V buffer at num_stages 3 and 4 and two at 5 (39 KB vs 72 KB shared at block_n 64).
