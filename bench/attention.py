@@ -5,8 +5,8 @@
 
 ``--kv-dtypes``: decode at batch 64, context 4096 (and prefill attention at 8k) with the KV cache in each
 dtype (fp8 e4m3 / int8: quantized, per-layer scales; bytes counted at one byte per element), default config
-and then tuned per dtype; nothing else. A/B switches: ``--widen-to`` (an 8-bit cache's V widened with .to()
-instead of triton_decode's asm block), ``--fused-reduce`` (the default decode configs with fused_reduce).
+and then tuned per dtype; nothing else. A/B switch: ``--widen-to`` (an 8-bit cache's V widened with .to()
+instead of triton_decode's asm block).
 
 Ceilings measured here: device-to-device copy bandwidth (bytes read + written over time, 1 GiB buffer) and
 a bf16 8192^3 matrix product rate. Decode: the op (KV write + flash-decoding) at batch x context, 32/8 heads,
@@ -19,7 +19,6 @@ and compiled FlexAttention (GQA, causal block mask). Medians of triton.testing.d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -202,15 +201,10 @@ def main() -> None:
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the two target shapes only")
     ap.add_argument("--kv-dtypes", help="comma list of bf16, fp8, int8: the KV-dtype comparison only")
-    ap.add_argument("--fused-reduce", action="store_true",
-                    help="decode: the default configs with fused_reduce (the last split program merges; A/B)")
     ap.add_argument("--widen-to", action="store_true",
                     help="8-bit caches: widen V with .to() instead of the asm block (triton_decode.WIDEN_ASM; A/B)")
     args = ap.parse_args()
     triton_decode.WIDEN_ASM = not args.widen_to
-    if args.fused_reduce:
-        triton_decode.DEFAULT = dataclasses.replace(triton_decode.DEFAULT, fused_reduce=True)
-        triton_decode.DEFAULT_8BIT = dataclasses.replace(triton_decode.DEFAULT_8BIT, fused_reduce=True)
     props = torch.cuda.get_device_properties(0)
     res: dict = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                      triton=triton.__version__, shape=dict(hq=HQ, hkv=HKV, d=D, page=PAGE, dtype="bf16"))

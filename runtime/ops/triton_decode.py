@@ -15,9 +15,6 @@ Work split (grid ``(Hkv, B, S)``, S = number of splits)::
 Each split keeps a running (max m, sum l, unnormalised acc) in float32 with base-2 exponents; with S > 1
 it writes them to partial buffers and ``_decode_reduce_kernel`` merges them:
 ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``. With S == 1 the split writes ``out`` itself.
-``DecodeConfig.fused_reduce``: no second launch; each split counts itself done on a per-(sequence, KV head)
-counter and the last one merges the group's partials (``_merge_splits``, the same sums in split order) and
-re-arms the counter. Off by default and outside the tuning grid until timed on a GPU.
 The split boundaries are computed on the device from ``seq_lens``, so S is the only host decision and a
 captured CUDA graph stays correct as contexts grow.
 
@@ -50,7 +47,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from runtime.ops.pdl import launch_kwargs
-from runtime.ops.triton_quant import LOCK_SLOTS, _locks
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,6 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 16
     min_split: int = 4
-    fused_reduce: bool = False  # split contexts merged by each (sequence, KV head)'s last split program
 
 
 DEFAULT = DecodeConfig()
@@ -137,35 +132,15 @@ def _codes_f16(x, INT8: tl.constexpr):
 
 
 @triton.jit
-def _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, first, stride_s, n_splits, out_offs, out_mask, d,
-                  G_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the n_splits partial rows ``first + s *
-    stride_s`` (one per query head of the group): _decode_reduce_kernel's arithmetic, the splits added in order."""
-    m_max = tl.load(part_m_ptr + first, cache_modifier=".cg")
-    for s in range(1, n_splits):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * stride_s, cache_modifier=".cg"))
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights 0, output 0
-    denom = tl.zeros_like(m_max)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for s in range(0, n_splits):
-        r = first + s * stride_s
-        w = tl.math.exp2(tl.load(part_m_ptr + r, cache_modifier=".cg") - m_max)  # an empty split: m = -inf, w 0
-        denom += w * tl.load(part_l_ptr + r, cache_modifier=".cg")
-        acc += w[:, None] * tl.load(part_acc_ptr + r[:, None].to(tl.int64) * D_PAD + d[None, :], cache_modifier=".cg")
-    o = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qt, stride_qh, stride_cslot, stride_bt, stride_ot, stride_oh,
     PAGE: tl.constexpr, group, head_dim, window, n_splits, scale_log2, v_scale,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, WIDE16: tl.constexpr = False, ASM: tl.constexpr = False,
-    INT8: tl.constexpr = False, FUSED: tl.constexpr = False,
+    INT8: tl.constexpr = False,
 ):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
@@ -220,22 +195,10 @@ def _decode_split_kernel(
         m_i = m_new
 
     if SPLIT:
-        stride_s = tl.num_programs(0) * G_PAD
-        row = (b * n_splits + s) * stride_s + h * G_PAD + g  # [B, S, Hkv*G_PAD]
+        row = (b * n_splits + s) * (tl.num_programs(0) * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
         tl.store(part_m_ptr + row, m_i)
         tl.store(part_l_ptr + row, l_i)
         tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc * v_scale)
-        if FUSED:  # the last of the (b, h)'s splits to finish merges them; the barrier orders every thread's
-            # partial stores before the acq_rel count, and the merge reads bypass L1 (as triton_quant._split_k)
-            tl.debug_barrier()
-            slot = b * tl.num_programs(0) + h
-            done = tl.atomic_add(lock_ptr + slot, 1, sem="acq_rel")
-            if done == n_splits - 1:
-                first = b * n_splits * stride_s + h * G_PAD + g
-                _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, first, stride_s, n_splits,
-                              tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
-                              g_mask[:, None] & d_mask[None, :], d, G_PAD, D_PAD)
-                tl.atomic_xchg(lock_ptr + slot, 0)  # re-armed for the next launch (CUDA graphs replay it)
     else:
         o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -297,7 +260,6 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     g_pad = max(16, triton.next_power_of_2(group))
     d_pad = max(16, triton.next_power_of_2(head_dim))
     split = n_splits > 1
-    fused = split and cfg.fused_reduce and num_seqs * num_kv_heads <= LOCK_SLOTS
     if split:
         rows = num_seqs * n_splits * num_kv_heads * g_pad
         part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
@@ -311,14 +273,14 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
            and torch.cuda.get_device_capability(q.device) >= (8, 9))
     _decode_split_kernel[(num_kv_heads, num_seqs, n_splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_m, part_l, part_acc, _locks(q.device) if fused else out,
+        out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
-        WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, FUSED=fused, num_warps=cfg.num_warps,
+        WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_kwargs(q.device),
     )
-    if split and not fused:
+    if split:
         s_pad = max(2, triton.next_power_of_2(n_splits))
         _decode_reduce_kernel[(num_heads, num_seqs)](
             part_m, part_l, part_acc, query_start_loc, out,
