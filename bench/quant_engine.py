@@ -45,6 +45,9 @@ VARIANTS = {
                    "kernels": {"WNA16_GEMV": {"zsum": True, "waves": 4}}},
     # the 4-bit codes in the tensor-core kernel's layout (passes.wna16_mma: spanda::linear_wna16_mma, wgmma)
     "w4a16-mma": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True}},
+    # ... its pre-TMA decode kernel (triton_quant.WNA16_MMA.tma off: the codes, x and words through cp.async)
+    "w4a16-mma-cpasync": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+                          "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"tma": False}}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
     # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py; SPANDA_PDL=1 outside the bench)

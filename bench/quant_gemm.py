@@ -177,7 +177,11 @@ def decode_candidates(m: int) -> dict[str, list]:
            + [(3, 8, True), (4, 8, True), (6, 4, True), (2, 1, True), (3, 1, True), (4, 1, True)]]
     w4 += [(f"mma m16 s{st} split{sp} meta", g(16, 64, 128, num_warps=4, num_stages=st, serial=True, split=sp),
             "mma-meta") for st, sp in ((3, 1), (4, 1), (3, 2))]
+    # the loads by TMA (_wna16_mma_tma_kernel: the words only, no act-order, x 16-byte aligned)
+    w4 += [(f"mma m16 s{st} x{wv} tma", g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv, tma=True),
+            "mma-meta") for st, wv in ((3, 2), (4, 2), (6, 2), (3, 4), (4, 4), (3, 1))]
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
+    w4 += [("mma auto cp.async", dataclasses.replace(tq.WNA16_MMA, tma=False), "mma-meta")] if m <= 16 else []
     base = tq.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
         ("serial", dict(serial=True)), ("magic", dict(magic=True)), ("magic serial", dict(magic=True, serial=True)),

@@ -6,6 +6,9 @@ trips; the kernel under ``TRITON_INTERPRET=1`` (fp16; the interpreter runs the T
 replaces with inline PTX); the build's ``wna16_mma`` pass (the rewritten artifact computes the same logits
 and exports the same Hugging Face checkpoint as the plain one). GPU (``pytest -m gpu``): bf16 and fp16, M
 from 1 to 257, grouped / per-channel, act-order, bias, split-K (serial and reduce), CUDA-graph capture.
+Both: the TMA variant (_wna16_mma_tma_kernel) on a 16-byte aligned x with the zero points as words, each
+call checked to launch it exactly when the launcher's rules say it applies (the interpreter reads TMA
+descriptors as plain block loads with zero fill).
 """
 
 from __future__ import annotations
@@ -92,9 +95,29 @@ CASES = [  # k, n, group size, act-order, bias
     (256, 64, -1, True, True)]
 
 
+class _Launches:
+    """Counts the launches of a Triton kernel (it stands in for the module attribute the launcher reads)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
     from runtime.ops import triton_quant as tq
 
+    tma = tq._wna16_mma_tma_kernel = _Launches(tq._wna16_mma_tma_kernel)
+    try:
+        _run_cases(tq, tma, device, dtype, ms, configs, g, graph)
+    finally:
+        tq._wna16_mma_tma_kernel = tma.kernel
+
+
+def _run_cases(tq, tma: _Launches, device: str, dtype: torch.dtype, ms, configs, g: torch.Generator,
+               graph: bool) -> None:
     for k, n, gs, act, has_bias in CASES:
         qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)
         packed = pack_wna16_mma(qw)
@@ -105,14 +128,22 @@ def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, 
             x = torch.randn(m, k + 3, generator=g).to(dtype).to(device)[:, 1:1 + k]  # row-strided x
             ref = linear_wna16_ref(x, qw, s, z, perm, bias, 4, gs)
             for cfg in configs:
-                for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
-                    what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype}"
-                    out = tq.linear_wna16_mma_cuda(x, packed, s, zeros, perm, bias, gs, config=cfg)
-                    check(out, ref, what)
-                    assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
-            if graph:
+                # a TMA config (the default up to 16 rows) takes the TMA kernel only for a 16-byte aligned x
+                for xx in (x, x.contiguous()) if cfg is None or cfg.tma else (x,):
+                    for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
+                        what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype} {xx.stride()}"
+                        before = tma.n
+                        out = tq.linear_wna16_mma_cuda(xx, packed, s, zeros, perm, bias, gs, config=cfg)
+                        check(out, ref, what)
+                        eff = cfg or tq.wna16_mma_config(m)
+                        aligned = xx.data_ptr() % 16 == 0 and xx.stride(0) * xx.element_size() % 16 == 0
+                        want = (eff.tma and not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
+                                and aligned)
+                        assert tma.n - before == int(want), f"{what}: TMA kernel launched {tma.n - before} times"
+                        assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
+            if graph:  # the zero points as words where they can be: up to 16 rows the TMA kernel, descriptors kept
                 xs = x.contiguous()
-                args = (xs, packed, s, z, perm, bias, gs)
+                args = (xs, packed, s, pack_mma_zeros(s, z) if gs != -1 else z, perm, bias, gs)
                 graph_, out = capture_graph(lambda a=args: tq.linear_wna16_mma_cuda(*a))
                 xs.copy_(torch.randn(xs.shape, device=device).to(dtype))
                 graph_.replay()
@@ -127,7 +158,8 @@ def _interpreter_main() -> None:
     g = torch.Generator().manual_seed(0)
     cfg = tq.GemmConfig
     configs = [cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=2), cfg(32, 64, 128, split=3, serial=True),
-               cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None]
+               cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None,
+               cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True)]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     print("interpreter ok")
 
@@ -148,7 +180,8 @@ def test_kernel_on_gpu(dtype):
     cfg = tq.GemmConfig
     configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
                cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),
-               cfg(16, 64, 128, waves=4, serial=True), cfg(128, 64, 128, dequant_mm=True)]
+               cfg(16, 64, 128, waves=4, serial=True), cfg(128, 64, 128, dequant_mm=True),
+               cfg(16, 64, 128, split=3, tma=True), cfg(64, 64, 128, serial=True, num_stages=4, tma=True)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
     if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
         from runtime.ops import pdl

@@ -31,7 +31,9 @@ linear_wna16 (W4A16 / W8A16, GPTQ/AWQ/RTN)
 linear_wna16_mma (W4A16, the codes in quant_linear.pack_wna16_mma's layout: Hopper builds by default)
     _wna16_mma_kernel: y^T = W x^T on wgmma with the dequantized weight as the register operand (see its
     docstring), the same kernel from 1 to DEQUANT_MM_MIN_M rows (block_m 16 to 128), split-K as above;
-    from DEQUANT_MM_MIN_M rows _wna16_mma_dequant_kernel writes W [N, K] and cuBLAS multiplies.
+    from DEQUANT_MM_MIN_M rows _wna16_mma_dequant_kernel writes W [N, K] and cuBLAS multiplies. Up to 16
+    rows (``GemmConfig.tma``), on sm_90+, with the zero points as words, no act-order and a 16-byte aligned
+    x: _wna16_mma_tma_kernel, the same arithmetic with the codes, x and the words brought in by TMA.
 
 linear_fp8 (FP8 W8A8, E4M3)
     A Triton kernel per row of x (amax, scale = amax / 448 rounded as torch on CUDA rounds it, clamp,
@@ -81,6 +83,7 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # CPU-only install: the reference implementations serve every call
     triton = tl = None
 AVAILABLE = triton is not None
@@ -473,6 +476,18 @@ def _wna16_mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, GROUP
     tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + cols[None, :], a)
 
 
+@_jit
+def _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N,
+                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
+    """The W4A16 mma kernels' end: y^T [64 rows rn, BLOCK_M rows rm of x] through split-K to out (+ bias)."""
+    offs = rm[None, :].to(tl.int64) * N + rn[:, None]
+    mask = m_mask[None, :] & (rn < N)[:, None]
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.num_programs(1) + pid_m, pid_k, offs, mask, M, N,
+                           SPLIT, SERIAL)
+    if finish:
+        _store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
+
+
 @_jit(do_not_specialize=["M"])
 def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                       TILES: tl.constexpr, GROUPED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -525,12 +540,45 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
         gdc_launch_dependents()
     if not GROUPED:
         acc = acc * s[:, None]
-    offs = rm[None, :].to(tl.int64) * N + rn[:, None]
-    mask = m_mask[None, :] & (rn < N)[:, None]
-    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.num_programs(1) + pid_m, pid_k, offs, mask, M, N,
-                           SPLIT, SERIAL)
-    if finish:
-        _store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
+                SERIAL)
+
+
+@_jit(do_not_specialize=["M"])
+def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, TILES: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                          ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr = False):
+    """_wna16_mma_kernel (grouped, zero points and scales as pack_mma_zeros' words, no act-order) with its three
+    loads made by TMA: w_desc views the codes as rows of 256 int16 (a 4 KB tile = 8 rows, box [8, 256]),
+    z_desc the words [K / 128, N] (box [1, 64]: the row block's 64 words of one K tile), x_desc x [M, K] (box
+    [BLOCK_M, 128]; rows past M arrive as zeros). Triton's pipeline then waits on one mbarrier per stage
+    instead of each thread's cp.async groups, and no thread computes load addresses: per 8B layer 3% faster at
+    1 row and 8% at 16 on the H200 (bench/results/quant-gemm-mma-tma-h200.json). The tile in registers, the dot and
+    the epilogue are _wna16_mma_kernel's."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    _, _, rn = _mma_index(pid_n)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
+    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # each tile's, in _mma_operand
+    row0 = pid_n * (K // 128)
+    for t in tl.range(0, TILES):
+        kt = pid_k * TILES + t
+        words = w_desc.load([(row0 + kt) * 8, 0]).reshape(2, 4, 8, 4, 8)  # pack_wna16_mma's v, w, g, t, r
+        zw = z_desc.load([kt, pid_n * 64])  # [1, 64]: row 16 w + 8 v + g of the block
+        zr = zw.reshape(4, 2, 8).permute(1, 0, 2).reshape(2, 4, 8, 1, 1)  # [v, w, g] as _mma_load's zr
+        a, sr = _mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, ASM, BF16, MAGIC, True)
+        b = x_desc.load([pid_m * BLOCK_M, kt * 128])  # [BLOCK_M, 128]
+        acc += tl.dot(a, tl.trans(b)) * sr.to(tl.float32)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
+                SERIAL)
 
 
 @_jit
@@ -822,6 +870,7 @@ class GemmConfig:
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
     swap: bool = False  # fp8/int8: _w8a8_gemm_kernel's SWAP (the weight tile as the MMA's M side, the rows its N)
+    tma: bool = False  # wna16 mma: _wna16_mma_tma_kernel where it applies (linear_wna16_mma_cuda)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -833,8 +882,9 @@ WNA16_GEMV = GemmConfig(1, 64, 128, num_warps=2, num_stages=3, gemv=True, serial
 WNA16_DECODE = {4: GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=True, serial=SERIAL_SPLIT),
                 8: GemmConfig(16, 64, 64, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)}
 # the W4A16 tensor-core kernel on pack_wna16_mma's layout (block_m = the wgmma N): 3 stages, 2 programs per SM,
-# zero points as words: 79.5 us per 8B layer at M = 1 (GEMV 89.4), 82.0 at M = 16 (172.9; bf16 cuBLAS 130-132)
-WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT)
+# zero points as words: 79.5 us per 8B layer at M = 1 (GEMV 89.4), 82.0 at M = 16 (172.9; bf16 cuBLAS 130-132);
+# its loads by TMA (tma): 75.8 / 73.7 against 78.0 / 79.9 in the same run (bench/results/quant-gemm-mma-tma-h200.json)
+WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT, tma=True)
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
@@ -1033,7 +1083,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     x [M, K] fp16/bf16 -> y [M, N] through _wna16_mma_kernel; group size 128 or -1 (per channel); anything
     else goes to the reference. config:
     block_m (16, 32, 64 or 128: the wgmma N), split / waves / serial as for the other GEMMs, num_stages,
-    dequant_mm (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4). zeros: uint8 zero
+    dequant_mm (block_n, block_k and num_warps are fixed by the layout: 64, 128, 4), tma. zeros: uint8 zero
     points, or (group size 128) quant_linear.pack_mma_zeros' int32 words, read instead of scales and zeros."""
     if (x.dtype not in FAST_DTYPES or x.dim() != 2 or qmma.dim() != 3 or qmma.shape[1] * 128 != x.shape[1]
             or group_size not in (128, -1) or scales.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
@@ -1057,16 +1107,32 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     bf16 = x.dtype == torch.bfloat16
     # the packed bf16x2 subtraction needs sm_90; the interpreter and older GPUs run the same arithmetic in Triton
     asm = hopper(x.device)
-    _wna16_mma_kernel[(tiles_n, tiles_m, split)](
-        x, qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma,
-        bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
-        x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
-        HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-        MAGIC=MMA_MAGIC[x.dtype], META=zeros.dtype == torch.int32, num_warps=4, num_stages=cfg.num_stages,
-        **launch_kwargs(x.device))
+    if cfg.tma and zeros.dtype == torch.int32 and perm is None and _tma_ready(x):
+        _wna16_mma_tma_kernel[(tiles_n, tiles_m, split)](
+            TensorDescriptor.from_tensor(x, [cfg.block_m, 128]),
+            TensorDescriptor.from_tensor(qmma.view(-1, 256), [8, 256]),  # a 4 KB tile: 8 rows of 256
+            TensorDescriptor.from_tensor(zeros.contiguous(), [1, 64]), bias.contiguous() if bias is not None else out,
+            out, part, _locks(x.device) if serial else part, m, n, k, TILES=k_tiles // split,
+            HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
+            MAGIC=MMA_MAGIC[x.dtype], num_warps=4, num_stages=cfg.num_stages, **launch_kwargs(x.device))
+    else:
+        _wna16_mma_kernel[(tiles_n, tiles_m, split)](
+            x, qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma,
+            bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
+            x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
+            HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
+            MAGIC=MMA_MAGIC[x.dtype], META=zeros.dtype == torch.int32, num_warps=4, num_stages=cfg.num_stages,
+            **launch_kwargs(x.device))
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """Whether x can be read through a TMA descriptor: sm_90+ (or the interpreter's CPU tensors), rows 16-byte
+    aligned (TMA's rule for the base address and the row stride)."""
+    return ((hopper(x.device) or x.device.type == "cpu") and x.stride(1) == 1 and x.data_ptr() % 16 == 0
+            and x.stride(0) * x.element_size() % 16 == 0)
 
 
 def _reduce(part, xs, ws, bias, out):
