@@ -60,6 +60,8 @@ VARIANTS = {
                  "passes": GPTQ_LAYOUT},
     "fp8+lm": {"quantization": {"method": "fp8", "quantize_lm_head": True}},
     # the FP8 decode GEMM before the operands were swapped (GemmConfig.swap): 6 stages, 2 programs per SM
+    # the FP8 decode GEMM before its loads went through TMA (FP8_DECODE.tma off)
+    "fp8-notma": {"quantization": {"method": "fp8"}, "kernels": {"FP8_DECODE": {"tma": False}}},
     "fp8-gemm-old": {"quantization": {"method": "fp8"},
                      "kernels": {"FP8_DECODE": {"swap": False, "num_stages": 6, "waves": 2}}},
 }

@@ -214,6 +214,12 @@ def decode_candidates(m: int) -> dict[str, list]:
            for bn, bk, w, st in ((64, 128, 4, 4), (64, 128, 4, 6), (64, 128, 4, 8), (128, 128, 4, 4), (128, 128, 4, 6),
                                  (64, 256, 4, 3), (64, 256, 4, 4), (128, 256, 4, 3), (128, 128, 8, 4), (256, 128, 8, 4))
            for wv in (1, 2, 4)]
+    # ... its loads by TMA (_w8a8_swap_tma_kernel)
+    f8 += [(f"codes tma n{bn} k{bk} w{w} s{st} x{wv}",
+            g(16, bn, bk, num_warps=w, num_stages=st, serial=True, waves=wv, swap=True, tma=True), "codes")
+           for bn, bk, w, st, wv in ((64, 128, 4, 4, 1), (64, 128, 4, 6, 1), (64, 128, 4, 4, 2), (128, 128, 4, 4, 1),
+                                     (64, 256, 4, 3, 1), (64, 128, 4, 8, 1))]
+    f8 += [("codes auto", None, "codes")]  # the launcher's own choice (fp8_config(m, n, k))
     if m <= 4:  # the activation-quantization kernel, then _w8a8_gemv_kernel (one row per program)
         f8 += [(f"gemv{m} n{bn} k{bk} w{w} triton", g(m, bn, bk, num_warps=w, gemv=True, serial=True), "triton")
                for bn, bk, w in ((64, 128, 4), (32, 256, 4), (64, 64, 4))]

@@ -102,6 +102,26 @@ def run_under_interpreter(module: str, timeout: int = 600) -> None:
     assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+class KernelLaunches:
+    """Counts the launches of a Triton kernel while it stands in for the module attribute a launcher reads:
+    ``with KernelLaunches(module, "name") as k: ...; k.n``. Works on the GPU and under the interpreter."""
+
+    def __init__(self, module, name: str):
+        self.module, self.name, self.n = module, name, 0
+
+    def __enter__(self):
+        self.kernel = getattr(self.module, self.name)
+        setattr(self.module, self.name, self)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.kernel)
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
 def cuda_kernel_names(step) -> str:
     """The names of the CUDA kernels one call of ``step()`` launches, space-separated (torch profiler)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -33,7 +33,7 @@ from runtime.ops.quant_linear import (
     quantize_activation_fp8,
     quantize_activation_int8,
 )
-from tests.conftest import capture_graph, run_under_interpreter
+from tests.conftest import KernelLaunches, capture_graph, run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -204,8 +204,15 @@ def test_fp8(case, m):
                     tq.GemmConfig(1, 32, 256, num_warps=8, gemv=True, serial=True, waves=8),
                     tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True),
                     tq.GemmConfig(16, 128, 256, num_stages=3, swap=True),
-                    tq.GemmConfig(32, 64, 128, split=2, swap=True)):
-            check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
+                    tq.GemmConfig(32, 64, 128, split=2, swap=True),
+                    tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True, tma=True),
+                    tq.GemmConfig(16, 64, 128, num_stages=4, waves=1, serial=True, swap=True, tma=True),
+                    tq.GemmConfig(32, 128, 128, split=2, swap=True, tma=True)):
+            with KernelLaunches(tq, "_w8a8_swap_tma_kernel") as tma:
+                check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
+            # TMA: the swapped kernel on whole tiles (K and N multiples of the block), else the pointer kernel
+            want = cfg.tma and x.shape[1] % cfg.block_k == 0 and w.shape[0] % cfg.block_n == 0
+            assert tma.n == int(want), f"{cfg}: the TMA kernel launched {tma.n} times"
 
 
 INT8_CASES = [  # static input scale, bias, dtype, K, N
@@ -265,13 +272,15 @@ def test_cuda_graph_capture(m):
 
     serial = tq.GemmConfig(min(m, 4), 64, 128, split=4, gemv=m <= 4, serial=True)
     serial_fp8 = tq.GemmConfig(16, 64, 128, split=4, serial=True)
+    tma_fp8 = tq.GemmConfig(16, 64, 128, split=2, serial=True, swap=True, tma=True)  # descriptors captured
 
     def step():
         return (spanda.linear_wna16(x, qw, s, z, perm, bias, 4, 128),
                 spanda.linear_fp8(x, f8["weight"], f8["weight_scale"], None, bias),
                 spanda.linear_int8(x, i8["weight"], i8["weight_scale"], None, bias),
                 tq.linear_wna16_cuda(x, qw, s, z, perm, bias, 4, 128, config=serial),
-                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8))
+                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8),
+                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=tma_fp8))
 
     graph, outs = capture_graph(step)
     for _ in range(2):
@@ -281,8 +290,9 @@ def test_cuda_graph_capture(m):
         refs = (linear_wna16_ref(x, qw, s, z, perm, bias, 4, 128),
                 linear_fp8_ref(x, f8["weight"], f8["weight_scale"], None, bias),
                 linear_int8_ref(x, i8["weight"], i8["weight_scale"], None, bias))
-        refs += refs[:2]
-        for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8", "wna16 serial", "fp8 serial"), strict=True):
+        refs += refs[:2] + refs[1:2]
+        for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8", "wna16 serial", "fp8 serial", "fp8 tma"),
+                              strict=True):
             check(o, r, f"graph {what}")
         assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
 
@@ -412,6 +422,22 @@ def _interpreter_main() -> None:
                 with serial_only(cfg):
                     out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
                 check(out, ref, f"fp8 {path} {cfg}")
+    # the swapped FP8 kernel through TMA descriptors (whole tiles: K % 128, N % 64), split-K reduce and serial
+    for has_bias, k, n, m in ((True, 256, 128, 3), (False, 384, 192, 17)):
+        wt = fp8_weight(torch.randn(n, k, generator=g) * 0.05, per_channel=True)
+        x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+        xq, sx = tq.quantize_rows(x, None, torch.float8_e4m3fn)
+        w = wt["weight"].float() * wt["weight_scale"].float().reshape(-1, 1)
+        ref = ((xq.float() * sx) @ w.t() + (bias.float() if has_bias else 0)).to(dtype)
+        for cfg in (tq.GemmConfig(16, 64, 128, split=2, swap=True, tma=True),
+                    tq.GemmConfig(16, 64, 128, split=3, serial=True, swap=True, tma=True)):
+            with KernelLaunches(tq, "_w8a8_swap_tma_kernel") as tma, serial_only(cfg):
+                out = tq._fp8_codes_mm(xq, sx, wt["weight"], wt["weight_scale"], False, bias, dtype, config=cfg,
+                                       path="triton")
+            check(out, ref, f"fp8 tma {cfg}")
+            assert tma.n == 1, f"fp8 tma {cfg}: the TMA kernel launched {tma.n} times"
+            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     print("interpreter ok")
 
 

@@ -28,7 +28,7 @@ from runtime.ops.quant_linear import (
     unpack_rows,
     unpack_wna16_mma,
 )
-from tests.conftest import capture_graph, make_hf_checkpoint, run_under_interpreter
+from tests.conftest import KernelLaunches, capture_graph, make_hf_checkpoint, run_under_interpreter
 from tests.test_act_quant_fusion import _spanda_ops
 from tests.test_quantize_build import _artifact_logits, _recipe
 from tests.test_triton_quant import HAS_TRITON, NO_GPU, NO_GPU_REASON, check, gen, wna16_case
@@ -95,28 +95,14 @@ CASES = [  # k, n, group size, act-order, bias
     (256, 64, -1, True, True)]
 
 
-class _Launches:
-    """Counts the launches of a Triton kernel (it stands in for the module attribute the launcher reads)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.n = kernel, 0
-
-    def __getitem__(self, grid):
-        self.n += 1
-        return self.kernel[grid]
-
-
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
     from runtime.ops import triton_quant as tq
 
-    tma = tq._wna16_mma_tma_kernel = _Launches(tq._wna16_mma_tma_kernel)
-    try:
+    with KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma:
         _run_cases(tq, tma, device, dtype, ms, configs, g, graph)
-    finally:
-        tq._wna16_mma_tma_kernel = tma.kernel
 
 
-def _run_cases(tq, tma: _Launches, device: str, dtype: torch.dtype, ms, configs, g: torch.Generator,
+def _run_cases(tq, tma: KernelLaunches, device: str, dtype: torch.dtype, ms, configs, g: torch.Generator,
                graph: bool) -> None:
     for k, n, gs, act, has_bias in CASES:
         qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)

@@ -40,7 +40,8 @@ linear_fp8 (FP8 W8A8, E4M3)
     round-to-nearest-even cast to E4M3; or the static scale). Up to FP8_TRITON_MAX_M rows (decode) the codes
     go to the split-K Triton W8A8 GEMM below (float32 accumulation of exact E4M3 products; the row and
     column scales and the bias in the epilogue, or in the split reduction; FP8_DECODE runs it as
-    _w8a8_gemm_kernel with SWAP, the weight tile on wgmma's M side and the rows on its N): _scaled_mm streams the
+    _w8a8_gemm_kernel with SWAP, the weight tile on wgmma's M side and the rows on its N; on whole tiles and
+    sm_90+, _w8a8_swap_tma_kernel, its loads by TMA): _scaled_mm streams the
     weight at a fraction of copy bandwidth there. Above that, ``torch._scaled_mm`` with row-wise scales
     (scale_a [M, 1], scale_b [1, N] float32; a per-tensor weight scale is expanded) or tensor-wise scales
     when both are per tensor, the bias and the output dtype in cuBLAS's epilogue. _scaled_mm needs K and N
@@ -682,11 +683,28 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
             acc = tl.dot(x, y, acc, out_dtype=tl.int32)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
+    _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn, m_mask, n_mask, pid_n, pid_m, pid_k,
+                 M, N, HAS_BIAS, SPLIT, SERIAL, BLOCK_M, SWAP)
+
+
+@_jit
+def _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn, m_mask, n_mask, pid_n, pid_m, pid_k,
+                 M, N, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 SWAP: tl.constexpr):
+    """The W8A8 GEMMs' end: acc (acc^T with SWAP) through split-K, then y = acc * xs[rm] * ws[rn] (+ bias)."""
     if SWAP:
+        rows = rn
+        cols = rm
+        row_mask = n_mask
+        col_mask = m_mask
         offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
         rn_out = rn[:, None]
         n_out = n_mask[:, None]
     else:
+        rows = rm
+        cols = rn
+        row_mask = m_mask
+        col_mask = n_mask
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         rn_out = rn
         n_out = n_mask
@@ -698,6 +716,33 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
         cs = tl.load((xs_ptr if SWAP else ws_ptr) + cols, mask=col_mask, other=0.0)
         _store_out(acc.to(tl.float32) * rs[:, None] * cs[None, :], out_ptr, b_ptr, rn_out, n_out, offs, out_mask,
                    HAS_BIAS)
+
+
+@_jit(do_not_specialize=["M"])
+def _w8a8_swap_tma_kernel(a_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
+                          TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """_w8a8_gemm_kernel with SWAP and EVEN on E4M3 codes, its two loads made by TMA: w_desc the weight [N, K]
+    (box [BLOCK_N, BLOCK_K]), a_desc the rows' codes [M, K] (box [BLOCK_M, BLOCK_K]; rows past M arrive as
+    zeros). Both tiles stay in shared memory, K-major, as wgmma's A and (transposed view) B."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in tl.range(0, TILES):
+        k0 = (pid_k * TILES + t) * BLOCK_K
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        acc = tl.dot(w, tl.trans(a), acc)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
+    _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn, rm < M, rn < N, pid_n, pid_m, pid_k,
+                 M, N, HAS_BIAS, SPLIT, SERIAL, BLOCK_M, True)
 
 
 @_jit(do_not_specialize=["M"])
@@ -870,7 +915,7 @@ class GemmConfig:
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
     swap: bool = False  # fp8/int8: _w8a8_gemm_kernel's SWAP (the weight tile as the MMA's M side, the rows its N)
-    tma: bool = False  # wna16 mma: _wna16_mma_tma_kernel where it applies (linear_wna16_mma_cuda)
+    tma: bool = False  # loads by TMA where they apply (_wna16_mma_tma_kernel, _w8a8_swap_tma_kernel)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -893,7 +938,9 @@ WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=
 # only up to one program per SM: 80.4 us per 8B layer at M = 1 and 82.4 at M = 16 against 83.6 / 87.1 unswapped
 # (16 x 64 x 128, 6 stages, 2 programs per SM; figures include a 4.4 us timer floor per GEMM; bf16 cuBLAS 127-130;
 # bench/results/quant-gemm-decode-h200-swap.json)
-FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True)
+# ... its loads by TMA where the tiles are whole (tma: _w8a8_swap_tma_kernel): 77.9 / 78.8 against 80.2 / 82.0 in
+# the same run (bench/results/quant-gemm-fp8-tma-h200.json)
+FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True, tma=True)
 INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
 _SMS: dict[int, int] = {}
 LOCK_SLOTS = 1 << 14  # split tiles one serial split-K launch may count (more: the reduce kernel instead)
@@ -1129,8 +1176,8 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
-    """Whether x can be read through a TMA descriptor: sm_90+ (or the interpreter's CPU tensors), rows 16-byte
-    aligned (TMA's rule for the base address and the row stride)."""
+    """Whether a 2-D x can be read through a TMA descriptor: sm_90+ (or the interpreter's CPU tensors), rows
+    16-byte aligned (TMA's rule for the base address and the row stride)."""
     return ((hopper(x.device) or x.device.type == "cpu") and x.stride(1) == 1 and x.data_ptr() % 16 == 0
             and x.stride(0) * x.element_size() % 16 == 0)
 
@@ -1304,7 +1351,13 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
     flags = dict(TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, FP8=fp8,
                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     even = k % (k_tiles * cfg.block_k) == 0 and n % cfg.block_n == 0
-    if gemv:
+    if cfg.tma and fp8 and cfg.swap and even and not (gemv or upcast) and _tma_ready(xq) and _tma_ready(w):
+        e4m3 = torch.float8_e4m3fn
+        _w8a8_swap_tma_kernel[(tiles_n, tiles_m, split)](
+            TensorDescriptor.from_tensor(xq.view(e4m3), [cfg.block_m, cfg.block_k]),
+            TensorDescriptor.from_tensor(w.view(e4m3), [cfg.block_n, cfg.block_k]), *args[2:],
+            BLOCK_M=cfg.block_m, **{f: v for f, v in flags.items() if f != "FP8"}, **launch_kwargs(xq.device))
+    elif gemv:
         _w8a8_gemv_kernel[(tiles_n, m, split)](*args, EVEN=even, **flags, **launch_kwargs(xq.device))
     else:
         _w8a8_gemm_kernel[(tiles_n, tiles_m, split)](*args, UPCAST=upcast, BLOCK_M=cfg.block_m,
