@@ -2,7 +2,8 @@
 (``tuning.json``) and compile every kernel the engine will launch into the artifact (``kernels/``).
 
 The warm-up runs the artifact being built through the real engine: CUDA-graph capture of every decode
-bucket, then prefill, chunked-prefill and prefix-cached extend steps over a spread of lengths, so the
+bucket, then prefill, chunked-prefill and prefix-cached extend steps over a spread of lengths (one in every
+64-row band where a quantized GEMM's launch configuration changes: ``warm_up_lengths``), so the
 kernel specializations a server meets are all in the cache.
 """
 
@@ -33,13 +34,28 @@ def _tuning_shapes(cfg: dict[str, Any], limits: dict[str, Any], dtype: torch.dty
     return shapes
 
 
+# Prompt lengths of the warm-up, besides 1, 2, 7, 16, 33, 100, 257 and the longest: one per band of 64 rows
+# below the quantized GEMMs' cuBLAS threshold (triton_quant.DEQUANT_MM_MIN_M rows). Their launch configuration
+# changes with M in 64-row steps there (block_m 32 / 64 / 128, then the split-K count that follows the number of
+# row tiles, a compile-time constant of the kernel): a server's extend steps (16 requests x 16 uncached tokens
+# = 256 rows) otherwise met kernels the build never compiled.
+GEMM_BAND = 64
+GEMM_BANDS_UP_TO = 1024
+
+
+def warm_up_lengths(limits: dict[str, Any]) -> list[int]:
+    """The warm-up's prompt lengths (each prefilled alone, then all together, then extended by one token)."""
+    top = min(limits["max_seq_len"] - 8, limits["max_num_batched_tokens"] * 2)
+    bands = range(GEMM_BAND - 24, GEMM_BANDS_UP_TO, GEMM_BAND)  # 40, 104, ..., 1000: one M in each band
+    return sorted({n for n in (1, 2, 7, 16, 20, 33, 100, 257, top, *bands) if n <= top})
+
+
 def _warm_up(engine, limits: dict[str, Any]) -> None:
     from runtime.sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(0)
     vocab = engine.artifact.manifest.model.config["vocab_size"]
-    top = min(limits["max_seq_len"] - 8, limits["max_num_batched_tokens"] * 2)
-    lengths = sorted({n for n in (1, 2, 7, 16, 33, 100, 257, top) if n <= top})
+    lengths = warm_up_lengths(limits)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
     for i, p in enumerate(prompts):  # one at a time, then all together (mixed batches), then prefix hits
