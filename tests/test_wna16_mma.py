@@ -92,7 +92,8 @@ def test_layout_refuses_shapes_it_cannot_hold():
 
 CASES = [  # k, n, group size, act-order, bias
     (256, 128, 128, False, True), (384, 64, 128, True, False), (512, 192, -1, False, True),
-    (256, 64, -1, True, True)]
+    (256, 64, -1, True, True),
+    (128, 64, 128, False, False)]  # one group: the zero-point words still hold it (not the per-channel path)
 
 
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:

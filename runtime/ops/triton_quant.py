@@ -1109,6 +1109,13 @@ def wna16_mma_config(m: int) -> GemmConfig:
     return WNA16_MMA_WIDE[32 if m <= 32 else 64 if m <= 64 else 128]
 
 
+def _grouped(scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+    """The mma kernels' GROUPED: a zero point and scale per K tile, read per tile. Also for a single group
+    (K = 128) held as pack_mma_zeros' words: only the per-tile path reads the words (the per-channel path
+    would take each int32 word for a zero point)."""
+    return scales.shape[0] > 1 or zeros.dtype == torch.int32
+
+
 def wna16_mma_dequantize(qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
                          dtype: torch.dtype) -> torch.Tensor:
     """pack_wna16_mma's codes (group size 128 or per channel) -> the weight as [N, K] in ``dtype``, columns in
@@ -1118,7 +1125,7 @@ def wna16_mma_dequantize(qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.
     bf16 = dtype == torch.bfloat16
     _wna16_mma_dequant_kernel[(n // 64, k // 128)](
         qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma, w, n, k,
-        GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None, ASM=hopper(qmma.device), BF16=bf16,
+        GROUPED=_grouped(scales, zeros), HAS_PERM=perm is not None, ASM=hopper(qmma.device), BF16=bf16,
         MAGIC=MMA_MAGIC[dtype], META=zeros.dtype == torch.int32, num_warps=4)
     return w
 
@@ -1166,7 +1173,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         _wna16_mma_kernel[(tiles_n, tiles_m, split)](
             x, qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma,
             bias.contiguous() if bias is not None else scales, out, part, _locks(x.device) if serial else part, m, n, k,
-            x.stride(0), TILES=k_tiles // split, GROUPED=scales.shape[0] > 1, HAS_PERM=perm is not None,
+            x.stride(0), TILES=k_tiles // split, GROUPED=_grouped(scales, zeros), HAS_PERM=perm is not None,
             HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
             MAGIC=MMA_MAGIC[x.dtype], META=zeros.dtype == torch.int32, num_warps=4, num_stages=cfg.num_stages,
             **launch_kwargs(x.device))
