@@ -40,13 +40,15 @@ def _tuning_shapes(cfg: dict[str, Any], limits: dict[str, Any], dtype: torch.dty
 # row tiles, a compile-time constant of the kernel): a server's extend steps (16 requests x 16 uncached tokens
 # = 256 rows) otherwise met kernels the build never compiled.
 GEMM_BAND = 64
-GEMM_BANDS_UP_TO = 1024
 
 
 def warm_up_lengths(limits: dict[str, Any]) -> list[int]:
     """The warm-up's prompt lengths (each prefilled alone, then all together, then extended by one token)."""
+    from runtime.ops.triton_quant import DEQUANT_MM_MIN_M
+
     top = min(limits["max_seq_len"] - 8, limits["max_num_batched_tokens"] * 2)
-    bands = range(GEMM_BAND - 24, GEMM_BANDS_UP_TO, GEMM_BAND)  # 40, 104, ..., 1000: one M in each band
+    up_to = DEQUANT_MM_MIN_M or top  # None: the GEMMs never hand over to cuBLAS
+    bands = range(GEMM_BAND - 24, up_to, GEMM_BAND)  # 40, 104, ..., 1000: one M in each band
     return sorted({n for n in (1, 2, 7, 16, 20, 33, 100, 257, top, *bands) if n <= top})
 
 

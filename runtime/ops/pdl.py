@@ -19,14 +19,19 @@ import os
 import torch
 
 ENABLED = os.environ.get("SPANDA_PDL", "0") == "1"
-_HOPPER: dict[torch.device, bool] = {}
+_CAPABILITY: dict[torch.device, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The device's CUDA compute capability, (0, 0) off CUDA (cached: asked on every launch)."""
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    return _CAPABILITY[device]
 
 
 def hopper(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9 or later (cached: asked on every launch)."""
-    if device not in _HOPPER:
-        _HOPPER[device] = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return _HOPPER[device]
+    """A CUDA device of compute capability 9 or later."""
+    return capability(device) >= (9, 0)
 
 
 def launch_kwargs(device: torch.device) -> dict:

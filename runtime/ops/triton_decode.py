@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from runtime.ops.pdl import launch_kwargs
+from runtime.ops.pdl import capability, launch_kwargs
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     log2e = 1.4426950408889634
     wide16 = kv_cache.element_size() == 1
     asm = (wide16 and WIDEN_ASM and kv_cache.dtype in (torch.float8_e4m3fn, torch.int8) and q.is_cuda
-           and torch.cuda.get_device_capability(q.device) >= (8, 9))
+           and capability(q.device) >= (8, 9))
     _decode_split_kernel[(num_kv_heads, num_seqs, n_splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         out, part_m, part_l, part_acc,

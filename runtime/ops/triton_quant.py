@@ -615,6 +615,16 @@ def _store_out(acc, out_ptr, b_ptr, rn, n_mask, offs, mask, HAS_BIAS: tl.constex
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit
+def _sides(rm, rn, m_mask, n_mask, SWAP: tl.constexpr):
+    """(rows, cols, row_mask, col_mask) of a W8A8 tile: x's rows by the weight's, or with SWAP the other way."""
+    if SWAP:
+        rows, cols, row_mask, col_mask = rn, rm, n_mask, m_mask
+    else:
+        rows, cols, row_mask, col_mask = rm, rn, m_mask, n_mask
+    return rows, cols, row_mask, col_mask
+
+
 @_jit(do_not_specialize=["M"])
 def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                       TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
@@ -639,18 +649,11 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
+    rows, cols, row_mask, col_mask = _sides(rm, rn, m_mask, n_mask, SWAP)
     if SWAP:  # tiles [BLOCK_N, BLOCK_K] of w and [BLOCK_K, BLOCK_M] of a^T
-        rows = rn
-        cols = rm
-        row_mask = n_mask
-        col_mask = m_mask
         lhs_ptr = w_ptr
         rhs_ptr = a_ptr
     else:  # tiles [BLOCK_M, BLOCK_K] of a and [BLOCK_K, BLOCK_N] of w^T
-        rows = rm
-        cols = rn
-        row_mask = m_mask
-        col_mask = n_mask
         lhs_ptr = a_ptr
         rhs_ptr = w_ptr
     lhs_rows = lhs_ptr + rows.to(tl.int64)[:, None] * K
@@ -692,19 +695,12 @@ def _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn
                  M, N, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  SWAP: tl.constexpr):
     """The W8A8 GEMMs' end: acc (acc^T with SWAP) through split-K, then y = acc * xs[rm] * ws[rn] (+ bias)."""
+    rows, cols, row_mask, col_mask = _sides(rm, rn, m_mask, n_mask, SWAP)
     if SWAP:
-        rows = rn
-        cols = rm
-        row_mask = n_mask
-        col_mask = m_mask
         offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
         rn_out = rn[:, None]
         n_out = n_mask[:, None]
     else:
-        rows = rm
-        cols = rn
-        row_mask = m_mask
-        col_mask = n_mask
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         rn_out = rn
         n_out = n_mask
