@@ -48,6 +48,9 @@ VARIANTS = {
     # ... its pre-TMA decode kernel (triton_quant.WNA16_MMA.tma off: the codes, x and words through cp.async)
     "w4a16-mma-cpasync": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
                           "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"tma": False}}},
+    # ... with its codes by plain loads straight into registers (triton_quant.WNA16_MMA.ldg: _wna16_mma_ldg_kernel)
+    "w4a16-mma-ldg": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+                      "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"ldg": True}}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
     # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py; SPANDA_PDL=1 outside the bench)

@@ -180,6 +180,9 @@ def decode_candidates(m: int) -> dict[str, list]:
     # the loads by TMA (_wna16_mma_tma_kernel: the words only, no act-order, x 16-byte aligned)
     w4 += [(f"mma m16 s{st} x{wv} tma", g(16, 64, 128, num_warps=4, num_stages=st, serial=True, waves=wv, tma=True),
             "mma-meta") for st, wv in ((3, 2), (4, 2), (6, 2), (3, 4), (4, 4), (3, 1))]
+    # the codes by plain loads straight into registers, the next tile prefetched (_wna16_mma_ldg_kernel)
+    w4 += [(f"mma m16 x{wv} ldg", g(16, 64, 128, num_warps=4, num_stages=1, serial=True, waves=wv, ldg=True),
+            "mma-meta") for wv in (1, 2, 4, 8)]
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
     w4 += [("mma auto cp.async", dataclasses.replace(tq.WNA16_MMA, tma=False), "mma-meta")] if m <= 16 else []
     base = tq.wna16_config(16, 4096, 4096, 4)

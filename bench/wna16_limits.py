@@ -1,8 +1,8 @@
 """What limits the W4A16 decode GEMM (_wna16_mma_tma_kernel) on one GPU: the weight stream or its per-tile
 work. Times, per 8B shape (gate_up, down, qkv) and in CUDA graphs with the L2 emptied (quant_gemm.graph_us),
-the kernel itself (TMA and cp.async loads) against kernels that only stream the same bytes with the same grid
-and split (TMA boxes of 4 and 8 KB, pointer loads with 4 and 8 warps), and against the kernel's per-tile work
-fed from L2 hits or from registers:
+the kernel itself (TMA, cp.async and plain loads: GemmConfig.ldg) against kernels that only stream the same
+bytes with the same grid and split (TMA boxes of 4 and 8 KB, pointer loads with 4 and 8 warps), and against the
+kernel's per-tile work fed from L2 hits or from registers:
 
     python bench/wna16_limits.py --out bench/results/quant-gemm-mma-limits-h200.json
 """
@@ -152,6 +152,10 @@ def time_shape(name: str, n: int, k: int) -> list[dict]:
         cfg = dataclasses.replace(tq.WNA16_MMA, tma=False)
         variants[f"kernel cp.async m{m}"] = (nbytes, lambda x=x, cfg=cfg: tq.linear_wna16_mma_cuda(
             x, qmma, scales, zw, None, None, 128, config=cfg))
+        for wv in (2, 4):
+            cfg = dataclasses.replace(tq.WNA16_MMA, ldg=True, waves=wv)
+            variants[f"kernel ldg x{wv} m{m}"] = (nbytes, lambda x=x, cfg=cfg: tq.linear_wna16_mma_cuda(
+                x, qmma, scales, zw, None, None, 128, config=cfg))
     for rws, cols, per in [(8, 256, 1), (16, 128, 1), (32, 64, 1), (16, 256, 2), (32, 128, 2)]:
         d = TensorDescriptor.from_tensor(qmma.view(-1, cols), [rws, cols])
         for s in (3, 5):

@@ -8,7 +8,8 @@ and exports the same Hugging Face checkpoint as the plain one). GPU (``pytest -m
 from 1 to 257, grouped / per-channel, act-order, bias, split-K (serial and reduce), CUDA-graph capture.
 Both: the TMA variant (_wna16_mma_tma_kernel) on a 16-byte aligned x with the zero points as words, each
 call checked to launch it exactly when the launcher's rules say it applies (the interpreter reads TMA
-descriptors as plain block loads with zero fill).
+descriptors as plain block loads with zero fill); likewise the plain-load variant (_wna16_mma_ldg_kernel,
+GemmConfig.ldg) on any x.
 """
 
 from __future__ import annotations
@@ -99,12 +100,12 @@ CASES = [  # k, n, group size, act-order, bias
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
     from runtime.ops import triton_quant as tq
 
-    with KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma:
-        _run_cases(tq, tma, device, dtype, ms, configs, g, graph)
+    with KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tq, "_wna16_mma_ldg_kernel") as ldg:
+        _run_cases(tq, tma, ldg, device, dtype, ms, configs, g, graph)
 
 
-def _run_cases(tq, tma: KernelLaunches, device: str, dtype: torch.dtype, ms, configs, g: torch.Generator,
-               graph: bool) -> None:
+def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, device: str, dtype: torch.dtype, ms, configs,
+               g: torch.Generator, graph: bool) -> None:
     for k, n, gs, act, has_bias in CASES:
         qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)
         packed = pack_wna16_mma(qw)
@@ -119,13 +120,15 @@ def _run_cases(tq, tma: KernelLaunches, device: str, dtype: torch.dtype, ms, con
                 for xx in (x, x.contiguous()) if cfg is None or cfg.tma else (x,):
                     for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
                         what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype} {xx.stride()}"
-                        before = tma.n
+                        before, before_ldg = tma.n, ldg.n
                         out = tq.linear_wna16_mma_cuda(xx, packed, s, zeros, perm, bias, gs, config=cfg)
                         check(out, ref, what)
                         eff = cfg or tq.wna16_mma_config(m)
                         aligned = xx.data_ptr() % 16 == 0 and xx.stride(0) * xx.element_size() % 16 == 0
-                        want = (eff.tma and not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
-                                and aligned)
+                        words = not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
+                        want_ldg = words and eff.ldg  # any x: plain loads
+                        want = words and not eff.ldg and eff.tma and aligned
+                        assert ldg.n - before_ldg == int(want_ldg), f"{what}: ldg kernel launched {ldg.n - before_ldg}"
                         assert tma.n - before == int(want), f"{what}: TMA kernel launched {tma.n - before} times"
                         assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
             if graph:  # the zero points as words where they can be: up to 16 rows the TMA kernel, descriptors kept
@@ -146,7 +149,8 @@ def _interpreter_main() -> None:
     cfg = tq.GemmConfig
     configs = [cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=2), cfg(32, 64, 128, split=3, serial=True),
                cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None,
-               cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True)]
+               cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True),
+               cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, split=3, serial=True, ldg=True)]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     print("interpreter ok")
 
@@ -168,14 +172,17 @@ def test_kernel_on_gpu(dtype):
     configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
                cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),
                cfg(16, 64, 128, waves=4, serial=True), cfg(128, 64, 128, dequant_mm=True),
-               cfg(16, 64, 128, split=3, tma=True), cfg(64, 64, 128, serial=True, num_stages=4, tma=True)]
+               cfg(16, 64, 128, split=3, tma=True), cfg(64, 64, 128, serial=True, num_stages=4, tma=True),
+               cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, waves=4, serial=True, ldg=True),
+               cfg(32, 64, 128, split=2, ldg=True)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
     if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
         from runtime.ops import pdl
 
         pdl.ENABLED = True
         try:
-            run_cases("cuda", dtype, (1, 16, 257), [None], gen("mma-gpu-pdl", dtype), graph=True)
+            run_cases("cuda", dtype, (1, 16, 257), [None, cfg(16, 64, 128, serial=True, ldg=True)],
+                      gen("mma-gpu-pdl", dtype), graph=True)
         finally:
             pdl.ENABLED = False
 

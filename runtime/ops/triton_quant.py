@@ -583,6 +583,114 @@ def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock
 
 
 @_jit
+def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """int32 pairs of pack_wna16_mma's int16 words (h = 0 the low half) and their rows' pack_mma_zeros words ->
+    eight tensors of q - z in the model dtype, in the order (i1, i0, h) of nibble i = 2 i1 + i0 and half h. On
+    the GPU _mma_dequant's instructions per 32-bit word (a shift, one LOP3 and one packed subtraction per
+    nibble position), each bf16x2 / f16x2 result handed out as its two 16-bit halves: the caller joins them
+    back in the operand's register order, so the halves stay where they are."""
+    if ASM:
+        SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
+        zz2 = ((zr >> 16) & 0xFFFF) | (zr & -65536)  # MAGIC + z in both halves
+        o = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, u, r0, r1, r2, r3;
+            and.b32 u, $9, 0xFF80FF80;
+            and.b32 t, $8, 0x000F000F; or.b32 t, t, u; {SUB} r0, t, $9;
+            shr.u32 t, $8, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} r1, t, $9;
+            shr.u32 t, $8, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} r2, t, $9;
+            shr.u32 t, $8, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} r3, t, $9;
+            mov.b32 {{$0, $1}}, r0; mov.b32 {{$2, $3}}, r1; mov.b32 {{$4, $5}}, r2; mov.b32 {{$6, $7}}, r3;
+            }}""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r", args=[w32, zz2],
+            dtype=(tl.bfloat16,) * 8 if BF16 else (tl.float16,) * 8, is_pure=True, pack=1)
+        return o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    zz = (zr >> 16).to(tl.int16).to(dt, bitcast=True)
+    h0 = w32 & 0xFFFF
+    h1 = (w32 >> 16) & 0xFFFF
+    return (_mma_nibbles(h0, zz, 0, MAGIC), _mma_nibbles(h1, zz, 0, MAGIC), _mma_nibbles(h0, zz, 1, MAGIC),
+            _mma_nibbles(h1, zz, 1, MAGIC), _mma_nibbles(h0, zz, 2, MAGIC), _mma_nibbles(h1, zz, 2, MAGIC),
+            _mma_nibbles(h0, zz, 3, MAGIC), _mma_nibbles(h1, zz, 3, MAGIC))
+
+
+@_jit
+def _mma_operand_ldg(w0, w1, z0, z1, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """One tile's words as loaded by _wna16_mma_ldg_kernel: int32 [128, 4] per row half v (thread q = 32 w + 4 g
+    + t, pair c = 2 p1 + p0 of its 16 bytes) and the rows' zero-point words [128, 1] -> the [64, 128] A operand.
+    Each tl.join puts its new axis first in a thread's registers, so joining the halves in the order i1, i0, v,
+    h leaves each thread's registers in the order wgmma reads them (h, v, i0, i1, then p0, p1 from the load):
+    the reshape and permute that follow rename axes only, and nothing goes through shared memory."""
+    a00, a01, a10, a11, a20, a21, a30, a31 = _mma_dequant_pairs(w0, z0, ASM, BF16, MAGIC)
+    b00, b01, b10, b11, b20, b21, b30, b31 = _mma_dequant_pairs(w1, z1, ASM, BF16, MAGIC)
+    v0h0 = tl.join(tl.join(a00, a20), tl.join(a10, a30))  # [128, 4, i1, i0]
+    v0h1 = tl.join(tl.join(a01, a21), tl.join(a11, a31))
+    v1h0 = tl.join(tl.join(b00, b20), tl.join(b10, b30))
+    v1h1 = tl.join(tl.join(b01, b21), tl.join(b11, b31))
+    a = tl.join(tl.join(v0h0, v1h0), tl.join(v0h1, v1h1))  # [128, 4, i1, i0, v, h]
+    a = a.reshape(4, 8, 4, 2, 2, 2, 2, 2, 2)  # w, g, t, p1, p0, i1, i0, v, h
+    return a.permute(0, 7, 1, 3, 4, 5, 6, 2, 8).reshape(64, 128)  # rows (w, v, g), cols (p1, p0, i1, i0, t, h)
+
+
+@_jit
+def _mma_load_ldg(qw32, z_ptr, kt, N, woff, zoff):
+    """Tile kt's two row halves of words (int32 [128, 4] each) and their zero-point words ([128, 1] each)."""
+    w0 = tl.load(qw32 + kt * 1024 + woff)
+    w1 = tl.load(qw32 + kt * 1024 + 512 + woff)
+    z0 = tl.load(z_ptr + kt * N + zoff)
+    z1 = tl.load(z_ptr + kt * N + 8 + zoff)
+    return w0, w1, z0, z1
+
+
+@_jit(do_not_specialize=["M"])
+def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
+                          TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
+                          BLOCK_M: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """_wna16_mma_kernel (grouped, zero points and scales as pack_mma_zeros' words, no act-order) with the codes
+    loaded by plain 16-byte loads straight into the registers wgmma reads them from (_mma_operand_ldg), the
+    next K tile's codes, words and x loaded while this one is computed (launched with num_stages=1: no cp.async
+    or TMA pipeline; shared memory holds x only, as wgmma's B operand). Why: on the H200 the TMA kernel runs
+    at the speed of a stream of its own 4 KB boxes, while plain loads stream the same bytes 1.6x faster
+    (bench/results/quant-gemm-mma-limits-h200.json). Compiled for sm_90 it has no shared-memory traffic for the
+    codes (95 registers at BLOCK_M 16); it has not been timed on a GPU yet, so GemmConfig.ldg is off by
+    default."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * 64 + tl.arange(0, 64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    qw32 = qw_ptr.to(tl.pointer_type(tl.int32)) + pid_n.to(tl.int64) * (K // 128) * 1024
+    oq = tl.arange(0, 128)[:, None]  # thread q = 32 w + 4 g + t
+    woff = oq * 4 + tl.arange(0, 4)[None, :]  # its 16 bytes of a row half
+    zoff = pid_n * 64 + 16 * (oq // 32) + (oq % 32) // 4  # row 16 w + g (+ 8: the second half)
+    srows = z_ptr + rn[:, None]
+    xcols = x_ptr + rm[None, :].to(tl.int64) * stride_xm + tl.arange(0, 128)[:, None]  # x^T [128, BLOCK_M]
+    acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
+    kt0 = pid_k * TILES
+    w0, w1, z0, z1 = _mma_load_ldg(qw32, z_ptr, kt0, N, woff, zoff)
+    sr = tl.load(srows + kt0 * N)
+    b = tl.load(xcols + kt0 * 128, mask=m_mask[None, :], other=0.0)
+    for t in range(0, TILES):
+        kn = kt0 + tl.minimum(t + 1, TILES - 1)  # the last step loads its own tile again: no branch
+        nw0, nw1, nz0, nz1 = _mma_load_ldg(qw32, z_ptr, kn, N, woff, zoff)
+        nsr = tl.load(srows + kn * N)
+        nb = tl.load(xcols + kn * 128, mask=m_mask[None, :], other=0.0)
+        a = _mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
+        s = (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        acc += tl.dot(a, b) * s
+        w0, w1, z0, z1, sr, b = nw0, nw1, nz0, nz1, nsr, nb
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
+                SERIAL)
+
+
+@_jit
 def _split_k(acc, part_ptr, lock_ptr, tile, pid_k, offs, mask, M, N, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
     """The split-K step every GEMM here ends with. Returns (finish, acc): whether this program writes the output
     tile, and the sum it writes. Unsplit: (True, acc). Split: the program stores its partial [SPLIT, M, N]; with
@@ -912,6 +1020,7 @@ class GemmConfig:
     waves: int = 2  # split 0: split K until the grid holds this many programs per SM
     swap: bool = False  # fp8/int8: _w8a8_gemm_kernel's SWAP (the weight tile as the MMA's M side, the rows its N)
     tma: bool = False  # loads by TMA where they apply (_wna16_mma_tma_kernel, _w8a8_swap_tma_kernel)
+    ldg: bool = False  # W4A16 mma: the codes straight into registers, the next tile prefetched (_wna16_mma_ldg_kernel)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1157,7 +1266,13 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     bf16 = x.dtype == torch.bfloat16
     # the packed bf16x2 subtraction needs sm_90; the interpreter and older GPUs run the same arithmetic in Triton
     asm = hopper(x.device)
-    if cfg.tma and zeros.dtype == torch.int32 and perm is None and _tma_ready(x):
+    if cfg.ldg and zeros.dtype == torch.int32 and perm is None:
+        _wna16_mma_ldg_kernel[(tiles_n, tiles_m, split)](
+            x, qmma, zeros.contiguous(), bias.contiguous() if bias is not None else out, out, part,
+            _locks(x.device) if serial else part, m, n, k, x.stride(0), TILES=k_tiles // split,
+            HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
+            MAGIC=MMA_MAGIC[x.dtype], num_warps=4, num_stages=1, **launch_kwargs(x.device))
+    elif cfg.tma and zeros.dtype == torch.int32 and perm is None and _tma_ready(x):
         _wna16_mma_tma_kernel[(tiles_n, tiles_m, split)](
             TensorDescriptor.from_tensor(x, [cfg.block_m, 128]),
             TensorDescriptor.from_tensor(qmma.view(-1, 256), [8, 256]),  # a 4 KB tile: 8 rows of 256
