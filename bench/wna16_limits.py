@@ -98,32 +98,28 @@ def compute_only_kernel(x_desc, w_desc, z_desc, out_ptr, M, N, K, TILES: tl.cons
 
 
 @triton.jit
-def compute_noload(x_ptr, qw_ptr, z_ptr, out_ptr, N, K, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
-                   SCALED: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
-    """The TMA kernel's per-tile work with every operand loaded once before the loop."""
+def compute_regs(x_ptr, qw_ptr, z_ptr, out_ptr, N, K, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """_wna16_mma_ldg_kernel's per-tile work (dequantize in registers, dot, scale) on operands loaded once
+    before the loop (the codes flipped by t each step, so that nothing is hoisted): the loop alone."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(2)
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    tile_off, row5, rn = tq._mma_index(pid_n)
-    words0 = tl.load(qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048 + tile_off)
-    zr = tl.load(z_ptr + row5)
-    if SCALED:
-        sr = tl.load(z_ptr + row5)
-    else:
-        sr = tl.load(z_ptr + rn[:, None])
-    rk = tl.arange(0, 128)
+    rn = pid_n * 64 + tl.arange(0, 64)
     rm = tl.arange(0, BLOCK_M)
-    b = tl.load(x_ptr + rm[None, :] * K + rk[:, None])
+    qw32 = qw_ptr.to(tl.pointer_type(tl.int32)) + pid_n.to(tl.int64) * (K // 128) * 1024
+    oq = tl.arange(0, 128)[:, None]
+    woff = oq * 4 + tl.arange(0, 4)[None, :]
+    zoff = pid_n * 64 + 16 * (oq // 32) + (oq % 32) // 4
+    w0, w1, z0, z1 = tq._mma_load_ldg(qw32, z_ptr, 0, N, woff, zoff)
+    s = (tl.load(z_ptr + rn[:, None]) & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    b = tl.load(x_ptr + rm[None, :] * K + tl.arange(0, 128)[:, None])
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
-    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)
-    for t in tl.range(0, TILES):
-        words = words0 ^ t.to(tl.int16)
-        a, s2 = tq._mma_operand(words, zr, sr, zz, dt, True, SCALED, True, BF16, MAGIC, True)
-        if SCALED:
-            acc = tl.dot(a, b, acc)
-        else:
-            acc += tl.dot(a, b) * s2.to(tl.float32)
+    for t in range(0, TILES):
+        a = tq._mma_operand_ldg(w0 ^ t, w1 ^ t, z0, z1, True, BF16, MAGIC)
+        acc += tl.dot(a, b) * s
     tl.store(out_ptr + (pid_k * N + rn)[:, None] * BLOCK_M + rm[None, :], acc)
+
 
 def time_shape(name: str, n: int, k: int) -> list[dict]:
     dev = "cuda"
@@ -172,9 +168,8 @@ def time_shape(name: str, n: int, k: int) -> list[dict]:
     for s in (3, 6):
         variants[f"compute, codes from L2 s{s}"] = (nbytes, lambda s=s: compute_only_kernel[grid](
             xd, wd, zd, out, 16, n, k, tiles, 16, True, 128.0, num_warps=4, num_stages=s))
-    for scaled in (False, True):
-        variants[f"compute, no loads{' scaled' if scaled else ''}"] = (nbytes, lambda scaled=scaled: compute_noload[
-            grid](x16, qmma, zw, out, n, k, tiles, 16, scaled, True, 128.0, num_warps=4, num_stages=3))
+    variants["compute, in registers (ldg loop)"] = (nbytes, lambda: compute_regs[grid](
+        x16, qmma, zw, out, n, k, tiles, 16, True, 128.0, num_warps=4, num_stages=1))
     src = qmma.view(-1)
     dst = torch.empty_like(src)
     variants["copy (torch, read + write)"] = (2 * wbytes, lambda: dst.copy_(src))
