@@ -583,46 +583,57 @@ def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock
 
 
 @_jit
-def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr):
     """int32 pairs of pack_wna16_mma's int16 words (h = 0 the low half) and their rows' pack_mma_zeros words ->
-    eight tensors of q - z in the model dtype, in the order (i1, i0, h) of nibble i = 2 i1 + i0 and half h. On
-    the GPU _mma_dequant's instructions per 32-bit word (a shift, one LOP3 and one packed subtraction per
-    nibble position), each bf16x2 / f16x2 result handed out as its two 16-bit halves: the caller joins them
-    back in the operand's register order, so the halves stay where they are."""
+    eight tensors of q - z in the model dtype ((q - z) * s rounded once with SCALED), in the order (i1, i0, h)
+    of nibble i = 2 i1 + i0 and half h. On the GPU _mma_dequant's instructions per 32-bit word (a shift, one
+    LOP3 and one packed subtraction per nibble position; SCALED: and one packed multiplication), each
+    bf16x2 / f16x2 result handed out as its two 16-bit halves: the caller joins them back in the operand's
+    register order, so the halves stay where they are."""
     if ASM:
         SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
+        MUL: tl.constexpr = ("mul.rn.bf16x2" if BF16 else "mul.rn.f16x2") if SCALED else "mov.b32"
+        ARG: tl.constexpr = ", $10" if SCALED else ""
         zz2 = ((zr >> 16) & 0xFFFF) | (zr & -65536)  # MAGIC + z in both halves
+        ss2 = (zr & 0xFFFF) | (zr << 16)  # the scale in both halves
         o = tl.inline_asm_elementwise(
             asm=f"""{{
             .reg .b32 t, u, r0, r1, r2, r3;
             and.b32 u, $9, 0xFF80FF80;
-            and.b32 t, $8, 0x000F000F; or.b32 t, t, u; {SUB} r0, t, $9;
-            shr.u32 t, $8, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} r1, t, $9;
-            shr.u32 t, $8, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} r2, t, $9;
-            shr.u32 t, $8, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} r3, t, $9;
+            and.b32 t, $8, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r0, t{ARG};
+            shr.u32 t, $8, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r1, t{ARG};
+            shr.u32 t, $8, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r2, t{ARG};
+            shr.u32 t, $8, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r3, t{ARG};
             mov.b32 {{$0, $1}}, r0; mov.b32 {{$2, $3}}, r1; mov.b32 {{$4, $5}}, r2; mov.b32 {{$6, $7}}, r3;
             }}""",
-            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r", args=[w32, zz2],
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args=[w32, zz2, ss2],
             dtype=(tl.bfloat16,) * 8 if BF16 else (tl.float16,) * 8, is_pure=True, pack=1)
         return o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     zz = (zr >> 16).to(tl.int16).to(dt, bitcast=True)
+    ss = (zr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32) if SCALED else 1.0
     h0 = w32 & 0xFFFF
     h1 = (w32 >> 16) & 0xFFFF
-    return (_mma_nibbles(h0, zz, 0, MAGIC), _mma_nibbles(h1, zz, 0, MAGIC), _mma_nibbles(h0, zz, 1, MAGIC),
-            _mma_nibbles(h1, zz, 1, MAGIC), _mma_nibbles(h0, zz, 2, MAGIC), _mma_nibbles(h1, zz, 2, MAGIC),
-            _mma_nibbles(h0, zz, 3, MAGIC), _mma_nibbles(h1, zz, 3, MAGIC))
+    return ((_mma_nibbles(h0, zz, 0, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h1, zz, 0, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h0, zz, 1, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h1, zz, 1, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h0, zz, 2, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h1, zz, 2, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h0, zz, 3, MAGIC).to(tl.float32) * ss).to(dt),
+            (_mma_nibbles(h1, zz, 3, MAGIC).to(tl.float32) * ss).to(dt))
 
 
 @_jit
-def _mma_operand_ldg(w0, w1, z0, z1, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
+def _mma_operand_ldg(w0, w1, z0, z1, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+                     SCALED: tl.constexpr = False):
     """One tile's words as loaded by _wna16_mma_ldg_kernel: int32 [128, 4] per row half v (thread q = 32 w + 4 g
     + t, pair c = 2 p1 + p0 of its 16 bytes) and the rows' zero-point words [128, 1] -> the [64, 128] A operand.
     Each tl.join puts its new axis first in a thread's registers, so joining the halves in the order i1, i0, v,
     h leaves each thread's registers in the order wgmma reads them (h, v, i0, i1, then p0, p1 from the load):
     the reshape and permute that follow rename axes only, and nothing goes through shared memory."""
-    a00, a01, a10, a11, a20, a21, a30, a31 = _mma_dequant_pairs(w0, z0, ASM, BF16, MAGIC)
-    b00, b01, b10, b11, b20, b21, b30, b31 = _mma_dequant_pairs(w1, z1, ASM, BF16, MAGIC)
+    a00, a01, a10, a11, a20, a21, a30, a31 = _mma_dequant_pairs(w0, z0, ASM, BF16, MAGIC, SCALED)
+    b00, b01, b10, b11, b20, b21, b30, b31 = _mma_dequant_pairs(w1, z1, ASM, BF16, MAGIC, SCALED)
     v0h0 = tl.join(tl.join(a00, a20), tl.join(a10, a30))  # [128, 4, i1, i0]
     v0h1 = tl.join(tl.join(a01, a21), tl.join(a11, a31))
     v1h0 = tl.join(tl.join(b00, b20), tl.join(b10, b30))
@@ -646,7 +657,7 @@ def _mma_load_ldg(qw32, z_ptr, kt, N, woff, zoff):
 def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
                           TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, SCALE_ACC: tl.constexpr = True):
     """_wna16_mma_kernel (grouped, zero points and scales as pack_mma_zeros' words, no act-order) with the codes
     loaded by plain 16-byte loads straight into the registers wgmma reads them from (_mma_operand_ldg), the
     next K tile's codes, words and x loaded while this one is computed (launched with num_stages=1: no cp.async
@@ -680,9 +691,11 @@ def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_p
         nw0, nw1, nz0, nz1 = _mma_load_ldg(qw32, z_ptr, kn, N, woff, zoff)
         nsr = tl.load(srows + kn * N)
         nb = tl.load(xcols + kn * 128, mask=m_mask[None, :], other=0.0)
-        a = _mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
-        s = (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-        acc += tl.dot(a, b) * s
+        if SCALE_ACC:  # the group's product scaled per row after the dot
+            a = _mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
+            acc += tl.dot(a, b) * (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        else:  # the scale in the weight ((q - z) * s rounded to the model dtype): the dot accumulates in place
+            acc = tl.dot(_mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC, True), b, acc)
         w0, w1, z0, z1, sr, b = nw0, nw1, nz0, nz1, nsr, nb
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
@@ -1271,7 +1284,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
             x, qmma, zeros.contiguous(), bias.contiguous() if bias is not None else out, out, part,
             _locks(x.device) if serial else part, m, n, k, x.stride(0), TILES=k_tiles // split,
             HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-            MAGIC=MMA_MAGIC[x.dtype], num_warps=4, num_stages=1, **launch_kwargs(x.device))
+            MAGIC=MMA_MAGIC[x.dtype], SCALE_ACC=cfg.scale_acc, num_warps=4, num_stages=1, **launch_kwargs(x.device))
     elif cfg.tma and zeros.dtype == torch.int32 and perm is None and _tma_ready(x):
         _wna16_mma_tma_kernel[(tiles_n, tiles_m, split)](
             TensorDescriptor.from_tensor(x, [cfg.block_m, 128]),
