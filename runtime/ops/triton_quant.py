@@ -594,10 +594,7 @@ def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl
         SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
         MUL: tl.constexpr = ("mul.rn.bf16x2" if BF16 else "mul.rn.f16x2") if SCALED else "mov.b32"
         ARG: tl.constexpr = ", $10" if SCALED else ""
-        zz2 = ((zr >> 16) & 0xFFFF) | (zr & -65536)  # MAGIC + z in both halves
-        ss2 = (zr & 0xFFFF) | (zr << 16)  # the scale in both halves
-        o = tl.inline_asm_elementwise(
-            asm=f"""{{
+        ASM_TEXT: tl.constexpr = f"""{{
             .reg .b32 t, u, r0, r1, r2, r3;
             and.b32 u, $9, 0xFF80FF80;
             and.b32 t, $8, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r0, t{ARG};
@@ -605,9 +602,16 @@ def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl
             shr.u32 t, $8, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r2, t{ARG};
             shr.u32 t, $8, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r3, t{ARG};
             mov.b32 {{$0, $1}}, r0; mov.b32 {{$2, $3}}, r1; mov.b32 {{$4, $5}}, r2; mov.b32 {{$6, $7}}, r3;
-            }}""",
-            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args=[w32, zz2, ss2],
-            dtype=(tl.bfloat16,) * 8 if BF16 else (tl.float16,) * 8, is_pure=True, pack=1)
+            }}"""
+        OUT: tl.constexpr = (tl.bfloat16,) * 8 if BF16 else (tl.float16,) * 8
+        zz2 = ((zr >> 16) & 0xFFFF) | (zr & -65536)  # MAGIC + z in both halves
+        if SCALED:  # and the scale in both halves
+            o = tl.inline_asm_elementwise(asm=ASM_TEXT, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+                                          args=[w32, zz2, (zr & 0xFFFF) | (zr << 16)], dtype=OUT, is_pure=True,
+                                          pack=1)
+        else:
+            o = tl.inline_asm_elementwise(asm=ASM_TEXT, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r", args=[w32, zz2],
+                                          dtype=OUT, is_pure=True, pack=1)
         return o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     zz = (zr >> 16).to(tl.int16).to(dt, bitcast=True)
