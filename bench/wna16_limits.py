@@ -75,7 +75,7 @@ def ptr_stream(w_ptr, out_ptr, K, TILES: tl.constexpr, PER: tl.constexpr):
 
 
 @triton.jit
-def compute_only_kernel(x_desc, w_desc, z_desc, out_ptr, M, N, K, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+def compute_only_kernel(x_desc, w_desc, z_desc, out_ptr, N, K, TILES: tl.constexpr, BLOCK_M: tl.constexpr,
                         BF16: tl.constexpr, MAGIC: tl.constexpr):
     """_wna16_mma_tma_kernel's loop, the codes always from the program's first two tiles (L2 hits)."""
     pid_n = tl.program_id(0)
@@ -167,7 +167,7 @@ def time_shape(name: str, n: int, k: int) -> list[dict]:
                 qmma, iout, k, tiles, per, num_warps=w, num_stages=s))
     for s in (3, 6):
         variants[f"compute, codes from L2 s{s}"] = (nbytes, lambda s=s: compute_only_kernel[grid](
-            xd, wd, zd, out, 16, n, k, tiles, 16, True, 128.0, num_warps=4, num_stages=s))
+            xd, wd, zd, out, n, k, tiles, 16, True, 128.0, num_warps=4, num_stages=s))
     variants["compute, in registers (ldg loop)"] = (nbytes, lambda: compute_regs[grid](
         x16, qmma, zw, out, n, k, tiles, 16, True, 128.0, num_warps=4, num_stages=1))
     src = qmma.view(-1)

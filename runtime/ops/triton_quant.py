@@ -346,11 +346,12 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, pa
 
 
 @_jit
-def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr):
+def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr, ss=1.0):
     """What _mma_dequant's instructions compute for nibble i (the interpreter and pre-Hopper GPUs run this):
-    (MAGIC + code) - zz, zz = MAGIC + zero point, exact in the model dtype."""
+    (MAGIC + code) - zz, zz = MAGIC + zero point, exact in the model dtype; times ss (float32) if given, the
+    product rounded once."""
     q = ((words.to(tl.int32) >> (4 * i)) & 0xF).to(tl.float32)
-    return (q + MAGIC - zz.to(tl.float32)).to(zz.dtype)
+    return ((q + MAGIC - zz.to(tl.float32)) * ss).to(zz.dtype)
 
 
 @_jit
@@ -418,6 +419,16 @@ def _mma_index(pid_n):
     tile_off = ov * 1024 + ow * 256 + og * 32 + ot * 8 + orr
     row5 = pid_n * 64 + 16 * ow + 8 * ov + og
     return tile_off, row5, pid_n * 64 + tl.arange(0, 64)
+
+
+@_jit
+def _mma_program(M, BLOCK_M: tl.constexpr):
+    """A W4A16 mma kernel's program: its grid indices (pid_n, pid_m, pid_k), its 64 weight rows rn and its
+    BLOCK_M rows of x (rm, m_mask)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_n, pid_m, tl.program_id(2), pid_n * 64 + tl.arange(0, 64), rm, rm < M
 
 
 @_jit
@@ -511,12 +522,8 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     prefetch of the next tiles, loading 2-4 tiles before computing them, the scale folded into the weight."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    tile_off, row5, rn = _mma_index(pid_n)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < M
+    pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
+    tile_off, row5, _ = _mma_index(pid_n)
     dt = x_ptr.dtype.element_ty
     w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
     x_rows = x_ptr + rm[None, :].to(tl.int64) * stride_xm
@@ -558,12 +565,7 @@ def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock
     the epilogue are _wna16_mma_kernel's."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    _, _, rn = _mma_index(pid_n)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < M
+    pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
     zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # each tile's, in _mma_operand
@@ -618,14 +620,10 @@ def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl
     ss = (zr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32) if SCALED else 1.0
     h0 = w32 & 0xFFFF
     h1 = (w32 >> 16) & 0xFFFF
-    return ((_mma_nibbles(h0, zz, 0, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h1, zz, 0, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h0, zz, 1, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h1, zz, 1, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h0, zz, 2, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h1, zz, 2, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h0, zz, 3, MAGIC).to(tl.float32) * ss).to(dt),
-            (_mma_nibbles(h1, zz, 3, MAGIC).to(tl.float32) * ss).to(dt))
+    return (_mma_nibbles(h0, zz, 0, MAGIC, ss), _mma_nibbles(h1, zz, 0, MAGIC, ss),
+            _mma_nibbles(h0, zz, 1, MAGIC, ss), _mma_nibbles(h1, zz, 1, MAGIC, ss),
+            _mma_nibbles(h0, zz, 2, MAGIC, ss), _mma_nibbles(h1, zz, 2, MAGIC, ss),
+            _mma_nibbles(h0, zz, 3, MAGIC, ss), _mma_nibbles(h1, zz, 3, MAGIC, ss))
 
 
 @_jit
@@ -672,12 +670,7 @@ def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_p
     default."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * 64 + tl.arange(0, 64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < M
+    pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     qw32 = qw_ptr.to(tl.pointer_type(tl.int32)) + pid_n.to(tl.int64) * (K // 128) * 1024
     oq = tl.arange(0, 128)[:, None]  # thread q = 32 w + 4 g + t
