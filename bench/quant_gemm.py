@@ -228,7 +228,16 @@ def decode_candidates(m: int) -> dict[str, list]:
     if m <= 4:  # the activation-quantization kernel, then _w8a8_gemv_kernel (one row per program)
         f8 += [(f"gemv{m} n{bn} k{bk} w{w} triton", g(m, bn, bk, num_warps=w, gemv=True, serial=True), "triton")
                for bn, bk, w in ((64, 128, 4), (32, 256, 4), (64, 64, 4))]
-    return dict(w4a16=w4, fp8=f8)
+    # INT8 W8A8 on codes (a fused norm / SiLU made them): the default (INT8_DECODE, unswapped) against
+    # _w8a8_gemm_kernel's SWAP, as FP8's decode GEMM runs it (its TMA twin is FP8-only)
+    i8 = [("codes auto", None, "codes")]
+    i8 += [(f"codes swap n{bn} k{bk} w{w} s{st} x{wv}",
+            g(16, bn, bk, num_warps=w, num_stages=st, serial=True, waves=wv, swap=True), "codes")
+           for bn, bk, w, st, wv in ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 256, 4, 3, 1), (64, 256, 4, 4, 1),
+                                     (128, 128, 4, 4, 1), (128, 256, 4, 3, 1))]
+    i8 += [(f"codes n64 k256 s4 x{wv}", g(16, 64, 256, num_warps=4, num_stages=4, serial=True, waves=wv), "codes")
+           for wv in (1, 4)]
+    return dict(w4a16=w4, fp8=f8, int8=i8)
 
 
 def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
@@ -242,6 +251,11 @@ def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
         return lambda: tq.linear_wna16_mma_cuda(x, w["w4mma"], w["w4"][1], z, None, None, GROUP, config=cfg)
     if op == "w4a16":
         return lambda: tq.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
+    if op == "int8":  # the GEMM alone, on codes quantized beforehand
+        xq, sx = tq.quantize_rows(x, None, torch.int8)
+        out = torch.empty(x.shape[0], w["i8"]["weight"].shape[0], dtype=x.dtype, device=x.device)
+        return lambda: tq._int8_codes_mm(xq, sx, w["i8"]["weight"], w["i8"]["weight_scale"], None, out, config=cfg,
+                                         use_int_mm=False)
     if path == "codes":  # the GEMM alone, on codes quantized beforehand (a fused norm/SiLU made them)
         xq, sx = tq.quantize_rows(x, None, torch.float8_e4m3fn)
         return lambda: tq._fp8_codes_mm(xq, sx, w["f8"]["weight"], w["f8"]["weight_scale"], False, None, x.dtype,
@@ -326,7 +340,7 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true",
                     help="only the decode candidates (GEMVs, serial split-K, FP8 on codes), per layer")
     ap.add_argument("--decode-ms", default="1,4,16", help="the M values of --decode")
-    ap.add_argument("--decode-ops", default="w4a16,fp8", help="the ops of --decode")
+    ap.add_argument("--decode-ops", default="w4a16,fp8", help="the ops of --decode (w4a16, fp8, int8)")
     ap.add_argument("--decode-labels", default="", help="only candidates whose label starts with one of these")
     args = ap.parse_args()
     torch.manual_seed(0)

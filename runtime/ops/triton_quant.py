@@ -1056,7 +1056,9 @@ WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=
 # ... its loads by TMA where the tiles are whole (tma: _w8a8_swap_tma_kernel): 77.9 / 78.8 against 80.2 / 82.0 in
 # the same run (bench/results/quant-gemm-fp8-tma-h200.json)
 FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True, tma=True)
-INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT)
+# INT8 on codes, up to 16 rows: _w8a8_gemm_kernel with SWAP, K tiles of 256, split-K up to one program per SM:
+# 76.0 / 78.2 us per 8B layer at M = 1 / 16 against 87.9 / 90.5 unswapped (bench/results/quant-gemm-int8-swap-h200.json)
+INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True)
 _SMS: dict[int, int] = {}
 LOCK_SLOTS = 1 << 14  # split tiles one serial split-K launch may count (more: the reduce kernel instead)
 _LOCKS: dict[str, torch.Tensor] = {}
