@@ -48,9 +48,13 @@ VARIANTS = {
     # ... its pre-TMA decode kernel (triton_quant.WNA16_MMA.tma off: the codes, x and words through cp.async)
     "w4a16-mma-cpasync": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
                           "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"tma": False}}},
-    # ... with its codes by plain loads straight into registers (triton_quant.WNA16_MMA.ldg: _wna16_mma_ldg_kernel)
+    # ... with its codes by plain loads straight into registers up to 16 rows (triton_quant.WNA16_MMA.ldg:
+    # _wna16_mma_ldg_kernel)
     "w4a16-mma-ldg": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
-                      "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"ldg": True}}},
+                      "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"ldg": True, "maxnreg": 128}}},
+    # ... with its codes by plain loads (triton_quant.WNA16_MMA_LDG, 128 registers) up to 4 rows, TMA above
+    "w4a16-mma-ldg4": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True},
+                       "kernels": {"WNA16_MMA_LDG_MAX_M": 4}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
     # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py; SPANDA_PDL=1 outside the bench)
@@ -72,13 +76,14 @@ VARIANTS = {
 
 @contextlib.contextmanager
 def kernel_overrides(overrides: dict):
-    """Replace fields of triton_quant's module-level GemmConfigs for the duration (bench A/B only)."""
+    """Replace fields of triton_quant's module-level GemmConfigs (a dict of fields) or other module-level settings
+    (a value) for the duration (bench A/B only)."""
     from runtime.ops import triton_quant as tq
 
     saved = {name: getattr(tq, name) for name in overrides}
     try:
         for name, fields in overrides.items():
-            setattr(tq, name, dataclasses.replace(getattr(tq, name), **fields))
+            setattr(tq, name, dataclasses.replace(getattr(tq, name), **fields) if isinstance(fields, dict) else fields)
         yield
     finally:
         for name, cfg in saved.items():

@@ -185,6 +185,7 @@ def decode_candidates(m: int) -> dict[str, list]:
             "mma-meta") for wv in (1, 2, 4, 8)]
     w4 += [(f"mma m16 x{wv} ldg fold", g(16, 64, 128, num_warps=4, num_stages=1, serial=True, waves=wv, ldg=True,
                                          scale_acc=False), "mma-meta") for wv in (2, 4)]  # the scale in the weight
+    w4 += [("mma ldg r128", tq.WNA16_MMA_LDG, "mma-meta")]  # ... as WNA16_MMA_LDG: tile pairs, 128 registers
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
     w4 += [("mma auto cp.async", dataclasses.replace(tq.WNA16_MMA, tma=False), "mma-meta")] if m <= 16 else []
     base = tq.wna16_config(16, 4096, 4096, 4)

@@ -151,7 +151,7 @@ def _interpreter_main() -> None:
                cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None,
                cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, split=3, serial=True, ldg=True),
-               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False)]
+               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tq.WNA16_MMA_LDG]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     print("interpreter ok")
 
@@ -175,7 +175,8 @@ def test_kernel_on_gpu(dtype):
                cfg(16, 64, 128, waves=4, serial=True), cfg(128, 64, 128, dequant_mm=True),
                cfg(16, 64, 128, split=3, tma=True), cfg(64, 64, 128, serial=True, num_stages=4, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, waves=4, serial=True, ldg=True),
-               cfg(32, 64, 128, split=2, ldg=True), cfg(16, 64, 128, serial=True, ldg=True, scale_acc=False)]
+               cfg(32, 64, 128, split=2, ldg=True), cfg(16, 64, 128, serial=True, ldg=True, scale_acc=False),
+               cfg(16, 64, 128, split=3, serial=True, ldg=True, maxnreg=128)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
     if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
         from runtime.ops import pdl

@@ -365,10 +365,10 @@ def _mma_dequant_scaled(words, zz, ss, ASM: tl.constexpr, BF16: tl.constexpr, MA
             asm=f"""{{
             .reg .b32 t, u;
             and.b32 u, $5, 0xFF80FF80;
-            and.b32 t, $4, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $0, t, $6;
-            shr.u32 t, $4, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $1, t, $6;
-            shr.u32 t, $4, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $2, t, $6;
-            shr.u32 t, $4, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $5; {MUL} $3, t, $6;
+            lop3.b32 t, $4, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $0, t, $6;
+            shr.u32 t, $4, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $1, t, $6;
+            shr.u32 t, $4, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $2, t, $6;
+            shr.u32 t, $4, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $3, t, $6;
             }}""",
             constraints="=r,=r,=r,=r,r,r,r", args=[words, zz, ss], dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
     else:
@@ -393,10 +393,10 @@ def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.con
             asm=f"""{{
             .reg .b32 t, u;
             and.b32 u, $5, 0xFF80FF80;
-            and.b32 t, $4, 0x000F000F; or.b32 t, t, u; {SUB} $0, t, $5;
-            shr.u32 t, $4, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} $1, t, $5;
-            shr.u32 t, $4, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} $2, t, $5;
-            shr.u32 t, $4, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} $3, t, $5;
+            lop3.b32 t, $4, 0x000F000F, u, 0xEA; {SUB} $0, t, $5;
+            shr.u32 t, $4, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} $1, t, $5;
+            shr.u32 t, $4, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} $2, t, $5;
+            shr.u32 t, $4, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} $3, t, $5;
             }}""",
             constraints="=r,=r,=r,=r,r,r", args=[words, zz], dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
     else:
@@ -599,10 +599,10 @@ def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl
         ASM_TEXT: tl.constexpr = f"""{{
             .reg .b32 t, u, r0, r1, r2, r3;
             and.b32 u, $9, 0xFF80FF80;
-            and.b32 t, $8, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r0, t{ARG};
-            shr.u32 t, $8, 4;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r1, t{ARG};
-            shr.u32 t, $8, 8;  and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r2, t{ARG};
-            shr.u32 t, $8, 12; and.b32 t, t, 0x000F000F; or.b32 t, t, u; {SUB} t, t, $9; {MUL} r3, t{ARG};
+            lop3.b32 t, $8, 0x000F000F, u, 0xEA; {SUB} t, t, $9; {MUL} r0, t{ARG};
+            shr.u32 t, $8, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $9; {MUL} r1, t{ARG};
+            shr.u32 t, $8, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $9; {MUL} r2, t{ARG};
+            shr.u32 t, $8, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $9; {MUL} r3, t{ARG};
             mov.b32 {{$0, $1}}, r0; mov.b32 {{$2, $3}}, r1; mov.b32 {{$4, $5}}, r2; mov.b32 {{$6, $7}}, r3;
             }}"""
         OUT: tl.constexpr = (tl.bfloat16,) * 8 if BF16 else (tl.float16,) * 8
@@ -646,13 +646,28 @@ def _mma_operand_ldg(w0, w1, z0, z1, ASM: tl.constexpr, BF16: tl.constexpr, MAGI
 
 
 @_jit
-def _mma_load_ldg(qw32, z_ptr, kt, N, woff, zoff):
-    """Tile kt's two row halves of words (int32 [128, 4] each) and their zero-point words ([128, 1] each)."""
+def _mma_load_ldg(qw32, z_ptr, srows, xcols, kt, N, woff, zoff, m_mask):
+    """Tile kt's loads for _wna16_mma_ldg_kernel: its two row halves of words (int32 [128, 4] each), their
+    zero-point words ([128, 1] each), the block's scale words ([64, 1]) and x^T ([128, BLOCK_M])."""
     w0 = tl.load(qw32 + kt * 1024 + woff)
     w1 = tl.load(qw32 + kt * 1024 + 512 + woff)
     z0 = tl.load(z_ptr + kt * N + zoff)
     z1 = tl.load(z_ptr + kt * N + 8 + zoff)
-    return w0, w1, z0, z1
+    sr = tl.load(srows + kt * N)
+    b = tl.load(xcols + kt * 128, mask=m_mask[None, :], other=0.0)
+    return w0, w1, z0, z1, sr, b
+
+
+@_jit
+def _mma_tile_ldg(acc, w0, w1, z0, z1, sr, b, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr,
+                  SCALE_ACC: tl.constexpr):
+    """One K tile of _wna16_mma_ldg_kernel: acc + its dot, the group scale applied to the product (SCALE_ACC) or
+    to the weight ((q - z) * s rounded to the model dtype; the dot accumulates in place)."""
+    if SCALE_ACC:
+        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        a = _mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
+        return acc + tl.dot(a, b) * (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+    return tl.dot(_mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC, True), b, acc)
 
 
 @_jit(do_not_specialize=["M"])
@@ -663,15 +678,15 @@ def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_p
     """_wna16_mma_kernel (grouped, zero points and scales as pack_mma_zeros' words, no act-order) with the codes
     loaded by plain 16-byte loads straight into the registers wgmma reads them from (_mma_operand_ldg), the
     next K tile's codes, words and x loaded while this one is computed (launched with num_stages=1: no cp.async
-    or TMA pipeline; shared memory holds x only, as wgmma's B operand). Why: on the H200 the TMA kernel runs
-    at the speed of a stream of its own 4 KB boxes, while plain loads stream the same bytes 1.6x faster
-    (bench/results/quant-gemm-mma-limits-h200.json). Compiled for sm_90 it has no shared-memory traffic for the
-    codes (95 registers at BLOCK_M 16); it has not been timed on a GPU yet, so GemmConfig.ldg is off by
-    default."""
+    or TMA pipeline; shared memory holds x only, as wgmma's B operand). Tile pairs are unrolled by hand into two
+    register sets: with one set ptxas reused its registers for the next tile's loads and issued them only after
+    the current tile's dequantization (the warps then waited on them: ncu, bench/results/ncu-wna16-mma-h200.json).
+    With 128 registers (GemmConfig.maxnreg; triton_quant.WNA16_MMA_LDG) it is 2-3% faster per 8B layer than the
+    TMA kernel up to 4 rows and slower from 8, and no faster in the engine at batch 1
+    (bench/results/quant-gemm-mma-ldg-h200.json, quant-engine-8b-h200-w4a16-ldg.json): off by default."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
     pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     qw32 = qw_ptr.to(tl.pointer_type(tl.int32)) + pid_n.to(tl.int64) * (K // 128) * 1024
     oq = tl.arange(0, 128)[:, None]  # thread q = 32 w + 4 g + t
     woff = oq * 4 + tl.arange(0, 4)[None, :]  # its 16 bytes of a row half
@@ -680,20 +695,19 @@ def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_p
     xcols = x_ptr + rm[None, :].to(tl.int64) * stride_xm + tl.arange(0, 128)[:, None]  # x^T [128, BLOCK_M]
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
     kt0 = pid_k * TILES
-    w0, w1, z0, z1 = _mma_load_ldg(qw32, z_ptr, kt0, N, woff, zoff)
-    sr = tl.load(srows + kt0 * N)
-    b = tl.load(xcols + kt0 * 128, mask=m_mask[None, :], other=0.0)
-    for t in range(0, TILES):
-        kn = kt0 + tl.minimum(t + 1, TILES - 1)  # the last step loads its own tile again: no branch
-        nw0, nw1, nz0, nz1 = _mma_load_ldg(qw32, z_ptr, kn, N, woff, zoff)
-        nsr = tl.load(srows + kn * N)
-        nb = tl.load(xcols + kn * 128, mask=m_mask[None, :], other=0.0)
-        if SCALE_ACC:  # the group's product scaled per row after the dot
-            a = _mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
-            acc += tl.dot(a, b) * (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-        else:  # the scale in the weight ((q - z) * s rounded to the model dtype): the dot accumulates in place
-            acc = tl.dot(_mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC, True), b, acc)
-        w0, w1, z0, z1, sr, b = nw0, nw1, nz0, nz1, nsr, nb
+    # two register sets, tile pairs unrolled by hand: a set is loaded while the other set's tile is computed,
+    # and no register is copied at the loop's end (a copy of a value still in flight would wait for it)
+    a0, a1, az0, az1, asr, ab = _mma_load_ldg(qw32, z_ptr, srows, xcols, kt0, N, woff, zoff, m_mask)
+    for t in range(0, TILES // 2):
+        b0, b1, bz0, bz1, bsr, bb = _mma_load_ldg(qw32, z_ptr, srows, xcols, kt0 + 2 * t + 1, N, woff, zoff,
+                                                  m_mask)
+        acc = _mma_tile_ldg(acc, a0, a1, az0, az1, asr, ab, ASM, BF16, MAGIC, SCALE_ACC)
+        # (the last pair loads its own second tile again: no branch)
+        a0, a1, az0, az1, asr, ab = _mma_load_ldg(qw32, z_ptr, srows, xcols, kt0 + tl.minimum(2 * t + 2, TILES - 1),
+                                                  N, woff, zoff, m_mask)
+        acc = _mma_tile_ldg(acc, b0, b1, bz0, bz1, bsr, bb, ASM, BF16, MAGIC, SCALE_ACC)
+    if TILES % 2 == 1:
+        acc = _mma_tile_ldg(acc, a0, a1, az0, az1, asr, ab, ASM, BF16, MAGIC, SCALE_ACC)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
     _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
@@ -1031,6 +1045,7 @@ class GemmConfig:
     swap: bool = False  # fp8/int8: _w8a8_gemm_kernel's SWAP (the weight tile as the MMA's M side, the rows its N)
     tma: bool = False  # loads by TMA where they apply (_wna16_mma_tma_kernel, _w8a8_swap_tma_kernel)
     ldg: bool = False  # W4A16 mma: the codes straight into registers, the next tile prefetched (_wna16_mma_ldg_kernel)
+    maxnreg: int = 0  # a register cap passed to the compiler (0: its own choice)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1045,6 +1060,13 @@ WNA16_DECODE = {4: GemmConfig(16, 128, 128, num_warps=4, num_stages=3, magic=Tru
 # zero points as words: 79.5 us per 8B layer at M = 1 (GEMV 89.4), 82.0 at M = 16 (172.9; bf16 cuBLAS 130-132);
 # its loads by TMA (tma): 75.8 / 73.7 against 78.0 / 79.9 in the same run (bench/results/quant-gemm-mma-tma-h200.json)
 WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT, tma=True)
+# ... and up to WNA16_MMA_LDG_MAX_M rows: the codes by plain loads into registers (_wna16_mma_ldg_kernel), capped
+# at 128 registers (ptxas then issues each tile's loads earlier). Per 8B layer on the H200 72.6 / 73.3 / 72.8 us at
+# 1 / 2 / 4 rows against 74.8 / 73.5 / 74.0 for TMA, slower from 8 rows (bench/results/quant-gemm-mma-ldg-h200.json);
+# in the engine no faster at batch 1 (351.3 against 350.8 tok/s, bench/results/quant-engine-8b-h200-w4a16-ldg.json),
+# so off (0) by default
+WNA16_MMA_LDG = GemmConfig(16, 64, 128, num_warps=4, num_stages=1, serial=SERIAL_SPLIT, ldg=True, maxnreg=128)
+WNA16_MMA_LDG_MAX_M = 0
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
@@ -1219,6 +1241,8 @@ def wna16_mma_config(m: int) -> GemmConfig:
     """block_m (the wgmma N) grows with M: every program dequantizes its weight tiles once for block_m rows of x;
     from DEQUANT_MM_MIN_M rows the weight is dequantized once and multiplied by cuBLAS (bench --decode 'mma',
     bench/results/quant-gemm-mma-h200.json)."""
+    if m <= WNA16_MMA_LDG_MAX_M:
+        return WNA16_MMA_LDG
     if m <= 16:
         return WNA16_MMA
     if DEQUANT_MM_MIN_M is not None and m >= DEQUANT_MM_MIN_M:  # as linear_wna16 (H200: 2355 us per 8B layer
@@ -1283,7 +1307,8 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
             x, qmma, zeros.contiguous(), bias.contiguous() if bias is not None else out, out, part,
             _locks(x.device) if serial else part, m, n, k, x.stride(0), TILES=k_tiles // split,
             HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-            MAGIC=MMA_MAGIC[x.dtype], SCALE_ACC=cfg.scale_acc, num_warps=4, num_stages=1, **launch_kwargs(x.device))
+            MAGIC=MMA_MAGIC[x.dtype], SCALE_ACC=cfg.scale_acc, num_warps=4, num_stages=1, **launch_kwargs(x.device),
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     elif cfg.tma and zeros.dtype == torch.int32 and perm is None and _tma_ready(x):
         _wna16_mma_tma_kernel[(tiles_n, tiles_m, split)](
             TensorDescriptor.from_tensor(x, [cfg.block_m, 128]),
