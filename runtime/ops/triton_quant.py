@@ -422,13 +422,14 @@ def _mma_index(pid_n):
 
 
 @_jit
-def _mma_program(M, BLOCK_M: tl.constexpr):
-    """A W4A16 mma kernel's program: its grid indices (pid_n, pid_m, pid_k), its 64 weight rows rn and its
-    BLOCK_M rows of x (rm, m_mask)."""
+def _gemm_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A split-K GEMM program on the grid (N tiles, M tiles, K splits): its grid indices (pid_n, pid_m, pid_k),
+    its BLOCK_N output channels (rn, n_mask) and its BLOCK_M rows (rm, m_mask)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    return pid_n, pid_m, tl.program_id(2), pid_n * 64 + tl.arange(0, 64), rm, rm < M
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, pid_m, tl.program_id(2), rn, rn < N, rm, rm < M
 
 
 @_jit
@@ -522,7 +523,7 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
     prefetch of the next tiles, loading 2-4 tiles before computing them, the scale folded into the weight."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
+    pid_n, pid_m, pid_k, rn, _, rm, m_mask = _gemm_program(M, N, BLOCK_M, 64)  # 64 weight rows
     tile_off, row5, _ = _mma_index(pid_n)
     dt = x_ptr.dtype.element_ty
     w_base = qw_ptr + pid_n.to(tl.int64) * (K // 128) * 2048
@@ -565,7 +566,7 @@ def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock
     the epilogue are _wna16_mma_kernel's."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
+    pid_n, pid_m, pid_k, rn, _, rm, m_mask = _gemm_program(M, N, BLOCK_M, 64)  # 64 weight rows
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
     zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # each tile's, in _mma_operand
@@ -686,7 +687,7 @@ def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_p
     (bench/results/quant-gemm-mma-ldg-h200.json, quant-engine-8b-h200-w4a16-ldg.json): off by default."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n, pid_m, pid_k, rn, rm, m_mask = _mma_program(M, BLOCK_M)
+    pid_n, pid_m, pid_k, rn, _, rm, m_mask = _gemm_program(M, N, BLOCK_M, 64)  # 64 weight rows
     qw32 = qw_ptr.to(tl.pointer_type(tl.int32)) + pid_n.to(tl.int64) * (K // 128) * 1024
     oq = tl.arange(0, 128)[:, None]  # thread q = 32 w + 4 g + t
     woff = oq * 4 + tl.arange(0, 4)[None, :]  # its 16 bytes of a row half
@@ -774,13 +775,7 @@ def _w8a8_gemm_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lo
     operands K-major as FP8 wgmma wants them (not with UPCAST)."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    pid_n, pid_m, pid_k, rn, n_mask, rm, m_mask = _gemm_program(M, N, BLOCK_M, BLOCK_N)
     rows, cols, row_mask, col_mask = _sides(rm, rn, m_mask, n_mask, SWAP)
     if SWAP:  # tiles [BLOCK_N, BLOCK_K] of w and [BLOCK_K, BLOCK_M] of a^T
         lhs_ptr = w_ptr
@@ -856,11 +851,7 @@ def _w8a8_swap_tma_kernel(a_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_p
     zeros). Both tiles stay in shared memory, K-major, as wgmma's A and (transposed view) B."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_m, pid_k, rn, n_mask, rm, m_mask = _gemm_program(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in tl.range(0, TILES):
         k0 = (pid_k * TILES + t) * BLOCK_K
@@ -869,7 +860,7 @@ def _w8a8_swap_tma_kernel(a_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_p
         acc = tl.dot(w, tl.trans(a), acc)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
-    _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn, rm < M, rn < N, pid_n, pid_m, pid_k,
+    _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn, m_mask, n_mask, pid_n, pid_m, pid_k,
                  M, N, HAS_BIAS, SPLIT, SERIAL, BLOCK_M, True)
 
 
