@@ -15,6 +15,7 @@ time) beside the measured copy bandwidth. Prints a table and the top host functi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -87,7 +88,8 @@ def main() -> None:
     ap.add_argument("--shape", default="1b")
     ap.add_argument("--artifact", default=None, help="profile this artifact instead of building --shape's")
     ap.add_argument("--variant", default="bf16",
-                    help="a build of bench/quant_engine.py's VARIANTS (quantization, passes) for the built artifact")
+                    help="a build of bench/quant_engine.py's VARIANTS (quantization, passes) for the built artifact; "
+                         "its kernel overrides apply while the engine loads and runs (also with --artifact)")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together (the graph bucket timed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -97,7 +99,7 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variant": args.variant,
                  "batch": args.batch}
     res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         art = args.artifact
         if art is None:
@@ -108,6 +110,10 @@ def main() -> None:
                 from bench.quant_engine import build as build_variant
 
                 art = build_variant(tmp / "hf", tmp / "art", args.variant, max(8, args.batch))
+        from bench.quant_engine import VARIANTS, kernel_overrides
+
+        # the graphs are captured at load: the variant's kernel overrides hold until the end
+        stack.enter_context(kernel_overrides(VARIANTS.get(args.variant, {}).get("kernels", {})))
         llm = LLM(art, gpu_memory_utilization=0.5)
         eng = llm.engine
         graphs = eng.runner.graphs

@@ -33,6 +33,8 @@ VARIANTS = {
     "w4a16": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": GPTQ_LAYOUT},
     "w8a16": {"quantization": {"method": "int8", "activations": "none"}},
     "fp8": {"quantization": {"method": "fp8"}},
+    # INT8 W8A8 (SmoothQuant 0.5, dynamic per-token activations); a short calibration: speed does not depend on it
+    "int8": {"quantization": {"method": "int8", "calibration": {"num_samples": 8, "seq_len": 128}}},
     "fp8+fp8kv": {"quantization": {"method": "fp8"}, "kv_dtype": "fp8_e4m3"},
     # A/B variants: the FP8 build without the activation quantization fused into the norms (passes), the W4A16
     # engine with another batch-1 GEMV configuration (kernels: fields of triton_quant.WNA16_GEMV replaced while
