@@ -13,11 +13,14 @@ per 8B layer at M = 1 at best (KT 4, 4 programs per SM) against 74.3. The split-
 shared memory, three CTA barriers and an atomic (sm_90 SASS). down (K = 14336, 28 partials per row block) is
 the worst: 54 against 18 us. The design needs a cheaper cross-program reduction than the serial one.
 
+The loads and per-tile products are triton_quant's (_mma_load_words_ldg, _mma_tile_ldg). The timed run used
+local copies of them: the same arithmetic (interpreter: the same outputs), 16 / 40 more sm_90 SASS instructions
+of address arithmetic at KT 2 / 4 in this form, which has not been timed.
+
     python bench/wna16_xs.py   (writes $OUT/quant-gemm-wna16-xs-h200.json when OUT is set)
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -34,30 +37,12 @@ from runtime.ops import triton_quant as tq  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # N, K
 
 
-@triton.jit
-def _xs_load(qw32, z_ptr, ra, kt, N, woff, zoff):
-    """K tile kt of a row block: its two row halves of codes, their zero-point words and the rows' scale words."""
-    w0 = tl.load(qw32 + kt * 1024 + woff)
-    w1 = tl.load(qw32 + kt * 1024 + 512 + woff)
-    z0 = tl.load(z_ptr + kt * N + zoff)
-    z1 = tl.load(z_ptr + kt * N + 8 + zoff)
-    sr = tl.load(z_ptr + kt * N + ra)
-    return w0, w1, z0, z1, sr
-
-
-@triton.jit
-def _xs_dot(w0, w1, z0, z1, sr, b, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
-    """One tile's product with x^T slice b, scaled by the group's scale (as _mma_tile_ldg)."""
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    a = tq._mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
-    return tl.dot(a, b) * (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-
-
 @triton.jit(do_not_specialize=["M", "NB", "P", "ITERS"])
 def xs_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm, NB, P,
               KT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, ASM: tl.constexpr, BF16: tl.constexpr,
               MAGIC: tl.constexpr, HAS_BIAS: tl.constexpr, ITERS):
     """y^T for row blocks pid, pid + P, ... (of NB) over K tiles [pid_k * KT, + KT) (KT 2 or 4); see the module."""
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     pid = tl.program_id(0)
     pid_k = tl.program_id(2)
     rm = tl.arange(0, BLOCK_M)
@@ -79,16 +64,18 @@ def xs_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
             qw32 = qw_ptr.to(tl.pointer_type(tl.int32)) + rb.to(tl.int64) * (K // 128) * 1024
             rn = rb * 64 + ra
             zoff = rb * 64 + zl
-            a0, a1, az0, az1, asr = _xs_load(qw32, z_ptr, rn[:, None], kt0, N, woff, zoff)
-            c0, c1, cz0, cz1, csr = _xs_load(qw32, z_ptr, rn[:, None], kt0 + 1, N, woff, zoff)
+            srows = z_ptr + rn[:, None]
+            a0, a1, az0, az1, asr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0, N, woff, zoff)
+            c0, c1, cz0, cz1, csr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 1, N, woff, zoff)
             if KT == 4:
-                d0, d1, dz0, dz1, dsr = _xs_load(qw32, z_ptr, rn[:, None], kt0 + 2, N, woff, zoff)
-                e0, e1, ez0, ez1, esr = _xs_load(qw32, z_ptr, rn[:, None], kt0 + 3, N, woff, zoff)
-            acc = _xs_dot(a0, a1, az0, az1, asr, b0, ASM, BF16, MAGIC)
-            acc += _xs_dot(c0, c1, cz0, cz1, csr, b1, ASM, BF16, MAGIC)
+                d0, d1, dz0, dz1, dsr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 2, N, woff, zoff)
+                e0, e1, ez0, ez1, esr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 3, N, woff, zoff)
+            acc = tl.dot(tq._mma_operand_ldg(a0, a1, az0, az1, ASM, BF16, MAGIC), b0) * tq._word_scale(asr, dt).to(
+                tl.float32)  # the first tile as _mma_tile_ldg computes it, without adding it to zeros
+            acc = tq._mma_tile_ldg(acc, c0, c1, cz0, cz1, csr, b1, ASM, BF16, MAGIC, True)
             if KT == 4:
-                acc += _xs_dot(d0, d1, dz0, dz1, dsr, b2, ASM, BF16, MAGIC)
-                acc += _xs_dot(e0, e1, ez0, ez1, esr, b3, ASM, BF16, MAGIC)
+                acc = tq._mma_tile_ldg(acc, d0, d1, dz0, dz1, dsr, b2, ASM, BF16, MAGIC, True)
+                acc = tq._mma_tile_ldg(acc, e0, e1, ez0, ez1, esr, b3, ASM, BF16, MAGIC, True)
             offs = rm[None, :].to(tl.int64) * N + rn[:, None]
             mask = m_mask[None, :] & (rn < N)[:, None]
             finish, acc = tq._split_k(acc, part_ptr, lock_ptr, rb, pid_k, offs, mask, M, N, SPLIT, True)
@@ -122,7 +109,7 @@ def candidates(x, qmma, scales, zw) -> dict:
 
 
 def main() -> None:
-    from bench.quant_gemm import graph_us
+    from bench.quant_gemm import dumps, graph_us, per_layer_us
     from runtime.ops.quant_linear import linear_wna16_mma_ref, pack_mma_zeros
 
     torch.manual_seed(0)
@@ -139,19 +126,19 @@ def main() -> None:
                 y = fn().float()
                 err = ((y - ref).abs().max() / ref.abs().max()).item()
                 us = graph_us(fn)
-                rows.append(dict(shape=name, m=m, label=label, us=round(us, 2), rel_err=err))
+                rows.append(dict(shape=name, m=m, op="w4a16", label=label, us=round(us, 2), rel_err=err))
                 print(f"[{time.time() - t0:.0f}s] {name:8s} m={m:2d} {label:16s} {us:7.2f} us  err {err:.1e}",
                       flush=True)
-    tot: dict[tuple[int, str], float] = {}
-    for r in rows:
-        tot[(r["m"], r["label"])] = tot.get((r["m"], r["label"]), 0.0) + r["us"]
+    per_layer = per_layer_us(rows)
     print("\nper 8B layer (qkv + o + gate_up + down), us, L2 emptied, incl. the timer floor of each GEMM")
-    for (m, label), us in sorted(tot.items()):
-        print(f"m={m:2d} {label:16s} {us:7.1f}")
+    for m, ops in per_layer.items():
+        for label, us in ops["w4a16"].items():
+            print(f"{m:5s} {label:16s} {us:7.1f}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "quant-gemm-wna16-xs-h200.json").write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name(), rows=rows,
-            per_layer_us={f"M={m} {label}": round(v, 1) for (m, label), v in tot.items()}), indent=1) + "\n")
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    timing="quant_gemm.graph_us")
+        Path(os.environ["OUT"], "quant-gemm-wna16-xs-h200.json").write_text(
+            dumps(dict(meta=meta, per_layer_us=per_layer, rows=rows)))
 
 
 if __name__ == "__main__":

@@ -358,56 +358,52 @@ def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr, ss=1.0):
 
 
 @_jit
-def _mma_dequant_scaled(words, zz, ss, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
-    """_mma_dequant times the row's group scale ss (the model dtype): (q - z) * s rounded once to the model
-    dtype, one packed multiplication more per pair (HMUL2); _wna16_mma_dequant_kernel's weight."""
+def _mma_dequant(words, zz, ss, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr):
+    """int16 words (4 codes each) -> 4 tensors of q - z in the model dtype, nibble i in the i-th; SCALED: times
+    the row's group scale ss (the model dtype), (q - z) * s rounded once (_wna16_mma_dequant_kernel's weight;
+    ss is not read otherwise). On the GPU one asm block per pair of int16 (one 32-bit register; pack=2): per
+    nibble position a shift, one LOP3 (mask the pair's two codes and OR in the exponent bits of MAGIC: the bf16
+    / fp16 value MAGIC + q) and one packed subtraction of zz = MAGIC + z (HADD2), about 1.4 instructions per
+    weight (SCALED: one packed multiplication more per pair, HMUL2). The exponent bits come from zz itself
+    (MAGIC + z, z < 128, shares them), so they sit in a register and the mask and the OR fuse."""
     if ASM:
         SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
-        MUL: tl.constexpr = "mul.rn.bf16x2" if BF16 else "mul.rn.f16x2"
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(
-            asm=f"""{{
+        MUL: tl.constexpr = ("mul.rn.bf16x2" if BF16 else "mul.rn.f16x2") if SCALED else "mov.b32"
+        ARG: tl.constexpr = ", $6" if SCALED else ""
+        ASM_TEXT: tl.constexpr = f"""{{
             .reg .b32 t, u;
             and.b32 u, $5, 0xFF80FF80;
-            lop3.b32 t, $4, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $0, t, $6;
-            shr.u32 t, $4, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $1, t, $6;
-            shr.u32 t, $4, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $2, t, $6;
-            shr.u32 t, $4, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $3, t, $6;
-            }}""",
-            constraints="=r,=r,=r,=r,r,r,r", args=[words, zz, ss], dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
+            lop3.b32 t, $4, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $0, t{ARG};
+            shr.u32 t, $4, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $1, t{ARG};
+            shr.u32 t, $4, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $2, t{ARG};
+            shr.u32 t, $4, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $3, t{ARG};
+            }}"""
+        if SCALED:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(asm=ASM_TEXT, constraints="=r,=r,=r,=r,r,r,r",
+                                                       args=[words, zz, ss], dtype=(zz.dtype,) * 4, is_pure=True,
+                                                       pack=2)
+        else:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(asm=ASM_TEXT, constraints="=r,=r,=r,=r,r,r", args=[words, zz],
+                                                       dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
     else:
-        sf = ss.to(tl.float32)
-        o0 = (_mma_nibbles(words, zz, 0, MAGIC).to(tl.float32) * sf).to(zz.dtype)
-        o1 = (_mma_nibbles(words, zz, 1, MAGIC).to(tl.float32) * sf).to(zz.dtype)
-        o2 = (_mma_nibbles(words, zz, 2, MAGIC).to(tl.float32) * sf).to(zz.dtype)
-        o3 = (_mma_nibbles(words, zz, 3, MAGIC).to(tl.float32) * sf).to(zz.dtype)
+        sf = ss.to(tl.float32) if SCALED else 1.0
+        o0 = _mma_nibbles(words, zz, 0, MAGIC, sf)
+        o1 = _mma_nibbles(words, zz, 1, MAGIC, sf)
+        o2 = _mma_nibbles(words, zz, 2, MAGIC, sf)
+        o3 = _mma_nibbles(words, zz, 3, MAGIC, sf)
     return o0, o1, o2, o3
 
 
 @_jit
-def _mma_dequant(words, zz, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr):
-    """int16 words (4 codes each) -> 4 tensors of q - z in the model dtype, nibble i in the i-th. On the GPU one
-    asm block per pair of int16 (one 32-bit register; pack=2): per nibble position a shift, one LOP3 (mask the
-    pair's two codes and OR in the exponent bits of MAGIC: the bf16 / fp16 value MAGIC + q) and one packed
-    subtraction of zz = MAGIC + z (HADD2), about 1.4 instructions per weight. The exponent bits come from zz
-    itself (MAGIC + z, z < 128, shares them), so they sit in a register and the mask and the OR fuse."""
-    if ASM:
-        SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(
-            asm=f"""{{
-            .reg .b32 t, u;
-            and.b32 u, $5, 0xFF80FF80;
-            lop3.b32 t, $4, 0x000F000F, u, 0xEA; {SUB} $0, t, $5;
-            shr.u32 t, $4, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} $1, t, $5;
-            shr.u32 t, $4, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} $2, t, $5;
-            shr.u32 t, $4, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} $3, t, $5;
-            }}""",
-            constraints="=r,=r,=r,=r,r,r", args=[words, zz], dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
-    else:
-        o0 = _mma_nibbles(words, zz, 0, MAGIC)
-        o1 = _mma_nibbles(words, zz, 1, MAGIC)
-        o2 = _mma_nibbles(words, zz, 2, MAGIC)
-        o3 = _mma_nibbles(words, zz, 3, MAGIC)
-    return o0, o1, o2, o3
+def _word_zz(words, dt: tl.constexpr):
+    """MAGIC + z from pack_mma_zeros' words (high half: its bits in the model dtype dt)."""
+    return (words >> 16).to(tl.int16).to(dt, bitcast=True)
+
+
+@_jit
+def _word_scale(words, dt: tl.constexpr):
+    """The group scale from pack_mma_zeros' words (low half: its bits in the model dtype dt)."""
+    return (words & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
 
 
 @_jit
@@ -454,15 +450,14 @@ def _mma_operand(words, zr, sr, zz, dt: tl.constexpr, GROUPED: tl.constexpr, SCA
     """A tile's words -> the [64, 128] weight tile (rows: output channels, columns: K) in the model dtype,
     q - z, or (q - z) * s with SCALED (sr then in the words' row layout); also returns the tile's scales."""
     if GROUPED and META:
-        zz = tl.broadcast_to((zr >> 16).to(tl.int16).to(dt, bitcast=True), (2, 4, 8, 4, 8))
-        sr = (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
+        zz = tl.broadcast_to(_word_zz(zr, dt), (2, 4, 8, 4, 8))
+        sr = _word_scale(sr, dt)
     elif GROUPED:
         zz = tl.broadcast_to((zr.to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
+    ss = zz
     if SCALED:
-        o0, o1, o2, o3 = _mma_dequant_scaled(words, zz, tl.broadcast_to(sr.to(dt), (2, 4, 8, 4, 8)), ASM, BF16,
-                                             MAGIC)
-    else:
-        o0, o1, o2, o3 = _mma_dequant(words, zz, ASM, BF16, MAGIC)
+        ss = tl.broadcast_to(sr.to(dt), (2, 4, 8, 4, 8))
+    o0, o1, o2, o3 = _mma_dequant(words, zz, ss, ASM, BF16, MAGIC, SCALED)
     a = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [v, w, g, t, r, i0, i1]: join appends its axis
     a = a.reshape(2, 4, 8, 4, 2, 2, 2, 2, 2)  # v, w, g, t, p1, p0, h, i0, i1
     a = a.permute(1, 0, 2, 4, 5, 8, 7, 3, 6).reshape(64, 128)  # rows (w, v, g), columns (p1, p0, i1, i0, t, h)
@@ -620,8 +615,8 @@ def _mma_dequant_pairs(w32, zr, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl
                                           dtype=OUT, is_pure=True, pack=1)
         return o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    zz = (zr >> 16).to(tl.int16).to(dt, bitcast=True)
-    ss = (zr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32) if SCALED else 1.0
+    zz = _word_zz(zr, dt)
+    ss = _word_scale(zr, dt).to(tl.float32) if SCALED else 1.0
     h0 = w32 & 0xFFFF
     h1 = (w32 >> 16) & 0xFFFF
     return (_mma_nibbles(h0, zz, 0, MAGIC, ss), _mma_nibbles(h1, zz, 0, MAGIC, ss),
@@ -650,14 +645,21 @@ def _mma_operand_ldg(w0, w1, z0, z1, ASM: tl.constexpr, BF16: tl.constexpr, MAGI
 
 
 @_jit
-def _mma_load_ldg(qw32, z_ptr, srows, xcols, kt, N, woff, zoff, m_mask):
-    """Tile kt's loads for _wna16_mma_ldg_kernel: its two row halves of words (int32 [128, 4] each), their
-    zero-point words ([128, 1] each), the block's scale words ([64, 1]) and x^T ([128, BLOCK_M])."""
+def _mma_load_words_ldg(qw32, z_ptr, srows, kt, N, woff, zoff):
+    """Tile kt's weight loads for _wna16_mma_ldg_kernel: its two row halves of words (int32 [128, 4] each), their
+    zero-point words ([128, 1] each) and the block's scale words ([64, 1])."""
     w0 = tl.load(qw32 + kt * 1024 + woff)
     w1 = tl.load(qw32 + kt * 1024 + 512 + woff)
     z0 = tl.load(z_ptr + kt * N + zoff)
     z1 = tl.load(z_ptr + kt * N + 8 + zoff)
     sr = tl.load(srows + kt * N)
+    return w0, w1, z0, z1, sr
+
+
+@_jit
+def _mma_load_ldg(qw32, z_ptr, srows, xcols, kt, N, woff, zoff, m_mask):
+    """Tile kt's loads for _wna16_mma_ldg_kernel: _mma_load_words_ldg's and x^T ([128, BLOCK_M])."""
+    w0, w1, z0, z1, sr = _mma_load_words_ldg(qw32, z_ptr, srows, kt, N, woff, zoff)
     b = tl.load(xcols + kt * 128, mask=m_mask[None, :], other=0.0)
     return w0, w1, z0, z1, sr, b
 
@@ -670,7 +672,7 @@ def _mma_tile_ldg(acc, w0, w1, z0, z1, sr, b, ASM: tl.constexpr, BF16: tl.conste
     if SCALE_ACC:
         dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
         a = _mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC)
-        return acc + tl.dot(a, b) * (sr & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        return acc + tl.dot(a, b) * _word_scale(sr, dt).to(tl.float32)
     return tl.dot(_mma_operand_ldg(w0, w1, z0, z1, ASM, BF16, MAGIC, True), b, acc)
 
 
