@@ -111,8 +111,8 @@ def compute_regs(x_ptr, qw_ptr, z_ptr, out_ptr, N, K, TILES: tl.constexpr, BLOCK
     oq = tl.arange(0, 128)[:, None]
     woff = oq * 4 + tl.arange(0, 4)[None, :]
     zoff = pid_n * 64 + 16 * (oq // 32) + (oq % 32) // 4
-    w0, w1, z0, z1 = tq._mma_load_ldg(qw32, z_ptr, 0, N, woff, zoff)
-    s = tq._word_scale(tl.load(z_ptr + rn[:, None]), dt).to(tl.float32)
+    w0, w1, z0, z1, sr = tq._mma_load_words_ldg(qw32, z_ptr, z_ptr + rn[:, None], 0, N, woff, zoff)
+    s = tq._word_scale(sr, dt).to(tl.float32)
     b = tl.load(x_ptr + rm[None, :] * K + tl.arange(0, 128)[:, None])
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
     for t in range(0, TILES):
