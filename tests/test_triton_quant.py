@@ -207,7 +207,7 @@ def test_fp8(case, m):
                     tq.GemmConfig(32, 64, 128, split=2, swap=True),
                     tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True, tma=True),
                     tq.GemmConfig(16, 64, 128, num_stages=4, waves=1, serial=True, swap=True, tma=True),
-                    tq.GemmConfig(32, 128, 128, split=2, swap=True, tma=True)):
+                    tq.GemmConfig(32, 128, 128, split=2, swap=True, tma=True), tq.FP8_DECODE_NARROW):
             with KernelLaunches(tq, "_w8a8_swap_tma_kernel") as tma:
                 check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
             # TMA: the swapped kernel on whole tiles (K and N multiples of the block), else the pointer kernel

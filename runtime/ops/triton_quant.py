@@ -1046,7 +1046,7 @@ class GemmConfig:
     serial: bool = False  # split-K partials summed by the tile's last program (_split_k): no reduce launch
     prefetch: bool = False  # wna16 GEMV: load tile t + 1 before computing tile t (a load always in flight)
     zsum: bool = False  # wna16 GEMV: zero point off once per tile (z * sum x), scales in the words' layout
-    waves: int = 2  # split 0: split K until the grid holds this many programs per SM
+    waves: float = 2  # split 0: split K until the grid holds this many programs per SM
     swap: bool = False  # fp8/int8: _w8a8_gemm_kernel's SWAP (the weight tile as the MMA's M side, the rows its N)
     tma: bool = False  # loads by TMA where they apply (_wna16_mma_tma_kernel, _w8a8_swap_tma_kernel)
     ldg: bool = False  # W4A16 mma: the codes straight into registers, the next tile prefetched (_wna16_mma_ldg_kernel)
@@ -1083,6 +1083,10 @@ WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=
 # ... its loads by TMA where the tiles are whole (tma: _w8a8_swap_tma_kernel): 77.9 / 78.8 against 80.2 / 82.0 in
 # the same run (bench/results/quant-gemm-fp8-tma-h200.json)
 FP8_DECODE = GemmConfig(16, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True, tma=True)
+# ... where the weight's 64-row tiles are fewer than the SMs (qkv, o and down of the 8B shape): K tiles of 256 and
+# split-K to half a program per SM, fewer programs with twice the bytes in flight each
+FP8_DECODE_NARROW = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=0.5, swap=True,
+                               tma=True)
 # INT8 on codes, up to 16 rows: _w8a8_gemm_kernel with SWAP, K tiles of 256, split-K up to one program per SM:
 # 76.0 / 78.2 us per 8B layer at M = 1 / 16 against 87.9 / 90.5 unswapped (bench/results/quant-gemm-int8-swap-h200.json)
 INT8_DECODE = GemmConfig(16, 64, 256, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, waves=1, swap=True)
@@ -1126,10 +1130,12 @@ def wna16_config(m: int, n: int, k: int, bits: int) -> GemmConfig:
     return GemmConfig(128, 128, 64, num_warps=8, num_stages=3, scale_acc=False)
 
 
-def fp8_config(m: int, n: int, k: int) -> GemmConfig:
+def fp8_config(m: int, n: int, k: int, device: torch.device | None = None) -> GemmConfig:
     """Decode-sized FP8 (M <= FP8_TRITON_MAX_M): the best of a sweep at 8B shapes on an H200
-    (bench/results/quant-gemm-decode-h200-swap.json)."""
-    return FP8_DECODE
+    (bench/results/quant-gemm-decode-h200-swap.json); FP8_DECODE_NARROW where N / FP8_DECODE.block_n is below the
+    device's SM count."""
+    sms = _sm_count(device) if device is not None else DEFAULT_SMS
+    return FP8_DECODE_NARROW if n // FP8_DECODE.block_n < sms else FP8_DECODE
 
 
 def int8_config(m: int, n: int, k: int) -> GemmConfig:
@@ -1435,7 +1441,7 @@ def _fp8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weig
     if path != "scaled_mm":
         out = torch.empty((m, n), dtype=dtype, device=xq.device)
         _w8a8_gemm(xq, weight.contiguous(), sx, _per_column(weight_scale, n), bias, out,
-                   config or fp8_config(m, n, k), fp8=True, upcast=path == "triton_upcast")
+                   config or fp8_config(m, n, k, xq.device), fp8=True, upcast=path == "triton_upcast")
         return out
     ws = weight_scale.float()
     rowwise = not (static and ws.numel() == 1)
