@@ -59,7 +59,8 @@ VARIANTS = {
                        "kernels": {"WNA16_MMA_LDG_MAX_M": 4}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
-    # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py; SPANDA_PDL=1 outside the bench)
+    # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py): "pdl" True on every launch
+    # (SPANDA_PDL=1 outside the bench), False on none (SPANDA_PDL=0); unset: the default, small decode graphs only
     "bf16-pdl": {"pdl": True},
     "fp8-pdl": {"quantization": {"method": "fp8"}, "pdl": True},
     "w4a16-mma-pdl": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True},
@@ -68,6 +69,13 @@ VARIANTS = {
     "w4a16+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                  "passes": GPTQ_LAYOUT},
     "fp8+lm": {"quantization": {"method": "fp8", "quantize_lm_head": True}},
+    "bf16-nopdl": {"pdl": False},
+    "fp8-nopdl": {"quantization": {"method": "fp8"}, "pdl": False},
+    "w4a16-mma-nopdl": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+                        "passes": {"wna16_mma": True}, "pdl": False},
+    # FP8_DECODE (K tiles of 128, one program per SM) on every shape, as before FP8_DECODE_NARROW
+    "fp8-nopdl-wide": {"quantization": {"method": "fp8"}, "pdl": False,
+                       "kernels": {"FP8_DECODE_NARROW": {"block_k": 128, "waves": 1}}},
     # the FP8 decode GEMM before the operands were swapped (GemmConfig.swap): 6 stages, 2 programs per SM
     # the FP8 decode GEMM before its loads went through TMA (FP8_DECODE.tma off)
     "fp8-notma": {"quantization": {"method": "fp8"}, "kernels": {"FP8_DECODE": {"tma": False}}},
@@ -154,13 +162,15 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:.0f} s] checkpoint written", flush=True)
         from runtime.ops import pdl
 
+        auto = pdl.AUTO_MAX_BATCH
         last: tuple[str, Path, str] | None = None  # (build key, artifact, variant): consecutive variants share it
         for name in args.variants.split(","):
             r: dict = {}
             t = time.perf_counter()
             v = VARIANTS[name]
             key = json.dumps({k: v.get(k) for k in ("quantization", "passes", "kv_dtype")}, sort_keys=True)
-            pdl.ENABLED = v.get("pdl", False)  # read at every launch: the build's kernel warm-up and the graphs
+            # read at every launch: the build's kernel warm-up and the graphs
+            pdl.ENABLED, pdl.AUTO_MAX_BATCH = v.get("pdl") is True, 0 if v.get("pdl") is False else auto
             if last is not None and last[0] == key:
                 art, r["same_build_as"] = last[1], last[2]
             else:
@@ -197,7 +207,7 @@ def main() -> None:
                 r["new_kernel_compilations"] = llm.engine.kernels.new_compilations()
             runs = sum(1 for k in res["variants"] if k.split("#")[0] == name)  # a repeated variant: name#2, ...
             res["variants"][name if not runs else f"{name}#{runs + 1}"] = r
-            pdl.ENABLED = False
+            pdl.ENABLED, pdl.AUTO_MAX_BATCH = False, auto
             del llm
             gc.collect()
             torch.cuda.empty_cache()

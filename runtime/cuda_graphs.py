@@ -19,6 +19,7 @@ import time
 import torch
 
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from runtime.ops import pdl
 
 log = logging.getLogger("spanda.runtime")
 
@@ -53,6 +54,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
         self.capture_seconds: dict[int, float] = {}  # bucket size -> seconds of its warm-up and capture
+        self.pdl_max_batch = pdl.graph_max_batch(graph_module)  # buckets up to this size launch with PDL
 
     @torch.inference_mode()
     def capture(self, warmup: int = 1) -> None:
@@ -65,7 +67,7 @@ class DecodeGraphs:
             t = time.perf_counter()
             ctx = ForwardContext(self.kv_caches, b.meta(self.max_seq_len))
             args = (b.input_ids, b.positions, b.logits_indices)
-            with set_forward_context(ctx):
+            with set_forward_context(ctx), pdl.decode_graph(b.size, self.pdl_max_batch):
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(warmup):
@@ -76,9 +78,10 @@ class DecodeGraphs:
                     b.logits = self.gm(*args)
             self.capture_seconds[b.size] = time.perf_counter() - t
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch buckets %s) in %.2f s (per bucket: %s)", len(self.buckets),
-                 [b.size for b in self.buckets], time.perf_counter() - t0,
-                 {k: round(v, 3) for k, v in self.capture_seconds.items()})
+        log.info("captured %d decode CUDA graphs (batch buckets %s) in %.2f s (per bucket: %s; programmatic "
+                 "dependent launch up to batch %d)", len(self.buckets), [b.size for b in self.buckets],
+                 time.perf_counter() - t0, {k: round(v, 3) for k, v in self.capture_seconds.items()},
+                 self.pdl_max_batch)
 
     def bucket_for(self, batch: int) -> _Bucket | None:
         return next((b for b in self.buckets if b.size >= batch), None)

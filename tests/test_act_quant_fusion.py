@@ -310,3 +310,23 @@ def test_static_input_scales_reach_the_fused_producer(ckpt, tmp_path):
     ops = _spanda_ops(fused.path)
     assert ops["linear_w8a8"] == 6 and ops["linear_fp8"] == 2
     assert torch.equal(_artifact_logits(fused.path), _artifact_logits(unfused.path))
+
+
+@pytest.mark.parametrize("quant", [dict(method="none"), dict(method="fp8"), dict(method="rtn", bits=4, group_size=32)],
+                         ids=["bf16", "fp8", "w4a16"])
+def test_programmatic_dependent_launch_by_default_for_quantized_linears_only(ckpt, tmp_path, quant):
+    """SPANDA_PDL unset: the decode graphs of up to AUTO_MAX_BATCH sequences launch their Triton kernels with PDL
+    when the model's linears are Spanda's quantized ones (Triton GEMMs chained with the norms, RoPE and
+    attention), never for an unquantized model, whose GEMMs are cuBLAS's."""
+    from artifacts.store import open_artifact
+    from runtime.model_runner import load_graph_module
+    from runtime.ops import pdl
+
+    res = build(_recipe(ckpt, **quant), tmp_path / quant["method"])
+    gm = load_graph_module(open_artifact(res.path), torch.device("cpu"))
+    want = 0 if quant["method"] == "none" else pdl.AUTO_MAX_BATCH
+    assert pdl.graph_max_batch(gm) == want
+    for batch, on in ((1, want > 0), (want or 1, want > 0), (want + 1, False)):
+        with pdl.decode_graph(batch, pdl.graph_max_batch(gm)):
+            assert pdl._GRAPH[0] is on
+    assert not pdl._GRAPH[0]  # only inside a capture

@@ -87,25 +87,61 @@ def test_async_scheduling_gives_the_same_tokens(bf16_artifact):
     assert LLM(bf16_artifact, device="cuda").engine.async_scheduling  # the default on a GPU
 
 
-def test_programmatic_dependent_launch_gives_the_same_tokens(bf16_artifact):
-    """SPANDA_PDL=1 (runtime/ops/pdl.py): every Triton kernel of the decode graphs launched with PDL, waiting
-    for the previous kernel first thing; the tokens of ordinary launches."""
+@pytest.fixture(scope="module")
+def fp8_artifact(checkpoints, tmp_path_factory):
+    from compiler.build import build
+    from compiler.recipe import load_recipe
+    from tests.conftest import TINY_RECIPE
+
+    recipe = load_recipe(TINY_RECIPE).with_model_source(checkpoints["llama"])
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"}),
+                                       "quantization": recipe.quantization.model_copy(update={"method": "fp8"})})
+    return build(recipe, tmp_path_factory.mktemp("fp8") / "art").path
+
+
+@pytest.mark.parametrize("which", ["bf16", "fp8"])
+def test_programmatic_dependent_launch_gives_the_same_tokens(which, request, monkeypatch):
+    """Programmatic dependent launch (runtime/ops/pdl.py): by default the Triton kernels of the decode graphs of
+    up to AUTO_MAX_BATCH sequences of a quantized model (its linears Triton GEMMs; none of a bf16 one), with
+    SPANDA_PDL=1 every Triton kernel, launch with PDL, each waiting for the previous kernel first thing; the
+    tokens of ordinary launches (SPANDA_PDL=0) either way."""
     from runtime.ops import pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90 or later")
+    artifact = request.getfixturevalue(f"{which}_artifact")
     g = torch.Generator().manual_seed(4)
     prompts = [[1] + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 33, 64, 90)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(bf16_artifact, device="cuda").generate(prompts, params)]
-    pdl.ENABLED = True
+    launches = {"pdl": 0, "plain": 0}
+    real = pdl.launch_kwargs
+
+    def counted(device):
+        kw = real(device)
+        launches["pdl" if kw else "plain"] += 1
+        return kw
+
+    for mod in ("triton_quant", "triton_elementwise", "triton_decode", "triton_rope_cache"):
+        monkeypatch.setattr(f"runtime.ops.{mod}.launch_kwargs", counted)
+    auto = pdl.AUTO_MAX_BATCH
+    if auto < 1 or pdl.ENABLED:
+        pytest.skip("SPANDA_PDL is set: the default is under test")
+    pdl.AUTO_MAX_BATCH = 0  # SPANDA_PDL=0
     try:
-        llm = LLM(bf16_artifact, device="cuda")
-        assert pdl.launch_kwargs(torch.device("cuda"))
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
-        assert llm.engine.runner.graphs.num_replays > 0
+        want = [o.outputs[0].token_ids for o in LLM(artifact, device="cuda").generate(prompts, params)]
+        assert launches["pdl"] == 0 and launches["plain"] > 0
+        for enabled, max_batch in ((False, auto), (True, 0)):  # the default, then SPANDA_PDL=1
+            pdl.ENABLED, pdl.AUTO_MAX_BATCH = enabled, max_batch
+            launches.update(pdl=0, plain=0)
+            llm = LLM(artifact, device="cuda")
+            default_pdl = which != "bf16"
+            assert llm.engine.runner.graphs.pdl_max_batch == (auto if default_pdl and not enabled else 0)
+            assert (launches["pdl"] > 0) == (enabled or default_pdl)
+            assert launches["plain"] > 0 or enabled  # the default leaves prefill and the larger buckets plain
+            assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+            assert llm.engine.runner.graphs.num_replays > 0
     finally:
-        pdl.ENABLED = False
+        pdl.ENABLED, pdl.AUTO_MAX_BATCH = False, auto
 
 
 def test_a_second_build_in_one_process_ships_every_kernel_too(bf16_artifact, checkpoints, tmp_path):

@@ -1,5 +1,7 @@
-"""Programmatic dependent launch (PDL, Hopper and later), opt-in: ``SPANDA_PDL=1`` in the environment of the
-process that loads the engine (its CUDA graphs capture the launches).
+"""Programmatic dependent launch (PDL, Hopper and later) of the Triton kernels. ``SPANDA_PDL`` in the environment
+of the process that loads the engine (its CUDA graphs capture the launches): ``auto`` (unset) for the decode
+graphs of up to ``AUTO_MAX_BATCH`` sequences of a model whose linears are Spanda's quantized ones (Triton GEMMs,
+``graph_max_batch``), ``1`` for every launch, ``0`` for none.
 
 A decode step is a chain of short kernels (norm, GEMM, RoPE + KV write, attention, ...), and each one pays a
 launch and a ramp-up after the previous one has fully drained. With PDL the next kernel of the chain is
@@ -10,15 +12,28 @@ the results are those of ordinary launches; what overlaps is launch latency and 
 signals ``gdc_launch_dependents`` (elementwise kernels at once, GEMMs once their K loop is done) so that the
 next launch need not wait for its exit. Kernels that are not Triton's (cuBLAS, torch) launch as before and
 order the chain as before.
+
+Why ``auto`` stops at small batches and leaves bf16 models alone (H200, 8B shape): async tok/s without / with
+PDL on every launch (bench/results/quant-engine-8b-h200-pdl-ab-*.json), batch 1 bf16 210.9 / 214.4, FP8
+290.4 / 306.3, W4A16 337.2 / 350.9; batch 16 bf16 3,089 / 3,002, FP8 4,027 / 4,131, W4A16 4,703 / 4,658. With
+``auto`` (bench/results/pdl-auto-8b-h200.json), GPU time of one batch-1 decode graph without / with it: FP8
+3.058 / 2.865 ms, W4A16 2.698 / 2.533 ms, bf16 4.554 / 4.639 ms (its GEMMs are cuBLAS's, which neither wait
+nor signal: no chain of Triton kernels to overlap, only the waits to pay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-ENABLED = os.environ.get("SPANDA_PDL", "0") == "1"
+MODE = os.environ.get("SPANDA_PDL", "auto")
+if MODE not in ("auto", "0", "1"):
+    raise ValueError(f"SPANDA_PDL={MODE!r}: expected auto, 0 or 1")
+ENABLED = MODE == "1"  # every Triton launch (benches and tests set it)
+AUTO_MAX_BATCH = 4 if MODE == "auto" else 0  # decode graphs of up to this many sequences (0: none)
+_GRAPH = [False]  # inside decode_graph() of a small enough batch
 _CAPABILITY: dict[torch.device, tuple[int, int]] = {}
 
 
@@ -34,6 +49,30 @@ def hopper(device: torch.device) -> bool:
     return capability(device) >= (9, 0)
 
 
+TRITON_GEMMS = frozenset({"linear_wna16", "linear_wna16_mma", "linear_fp8", "linear_int8", "linear_w8a8"})
+
+
+def graph_max_batch(gm: torch.nn.Module) -> int:
+    """The largest decode graph of ``gm`` (an exported graph module) whose Triton kernels launch with PDL:
+    AUTO_MAX_BATCH if one of its ops is a quantized linear of TRITON_GEMMS, else 0."""
+    ops = {str(n.target).split(".")[1] for m in gm.modules() if isinstance(getattr(m, "graph", None), torch.fx.Graph)
+           for n in m.graph.nodes if n.op == "call_function" and str(n.target).startswith("spanda.")}
+    return AUTO_MAX_BATCH if ops & TRITON_GEMMS else 0
+
+
+@contextlib.contextmanager
+def decode_graph(batch: int, max_batch: int):
+    """Around the warm-up and capture of the decode graph of ``batch`` sequences: its Triton kernels launch with
+    PDL when ``batch <= max_batch`` (graph_max_batch of the model)."""
+    prev = _GRAPH[0]
+    _GRAPH[0] = batch <= max_batch
+    try:
+        yield
+    finally:
+        _GRAPH[0] = prev
+
+
 def launch_kwargs(device: torch.device) -> dict:
-    """Extra launch arguments of a Triton kernel that has a ``PDL`` constexpr: PDL on (sm_90+, opt-in) or {}."""
-    return {"PDL": True, "launch_pdl": True} if ENABLED and hopper(device) else {}
+    """Extra launch arguments of a Triton kernel that has a ``PDL`` constexpr: PDL on (sm_90+; ENABLED, or a small
+    decode graph) or {}."""
+    return {"PDL": True, "launch_pdl": True} if (ENABLED or _GRAPH[0]) and hopper(device) else {}

@@ -1,0 +1,112 @@
+"""A/B of the decode-graph launch settings of one artifact: programmatic dependent launch (runtime/ops/pdl.py) off,
+on for the small decode graphs of a quantized model (``auto``, the default), on every launch, and the FP8 decode
+GEMM's configuration for narrow weights (triton_quant.FP8_DECODE_NARROW) against FP8_DECODE on every shape.
+
+Per setting the engine is loaded again (its graphs captured under that setting) and measured: greedy tokens of
+one prompt (the settings that only change launches must agree), async decode tok/s at batch 1 / 4 / 16
+(bench/quant_engine.py's decode_rate), and the GPU time of one replay of each bucket's decode graph (1, 2, 4, 8,
+16) with that many sequences decoding. Settings of one artifact alternate, so a repeated one (name#2) shows the
+run-to-run spread.
+
+    python bench/pdl_auto.py --variants fp8,w4a16-mma,bf16 --out bench/results/pdl-auto-8b-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import quant_engine as q  # noqa: E402
+from bench.engine import make_checkpoint  # noqa: E402
+from bench.quant_gemm import dumps  # noqa: E402
+
+WIDE = {"FP8_DECODE_NARROW": {"block_k": 128, "waves": 1}}  # FP8_DECODE on every shape (before NARROW)
+# setting -> (AUTO_MAX_BATCH or None for the default, ENABLED, kernel overrides)
+SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True, {}), "nopdl-wide": (0, False, WIDE)}
+PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
+
+
+def measure(llm, buckets=(1, 2, 4, 8, 16)) -> dict:
+    from runtime import SamplingParams
+
+    eng = llm.engine
+    r: dict = {}
+    out = llm.generate([list(range(100, 228))], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    r["tokens"] = list(out[0].outputs[0].token_ids)
+    eng.async_scheduling = True
+    for bs in (1, 4, 16):
+        r[f"bs{bs}_async"] = round(q.decode_rate(llm, bs, new=256 if bs == 1 else 128), 1)
+    graphs = eng.runner.graphs
+    r["pdl_max_batch"] = graphs.pdl_max_batch
+    for bs in buckets:
+        for i in range(bs):
+            eng.add_request(f"p{bs}-{i}", list(range(100 + i, 228 + i)),
+                            SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        for _ in range(10):
+            eng.step()
+        graph = graphs.bucket_for(bs).graph
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        r[f"replay_ms_b{bs}"] = round(start.elapsed_time(end) / 200, 4)
+        while eng.has_unfinished_requests():
+            eng.step()
+    return r
+
+
+def main() -> None:
+    from runtime import LLM
+    from runtime.ops import pdl
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="8b", choices=["1b", "8b"])
+    ap.add_argument("--variants", default="fp8,w4a16-mma,bf16", help="bench/quant_engine.py builds")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "rows": []}
+    auto = pdl.AUTO_MAX_BATCH
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_checkpoint(args.shape, tmp / "hf")
+        for variant in args.variants.split(","):
+            t = time.perf_counter()
+            art = q.build(tmp / "hf", tmp / variant, variant, 16)
+            print(f"{variant} built in {time.perf_counter() - t:.0f} s", flush=True)
+            seen: dict[str, int] = {}
+            for setting in PLANS[variant].split(","):
+                max_batch, enabled, kernels = SETTINGS[setting]
+                pdl.AUTO_MAX_BATCH, pdl.ENABLED = auto if max_batch is None else max_batch, enabled
+                seen[setting] = seen.get(setting, 0) + 1
+                label = setting + (f"#{seen[setting]}" if seen[setting] > 1 else "")
+                try:
+                    with q.kernel_overrides(kernels):
+                        llm = LLM(str(art), gpu_memory_utilization=0.5)
+                        r = {"variant": variant, "setting": label, **measure(llm)}
+                finally:
+                    pdl.AUTO_MAX_BATCH, pdl.ENABLED = auto, False
+                print(json.dumps(r), flush=True)
+                res["rows"].append(r)
+                if args.out:
+                    Path(args.out).write_text(dumps(res))
+                del llm
+                gc.collect()
+                torch.cuda.empty_cache()
+            shutil.rmtree(tmp / variant, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
