@@ -46,9 +46,9 @@ def kind_of(name: str) -> str:
     return next((k for k, subs in KINDS if any(s in low for s in subs)), "other")
 
 
-def kernel_breakdown(fn, iters: int = 20) -> dict:
-    """GPU microseconds per call of ``fn`` by kernel kind, and the top kernels, from torch.profiler."""
-    from torch.autograd import DeviceType
+def profiled(fn, iters: int, sync_each: bool = False):
+    """torch.profiler's record (CUDA activity) of ``iters`` calls of ``fn`` after one unrecorded call; with
+    ``sync_each`` the device finishes each call before the next starts."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -56,7 +56,17 @@ def kernel_breakdown(fn, iters: int = 20) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
+            if sync_each:
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_breakdown(fn, iters: int = 20) -> dict:
+    """GPU microseconds per call of ``fn`` by kernel kind, and the top kernels, from torch.profiler."""
+    from torch.autograd import DeviceType
+
+    prof = profiled(fn, iters)
     kernels = []
     for e in prof.key_averages():
         if e.device_type != DeviceType.CUDA:
@@ -72,6 +82,33 @@ def kernel_breakdown(fn, iters: int = 20) -> dict:
             "us_per_call_total": round(sum(kinds.values()), 1),
             "top_kernels": [{"name": n[:120], "launches_per_call": round(c, 2), "us_per_call": round(u, 1)}
                             for n, c, u in kernels[:15]]}
+
+
+def launch_positions(fn, layers: int, iters: int = 20) -> dict:
+    """Mean GPU microseconds of each kernel by its place in the layer: a kernel launched k times per layer per call
+    (k x ``layers`` launches) reports k figures, launch j of a call counted at place j mod k (the W8A8 decode GEMM:
+    qkv, o, gate_up, down). Also the span of a call from its first kernel's start to its last one's end against the
+    sum of its kernels' times (the difference is time the GPU ran no kernel of the call)."""
+    from torch.autograd import DeviceType
+
+    prof = profiled(fn, iters, sync_each=True)
+    evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and "Memcpy" not in e.name),
+                 key=lambda e: e.time_range.start)
+    per_call = len(evs) // iters
+    calls = [evs[i * per_call:(i + 1) * per_call] for i in range(iters)]
+    spans = [c[-1].time_range.end - c[0].time_range.start for c in calls]
+    busy = [sum(e.time_range.end - e.time_range.start for e in c) for c in calls]
+    out: dict = {"kernels_per_call": per_call, "span_us": round(sum(spans) / iters, 1),
+                 "busy_us": round(sum(busy) / iters, 1), "places": {}}
+    for name in dict.fromkeys(e.name for e in calls[0]):
+        durs = [[e.time_range.end - e.time_range.start for e in c if e.name == name] for c in calls]
+        n = len(durs[0])
+        if n % layers or any(len(d) != n for d in durs):
+            continue
+        k = n // layers
+        out["places"][name[:80]] = [round(sum(d[j] for d in durs for j in range(p, n, k)) / (iters * layers), 2)
+                                    for p in range(k)]
+    return out
 
 
 def gemm_weight_bytes(gm: torch.nn.Module) -> int:
@@ -151,6 +188,7 @@ def main() -> None:
 
         res["kernels_eager_bucket"] = kernel_breakdown(eager_bucket)
         res["kernels_graph_replay"] = kernel_breakdown(bucket.graph.replay)
+        res["graph_replay_places"] = launch_positions(bucket.graph.replay, eng.runner.kv_spec.num_layers)
         gb = gemm_weight_bytes(eng.runner.graph)
         res["gemm_weight_GB"] = round(gb / 1e9, 3)
         res["gemm_roofline_us"] = round(gb / (res["copy_bw_TBps"] * 1e12) * 1e6, 1)
@@ -165,6 +203,11 @@ def main() -> None:
         for k in res[which]["top_kernels"][:8]:
             print(f"    {k['us_per_call']:>8} us  x{k['launches_per_call']:<6} {k['name']}")
     print(f"{res['device']}, {args.shape} {args.variant}, batch {args.batch} decode")
+    places = res["graph_replay_places"]
+    print(f"graph replay: {places['kernels_per_call']} kernels, span {places['span_us']} us, "
+          f"busy {places['busy_us']} us; us per launch by place in the layer:")
+    for name, us in places["places"].items():
+        print(f"    {us}  {name}")
     for k in ("copy_bw_TBps", "graph_replay_ms", "engine_step_ms", "host_ms_per_step", "gemm_weight_GB",
               "gemm_roofline_us", "gemm_achieved_TBps"):
         print(f"{k:>20}  {res.get(k)}")
