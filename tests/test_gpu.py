@@ -46,15 +46,22 @@ def test_gpu_batch_with_preemption_matches_alone(artifacts_dir):
     assert tight.engine.scheduler.num_preemptions > 0
 
 
-@pytest.fixture(scope="module")
-def bf16_artifact(checkpoints, tmp_path_factory):
+def _tiny_bf16_build(checkpoints, out, quant_method: str | None = None):
+    """The tiny llama recipe in bfloat16 (quantized by ``quant_method`` if given), built to ``out``."""
     from compiler.build import build
     from compiler.recipe import load_recipe
     from tests.conftest import TINY_RECIPE
 
     recipe = load_recipe(TINY_RECIPE).with_model_source(checkpoints["llama"])
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
-    return build(recipe, tmp_path_factory.mktemp("bf16") / "art").path
+    update = {"model": recipe.model.model_copy(update={"dtype": "bfloat16"})}
+    if quant_method:
+        update["quantization"] = recipe.quantization.model_copy(update={"method": quant_method})
+    return build(recipe.model_copy(update=update), out).path
+
+
+@pytest.fixture(scope="module")
+def bf16_artifact(checkpoints, tmp_path_factory):
+    return _tiny_bf16_build(checkpoints, tmp_path_factory.mktemp("bf16") / "art")
 
 
 def test_cuda_graph_replay_gives_the_eager_tokens(bf16_artifact):
@@ -89,14 +96,7 @@ def test_async_scheduling_gives_the_same_tokens(bf16_artifact):
 
 @pytest.fixture(scope="module")
 def fp8_artifact(checkpoints, tmp_path_factory):
-    from compiler.build import build
-    from compiler.recipe import load_recipe
-    from tests.conftest import TINY_RECIPE
-
-    recipe = load_recipe(TINY_RECIPE).with_model_source(checkpoints["llama"])
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"}),
-                                       "quantization": recipe.quantization.model_copy(update={"method": "fp8"})})
-    return build(recipe, tmp_path_factory.mktemp("fp8") / "art").path
+    return _tiny_bf16_build(checkpoints, tmp_path_factory.mktemp("fp8") / "art", "fp8")
 
 
 @pytest.mark.parametrize("which", ["bf16", "fp8"])

@@ -53,10 +53,10 @@ TRITON_GEMMS = frozenset({"linear_wna16", "linear_wna16_mma", "linear_fp8", "lin
 
 
 def graph_max_batch(gm: torch.nn.Module) -> int:
-    """The largest decode graph of ``gm`` (an exported graph module) whose Triton kernels launch with PDL:
-    AUTO_MAX_BATCH if one of its ops is a quantized linear of TRITON_GEMMS, else 0."""
-    ops = {str(n.target).split(".")[1] for m in gm.modules() if isinstance(getattr(m, "graph", None), torch.fx.Graph)
-           for n in m.graph.nodes if n.op == "call_function" and str(n.target).startswith("spanda.")}
+    """The largest decode graph of ``gm`` (the exported graph module, ``ExportedProgram.module()``) whose Triton
+    kernels launch with PDL: AUTO_MAX_BATCH if one of its ops is a quantized linear of TRITON_GEMMS, else 0."""
+    ops = {str(n.target).split(".")[1] for n in gm.graph.nodes
+           if n.op == "call_function" and str(n.target).startswith("spanda.")}
     return AUTO_MAX_BATCH if ops & TRITON_GEMMS else 0
 
 
