@@ -460,6 +460,22 @@ def _interpreter_main() -> None:
             check(out, ref, f"fp8 tma {cfg}")
             assert tma.n == 1, f"fp8 tma {cfg}: the TMA kernel launched {tma.n} times"
             assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
+    # _fp8_xq_kernel (off by default: FP8_XQ_MAX_M): the same codes and sums as quantize_rows / silu_and_mul_quant
+    # and the swapped TMA GEMM with the same config, so the same bits
+    from runtime.ops import triton_elementwise as te
+    for silu, static, m in ((False, False, 1), (False, True, 3), (True, False, 2), (True, True, 4)):
+        wt = fp8_weight(torch.randn(128, 256, generator=g) * 0.05, per_channel=True)
+        x = (torch.randn(m, 512 if silu else 256, generator=g) * 2).to(dtype)
+        bias = torch.randn(128, generator=g).to(dtype)
+        sc = torch.tensor([0.01]) if static else None
+        for cfg in (tq.GemmConfig(16, 64, 128, split=1, swap=True, tma=True),
+                    tq.GemmConfig(16, 64, 64, split=2, serial=True, swap=True, tma=True)):
+            got = tq.fp8_xq(x, wt["weight"], wt["weight_scale"], sc, bias, silu=silu, config=cfg)
+            xq, sx = te.silu_and_mul_quant_cuda(x, sc, False) if silu else tq.quantize_rows(x, sc, torch.float8_e4m3fn)
+            want = tq._fp8_codes_mm(xq, sx.expand(m, 1).contiguous(), wt["weight"], wt["weight_scale"], False, bias,
+                                    dtype, config=cfg, path="triton")
+            assert torch.equal(got, want), f"fp8 xq silu={silu} static={static} m={m} {cfg}"
+            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     print("interpreter ok")
 
 

@@ -28,7 +28,7 @@ from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.pdl import launch_kwargs
 from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_activation_rows
 from runtime.ops.rotary import rotary_embedding_ref
-from runtime.ops.triton_quant import act_codes, act_scale
+from runtime.ops.triton_quant import act_codes, act_scale, silu_mul_rounded
 
 try:
     import triton
@@ -114,8 +114,7 @@ def _silu_mul(x_ptr, t, stride_x, inter: tl.constexpr, cols, mask, dt: tl.conste
     silu to ``dt``, then the product to ``dt`` (every silu_and_mul kernel gives these exact values)."""
     g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    return (act * u).to(dt)
+    return silu_mul_rounded(g, u, dt)
 
 
 @_jit

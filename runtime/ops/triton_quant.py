@@ -106,6 +106,14 @@ FP8_TRITON_MAX_M = 16
 # slower per layer on an H200 (bench/results/quant-gemm-decode-h200.json) and is gone: the activation's
 # producer quantizes it (fuse_act_quant)
 FP8_TRITON_PATH = "triton"
+# Up to FP8_XQ_MAX_M rows on sm_90+, linear_fp8 could run as one launch: _fp8_xq_kernel quantizes the rows
+# inside the swapped TMA GEMM (on the real rows only, each program reading its rows whole for their |max|,
+# FP8_XQ_CHUNK elements per load). Off (0): on an H200, in a CUDA graph of 32 such linears with PDL, it took
+# 11.0-12.9 us per o_proj at M = 1 against 8.7 for the quantization kernel + GEMM, and 32.8-39.4 against 19.9 for
+# down_proj with its SiLU (bench/results/fp8-xq-h200.json): under PDL the separate quantization launch costs
+# 0.1-0.6 us, the in-loop quantization much more
+FP8_XQ_MAX_M = 0
+FP8_XQ_CHUNK = 4096
 DEFAULT_SMS = 132  # H100 SXM; the real count is read off the device
 # decode: up to WNA16_GEMV_MAX_M rows linear_wna16 runs its GEMV (no tensor cores; None: never). SERIAL_SPLIT:
 # split-K launches sum their partials in the tile's last program instead of a second kernel.
@@ -869,6 +877,83 @@ def _w8a8_swap_tma_kernel(a_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_p
                  M, N, HAS_BIAS, SPLIT, SERIAL, BLOCK_M, True)
 
 
+@_jit
+def silu_mul_rounded(g, u, dt: tl.constexpr):
+    """silu(g) * u (float32 inputs holding model-dtype values) rounded as the model computes it: silu to ``dt``,
+    then the product to ``dt`` (every silu_and_mul kernel gives these exact values)."""
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (act * u).to(dt)
+
+
+@_jit
+def _xq_values(x_ptr, rows, cols, stride_xm, K: tl.constexpr, mask, SILU: tl.constexpr):
+    """[R, C] float32 values (model-dtype values; 0 where masked) of the XQ GEMM's input at rows x cols: x, or
+    with SILU silu_mul_rounded(x[:, :K], x[:, K:])."""
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    if SILU:
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        v = silu_mul_rounded(g, u, x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@_jit(do_not_specialize=["M"])
+def _fp8_xq_kernel(x_ptr, w_desc, in_scale_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, stride_xm,
+                   K: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                   SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ROWS: tl.constexpr, CHUNK: tl.constexpr, SILU: tl.constexpr, STATIC: tl.constexpr,
+                   QMAX: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr = False):
+    """linear_fp8 of up to ROWS rows (<= BLOCK_M) in one launch, quantizing x itself: _w8a8_swap_tma_kernel's
+    product (the weight tile by TMA as wgmma's A, the rows' E4M3 codes as its B) with the codes made here from
+    the model-dtype rows, the arithmetic of _quant_rows_kernel (act_scale, act_codes), so the codes are the
+    same bits. Dynamic scales: every program first reads its rows whole (from L2, CHUNK columns at a time) for
+    their |max|. SILU: x [M, 2K] holds gate and up, and the rows are silu(gate) * up as silu_and_mul rounds
+    them (spanda::silu_and_mul_linear_fp8). The values and codes are computed on the ROWS real rows only and
+    then placed on the MMA's BLOCK_M (16) rows."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+    pid_n, pid_m, pid_k, rn, n_mask, rm, m_mask = _gemm_program(M, N, BLOCK_M, BLOCK_N)
+    r = tl.arange(0, ROWS)
+    r_mask = r < M
+    if STATIC:
+        s_rows = act_scale(tl.zeros((ROWS,), dtype=tl.float32), in_scale_ptr, True, QMAX, FLOOR)
+    else:
+        amax = tl.zeros((ROWS,), dtype=tl.float32)
+        for c in tl.static_range(0, K, CHUNK):
+            cols = c + tl.arange(0, CHUNK)
+            vc = _xq_values(x_ptr, r, cols, stride_xm, K, r_mask[:, None] & (cols < K)[None, :], SILU)
+            amax = tl.maximum(amax, tl.max(tl.abs(vc), axis=1))
+        s_rows = act_scale(amax, in_scale_ptr, False, QMAX, FLOOR)
+    pick = rm[:, None] == r[None, :]  # [BLOCK_M, ROWS]: tile row i is row r (one term, exact sums below)
+    s = tl.sum(tl.where(pick, s_rows[None, :], 0.0), axis=1)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in tl.range(0, TILES):
+        k0 = (pid_k * TILES + t) * BLOCK_K
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        v = _xq_values(x_ptr, r, k0 + tl.arange(0, BLOCK_K), stride_xm, K, r_mask[:, None], SILU)
+        q = act_codes(v, s_rows[:, None], False, QMAX)  # [ROWS, BLOCK_K]
+        if ROWS == 1:
+            a = tl.where(m_mask[:, None], q, 0.0)
+        else:
+            a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for i in tl.static_range(ROWS):
+                row = tl.sum(tl.where(r[:, None] == i, q, 0.0), axis=0)
+                a = tl.where(rm[:, None] == i, row[None, :], a)
+        acc = tl.dot(w, tl.trans(a.to(tl.float8e4nv)), acc)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
+    offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.cdiv(M, BLOCK_M) + pid_m, pid_k, offs, out_mask, M,
+                           N, SPLIT, SERIAL)
+    if finish:  # _w8a8_finish's product order: acc * ws[col] * xs[row]
+        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        _store_out(acc.to(tl.float32) * ws[:, None] * s[None, :], out_ptr, b_ptr, rn[:, None], n_mask[:, None],
+                   offs, out_mask, HAS_BIAS)
+
+
 @_jit(do_not_specialize=["M"])
 def _w8a8_gemv_kernel(a_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                       TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
@@ -1408,8 +1493,48 @@ def linear_fp8_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         return linear_fp8_ref(x, weight, weight_scale, input_scale, bias)
     if m == 0:
         return x.new_empty((0, n))
+    if path == "xq" or (path is None and FP8_TRITON_MAX_M is not None and m <= min(FP8_XQ_MAX_M, FP8_TRITON_MAX_M)):
+        y = fp8_xq(x, weight, weight_scale, input_scale, bias, config=config)
+        if y is not None:
+            return y
+        if path == "xq":
+            raise ValueError(f"linear_fp8: the XQ kernel does not apply to M={m}, K={k}, N={n} on {x.device}")
     xq, sx = quantize_rows(x, input_scale, torch.float8_e4m3fn)
     return _fp8_codes_mm(xq, sx, weight, weight_scale, input_scale is not None, bias, x.dtype, config, path)
+
+
+def fp8_xq(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+           bias: torch.Tensor | None, silu: bool = False, config: GemmConfig | None = None) -> torch.Tensor | None:
+    """linear_fp8(x) (``silu``: linear_fp8(silu_and_mul(x)), x [M, 2K]) in one launch of _fp8_xq_kernel, or None
+    where it does not apply: more rows than the config's block_m, a config that is not
+    swapped + TMA, partial tiles, not sm_90+, an x whose last dimension is strided, split-K that would need the
+    reduce launch. The caller's x is in the model dtype (bf16 / fp16) and the weight E4M3 [N, K]."""
+    m, width = x.shape
+    k, n = (width // 2 if silu else width), weight.shape[0]
+    cfg = config or fp8_config(m, n, k, x.device)
+    if (not 0 < m <= cfg.block_m or not (cfg.swap and cfg.tma) or cfg.gemv or k % cfg.block_k
+            or n % cfg.block_n or x.stride(1) != 1 or x.dtype not in FAST_DTYPES or weight.dtype != torch.float8_e4m3fn
+            or not weight.is_contiguous() or not _tma_ready(weight) or (bias is not None and bias.dtype != x.dtype)):
+        return None
+    tiles_n, k_tiles = n // cfg.block_n, k // cfg.block_k
+    split = _choose_split(cfg, tiles_n, k_tiles, x.device)
+    serial = split > 1 and cfg.serial and tiles_n <= LOCK_SLOTS
+    if split > 1 and not serial:
+        return None
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    ws = _per_column(weight_scale, n)
+    rows = triton.next_power_of_2(m)
+    static = input_scale is not None
+    _fp8_xq_kernel[(tiles_n, 1, split)](
+        x, TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]),
+        input_scale.float().reshape(1) if static else ws, ws, bias if bias is not None else ws, out, part,
+        _locks(x.device) if serial else part, m, n, x.stride(0), K=k, TILES=k_tiles // split,
+        HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, ROWS=rows, CHUNK=min(triton.next_power_of_2(k), max(16, FP8_XQ_CHUNK // rows)),
+        SILU=silu, STATIC=static, QMAX=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_kwargs(x.device))
+    return out
 
 
 def _fp8_fast(dtype: torch.dtype, dim: int, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
