@@ -75,7 +75,7 @@ def main() -> None:
     for shape, (k, n) in SHAPES.items():
         silu = shape == "down"
         wts = []
-        for i in range(LAYERS):
+        for _ in range(LAYERS):
             w = fp8_weight(torch.randn(n, k, device=dev) * 0.02, per_channel=True)
             wts.append((w["weight"].contiguous(), w["weight_scale"]))
         cfg = tq.fp8_config(1, n, k, dev)
@@ -84,7 +84,7 @@ def main() -> None:
             w0, s0 = wts[0]
             ref = linear_fp8_ref(silu_and_mul_ref(x) if silu else x, w0, s0, None, None)
 
-            def split(i, x=x):
+            def split(i, x=x, wts=wts, silu=silu, cfg=cfg):
                 w, s = wts[i]
                 if silu:
                     q, sx = te.silu_and_mul_quant_cuda(x, None, False)
@@ -95,7 +95,7 @@ def main() -> None:
             q0, sx0 = (te.silu_and_mul_quant_cuda(x, None, False) if silu
                        else tq.quantize_rows(x, None, torch.float8_e4m3fn))
 
-            def codes(i, q0=q0, sx0=sx0, x=x):
+            def codes(i, q0=q0, sx0=sx0, x=x, wts=wts, cfg=cfg):
                 w, s = wts[i]
                 return tq._fp8_codes_mm(q0, sx0, w, s, False, None, x.dtype, config=cfg, path="triton")
 
@@ -104,7 +104,7 @@ def main() -> None:
                 for chunk in (2048, 4096, 8192):
                     xcfg = dataclasses.replace(cfg, num_warps=warps)
 
-                    def xq(i, xcfg=xcfg, x=x):
+                    def xq(i, xcfg=xcfg, x=x, wts=wts, silu=silu):
                         w, s = wts[i]
                         return tq.fp8_xq(x, w, s, None, None, silu=silu, config=xcfg)
 
