@@ -99,7 +99,18 @@ def launch_positions(fn, layers: int, iters: int = 20) -> dict:
     spans = [c[-1].time_range.end - c[0].time_range.start for c in calls]
     busy = [sum(e.time_range.end - e.time_range.start for e in c) for c in calls]
     out: dict = {"kernels_per_call": per_call, "span_us": round(sum(spans) / iters, 1),
-                 "busy_us": round(sum(busy) / iters, 1), "places": {}}
+                 "busy_us": round(sum(busy) / iters, 1), "places": {}, "marginal_places": {}, "marginal_by_kind": {}}
+    # a kernel's marginal time: how much later than the kernel before it (in launch order) it ends, so a call's
+    # marginals sum to its span; under PDL a kernel starts before its predecessor ends and its own duration
+    # counts that wait, its marginal does not
+    marg = [[c[0].time_range.end - c[0].time_range.start]
+            + [c[i].time_range.end - max(c[i - 1].time_range.end, c[i].time_range.start) for i in range(1, len(c))]
+            for c in calls]
+    by_kind: dict[str, float] = {}
+    for c, mc in zip(calls, marg):
+        for e, m in zip(c, mc):
+            by_kind[kind_of(e.name)] = by_kind.get(kind_of(e.name), 0.0) + m / iters
+    out["marginal_by_kind"] = {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
     for name in dict.fromkeys(e.name for e in calls[0]):
         durs = [[e.time_range.end - e.time_range.start for e in c if e.name == name] for c in calls]
         n = len(durs[0])
@@ -108,6 +119,9 @@ def launch_positions(fn, layers: int, iters: int = 20) -> dict:
         k = n // layers
         out["places"][name[:80]] = [round(sum(d[j] for d in durs for j in range(p, n, k)) / (iters * layers), 2)
                                     for p in range(k)]
+        ms = [[m for e, m in zip(c, mc) if e.name == name] for c, mc in zip(calls, marg)]
+        out["marginal_places"][name[:80]] = [round(sum(d[j] for d in ms for j in range(p, n, k)) / (iters * layers), 2)
+                                             for p in range(k)]
     return out
 
 
@@ -207,7 +221,8 @@ def main() -> None:
     print(f"graph replay: {places['kernels_per_call']} kernels, span {places['span_us']} us, "
           f"busy {places['busy_us']} us; us per launch by place in the layer:")
     for name, us in places["places"].items():
-        print(f"    {us}  {name}")
+        print(f"    {us}  marginal {places['marginal_places'][name]}  {name}")
+    print("marginal us by kind:", json.dumps(places["marginal_by_kind"]))
     for k in ("copy_bw_TBps", "graph_replay_ms", "engine_step_ms", "host_ms_per_step", "gemm_weight_GB",
               "gemm_roofline_us", "gemm_achieved_TBps"):
         print(f"{k:>20}  {res.get(k)}")

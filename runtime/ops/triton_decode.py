@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from runtime.ops.pdl import capability, launch_kwargs
+from runtime.ops.triton_quant import pdl_enter
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,7 @@ def _decode_split_kernel(
     INT8: tl.constexpr = False,
 ):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     h = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
@@ -214,8 +213,7 @@ def _decode_reduce_kernel(
 ):
     """Grid (Hq, B): merges the S partial (m, l, acc) of one query head, all splits loaded at once."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     hq = tl.program_id(0)
     b = tl.program_id(1)
     tok = tl.load(qsl_ptr + b)

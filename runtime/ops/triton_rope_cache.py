@@ -20,10 +20,10 @@ from runtime.ops.triton_elementwise import AVAILABLE, FAST_DTYPES, _jit, _rows, 
 if AVAILABLE:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     from runtime.ops.triton_attention import KV_QUANT_DTYPES, _fast_ok, _quantize_kv, attend, kv_quant_mode
     from runtime.ops.triton_elementwise import _rotate_heads
+    from runtime.ops.triton_quant import pdl_enter
 else:  # CPU-only install: nothing here is launched
     tl = None
 
@@ -54,8 +54,7 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
