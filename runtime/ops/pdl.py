@@ -33,8 +33,6 @@ if MODE not in ("auto", "0", "1"):
     raise ValueError(f"SPANDA_PDL={MODE!r}: expected auto, 0 or 1")
 ENABLED = MODE == "1"  # every Triton launch (benches and tests set it)
 AUTO_MAX_BATCH = 4 if MODE == "auto" else 0  # decode graphs of up to this many sequences (0: none)
-# short kernels let the next one launch before they wait (triton_quant.pdl_enter with PDL == 2), not after
-EARLY = os.environ.get("SPANDA_PDL_EARLY", "0") == "1"
 _GRAPH = [False]  # inside decode_graph() of a small enough batch
 _CAPABILITY: dict[torch.device, tuple[int, int]] = {}
 
@@ -77,4 +75,4 @@ def decode_graph(batch: int, max_batch: int):
 def launch_kwargs(device: torch.device) -> dict:
     """Extra launch arguments of a Triton kernel that has a ``PDL`` constexpr: PDL on (sm_90+; ENABLED, or a small
     decode graph) or {}."""
-    return {"PDL": 2 if EARLY else True, "launch_pdl": True} if (ENABLED or _GRAPH[0]) and hopper(device) else {}
+    return {"PDL": True, "launch_pdl": True} if (ENABLED or _GRAPH[0]) and hopper(device) else {}

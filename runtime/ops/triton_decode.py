@@ -143,7 +143,7 @@ def _decode_split_kernel(
     INT8: tl.constexpr = False,
 ):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter(PDL)
+        pdl_enter()
     h = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
@@ -213,7 +213,7 @@ def _decode_reduce_kernel(
 ):
     """Grid (Hq, B): merges the S partial (m, l, acc) of one query head, all splits loaded at once."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter(PDL)
+        pdl_enter()
     hq = tl.program_id(0)
     b = tl.program_id(1)
     tok = tl.load(qsl_ptr + b)

@@ -139,25 +139,11 @@ def _jit(fn=None, **kw):
 # ---------------------------------------------------------------------------------------------- kernels
 
 @_jit
-def pdl_enter(PDL: tl.constexpr):
-    """The start of a short kernel launched with PDL (runtime/ops/pdl.py): wait for the previous kernel, and let
-    the next one launch. PDL == 2 (pdl.EARLY) lets it launch first, before this one waits: its programs then
-    become resident (and wait in turn) while the chain before this kernel finishes."""
-    if PDL == 2:
-        gdc_launch_dependents()
-        gdc_wait()
-    else:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@_jit
-def prefetch_l2(addr, NBYTES: tl.constexpr):
-    """Ask the L2 for NBYTES (a multiple of 16) from each address of ``addr`` (int64, 16-byte aligned):
-    cp.async.bulk.prefetch.L2, fire and forget."""
-    size = tl.full(addr.shape, NBYTES, tl.int32)
-    tl.inline_asm_elementwise(asm="cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
-                              constraints="=r,l,r", args=[addr, size], dtype=tl.int32, is_pure=False, pack=1)
+def pdl_enter():
+    """The start of a short kernel launched with PDL (runtime/ops/pdl.py): wait for the previous kernel (nothing
+    is touched before this), then let the next one launch."""
+    gdc_wait()
+    gdc_launch_dependents()
 
 
 @_jit(do_not_specialize=["M"])
@@ -877,18 +863,13 @@ def _w8a8_finish(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, rm, rn
 
 
 @_jit(do_not_specialize=["M"])
-def _w8a8_swap_tma_kernel(a_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, w_addr,
+def _w8a8_swap_tma_kernel(a_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                           TILES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
     """_w8a8_gemm_kernel with SWAP and EVEN on E4M3 codes, its two loads made by TMA: w_desc the weight [N, K]
     (box [BLOCK_N, BLOCK_K]), a_desc the rows' codes [M, K] (box [BLOCK_M, BLOCK_K]; rows past M arrive as
-    zeros). Both tiles stay in shared memory, K-major, as wgmma's A and (transposed view) B. PREFETCH: before
-    anything else (under PDL: while the kernels before it finish), the program asks the L2 for the first
-    PREFETCH bytes of its K range of each of its weight rows (w_addr: the weight's address)."""
-    if PREFETCH:
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        prefetch_l2(w_addr + rows.to(tl.int64) * K + tl.program_id(2).to(tl.int64) * (TILES * BLOCK_K), PREFETCH)
+    zeros). Both tiles stay in shared memory, K-major, as wgmma's A and (transposed view) B."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         gdc_wait()
     pid_n, pid_m, pid_k, rn, n_mask, rm, m_mask = _gemm_program(M, N, BLOCK_M, BLOCK_N)
@@ -1039,7 +1020,7 @@ def _split_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, SPLIT: 
     """out = (sum_s part[s]) [* xs[row] * ws[col]] [+ bias], rounded to out's dtype. The sum runs in the
     partials' dtype (float32, or int32: exact), in split order."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter(PDL)
+        pdl_enter()
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
@@ -1090,7 +1071,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, stride_xm, K: tl.const
     is loaded once and kept in registers; wider rows are read twice, BLOCK columns at a time (|x| max, then
     the codes)."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter(PDL)
+        pdl_enter()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     cols = tl.arange(0, BLOCK)
@@ -1161,7 +1142,6 @@ class GemmConfig:
     tma: bool = False  # loads by TMA where they apply (_wna16_mma_tma_kernel, _w8a8_swap_tma_kernel)
     ldg: bool = False  # W4A16 mma: the codes straight into registers, the next tile prefetched (_wna16_mma_ldg_kernel)
     maxnreg: int = 0  # a register cap passed to the compiler (0: its own choice)
-    l2_prefetch: int = 0  # fp8 TMA: bytes of each weight row's K range asked of the L2 before the PDL wait
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1672,9 +1652,8 @@ def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: boo
         e4m3 = torch.float8_e4m3fn
         _w8a8_swap_tma_kernel[(tiles_n, tiles_m, split)](
             TensorDescriptor.from_tensor(xq.view(e4m3), [cfg.block_m, cfg.block_k]),
-            TensorDescriptor.from_tensor(w.view(e4m3), [cfg.block_n, cfg.block_k]), *args[2:], w.data_ptr(),
-            BLOCK_M=cfg.block_m, PREFETCH=min(cfg.l2_prefetch, k_tiles // split * cfg.block_k) // 16 * 16,
-            **{f: v for f, v in flags.items() if f != "FP8"}, **launch_kwargs(xq.device))
+            TensorDescriptor.from_tensor(w.view(e4m3), [cfg.block_n, cfg.block_k]), *args[2:],
+            BLOCK_M=cfg.block_m, **{f: v for f, v in flags.items() if f != "FP8"}, **launch_kwargs(xq.device))
     elif gemv:
         _w8a8_gemv_kernel[(tiles_n, m, split)](*args, EVEN=even, **flags, **launch_kwargs(xq.device))
     else:

@@ -54,7 +54,7 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter(PDL)
+        pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
