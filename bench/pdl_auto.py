@@ -31,12 +31,8 @@ from bench.engine import make_checkpoint  # noqa: E402
 from bench.quant_gemm import dumps  # noqa: E402
 
 WIDE = {"FP8_DECODE_NARROW": {"block_k": 128, "waves": 1}}  # FP8_DECODE on every shape (before NARROW)
-# setting -> (AUTO_MAX_BATCH or None for the default, ENABLED, kernel overrides, triton_decode overrides)
-SETTINGS = {"nopdl": (0, False, {}, {}), "auto": (None, False, {}, {}), "all": (0, True, {}, {}),
-            "nopdl-wide": (0, False, WIDE, {}),
-            # decode attention's splits merged by _decode_reduce_kernel (and o_proj's input quantized by its own
-            # launch), as before the serial merge
-            "reduce": (None, False, {}, {"SERIAL_MERGE_MAX": 0})}
+# setting -> (AUTO_MAX_BATCH or None for the default, ENABLED, kernel overrides)
+SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True, {}), "nopdl-wide": (0, False, WIDE)}
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
 
 
@@ -74,13 +70,14 @@ def measure(llm, buckets=(1, 2, 4, 8, 16)) -> dict:
 
 def main() -> None:
     from runtime import LLM
-    from runtime.ops import pdl, triton_decode
+    from runtime.ops import pdl
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b", choices=["1b", "8b"])
     ap.add_argument("--variants", default="fp8,w4a16-mma,bf16", help="bench/quant_engine.py builds")
     ap.add_argument("--plan", action="append", default=[],
-                    help="VARIANT=SETTING,SETTING,... (the settings run on that build, in order; default PLANS)")
+                    help="VARIANT=SETTING,SETTING,... (the settings run on that build, in order; default PLANS, "
+                         "else auto)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     plans = {**PLANS, **dict(p.split("=", 1) for p in args.plan)}
@@ -94,22 +91,17 @@ def main() -> None:
             art = q.build(tmp / "hf", tmp / variant, variant, 16)
             print(f"{variant} built in {time.perf_counter() - t:.0f} s", flush=True)
             seen: dict[str, int] = {}
-            for setting in plans[variant].split(","):
-                max_batch, enabled, kernels, decode = SETTINGS[setting]
+            for setting in plans.get(variant, "auto").split(","):
+                max_batch, enabled, kernels = SETTINGS[setting]
                 pdl.AUTO_MAX_BATCH, pdl.ENABLED = auto if max_batch is None else max_batch, enabled
                 seen[setting] = seen.get(setting, 0) + 1
                 label = setting + (f"#{seen[setting]}" if seen[setting] > 1 else "")
-                saved = {name: getattr(triton_decode, name) for name in decode}
                 try:
-                    for name, value in decode.items():
-                        setattr(triton_decode, name, value)
                     with q.kernel_overrides(kernels):
                         llm = LLM(str(art), gpu_memory_utilization=0.5)
                         r = {"variant": variant, "setting": label, **measure(llm)}
                 finally:
                     pdl.AUTO_MAX_BATCH, pdl.ENABLED = auto, False
-                    for name, value in saved.items():
-                        setattr(triton_decode, name, value)
                 print(json.dumps(r), flush=True)
                 res["rows"].append(r)
                 if args.out:

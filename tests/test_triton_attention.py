@@ -150,21 +150,6 @@ def test_long_context_decode(page):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
-def test_decode_serial_merge_and_fused_quantization():
-    """On the GPU (programs really concurrent, so the counters matter): the default configs at 8B head shapes,
-    where a few sequences' splits merge serially, and a long context whose split count takes the reduce kernel
-    and a separate quantization; plus the interpreter's small cases."""
-    check_decode_merge_and_quant("cuda", torch.bfloat16, [
-        ([1, 300, 2049], [1, 1, 1], 32, 8, 128, 16, None),
-        ([130], [1], 32, 8, 128, 16, None),
-        ([8192, 7], [1, 1], 32, 8, 128, 16, None),
-        ([37, 300, 5], [1, 0, 1], 12, 4, 96, 16, None),
-    ])
-    check_decode_merge_and_quant("cuda", torch.float16)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 def test_every_tuning_config_is_correct():
     """The tuner may pin any config of the grid: each must compute the same function."""
     from triton.runtime.errors import OutOfResources
@@ -198,54 +183,6 @@ def test_every_tuning_config_is_correct():
         except OutOfResources:  # too much shared memory on this GPU: the tuner drops it too
             continue
         assert rel_err(out.view(t, -1).cpu(), ref) < 1e-2, pcfg
-
-
-def check_decode_merge_and_quant(device, dtype, cases=None):
-    """Decode with the splits merged by the reduce kernel or by the last split program (serial), and with the
-    output also quantized for a W8A8 o_proj (fp8 / int8, dynamic / static scale; the fused path on the merge or
-    on unsplit programs, quantize_rows otherwise): out near the reference, both merges near each other, and the
-    codes and scales exactly quantize_rows' of the out they came with."""
-    from runtime.ops import triton_decode as td
-    from runtime.ops import triton_quant as tq
-
-    cases = cases or [  # (seq_lens, query lens, heads, kv heads, head dim, page, decode config)
-        ([1, 17, 33, 40], [1, 1, 1, 1], 8, 2, 16, 8, td.DecodeConfig(16, 4, 1, 64, 1)),  # several splits
-        ([3, 50, 9], [1, 0, 1], 6, 3, 32, 4, td.DecodeConfig(16, 4, 1, 64, 1)),  # a sequence without a query
-        ([5, 60], [1, 1], 4, 1, 24, 16, td.DecodeConfig(16, 4, 1, 1, 64)),  # one split: no merge
-    ]
-    for seq_lens, qls, h, hkv, d, page, dcfg in cases:
-        q, k, v, cache, meta = make_case(seq_lens, qls, h, hkv, d, page, dtype, seed=sum(seq_lens), device=device)
-        cache_ref = cache.float().cpu()
-        with set_forward_context(ForwardContext([cache_ref], _meta_to(meta, "cpu"))):
-            ref = torch.ops.spanda.paged_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), 0, h, hkv, d,
-                                                   d**-0.5, None)
-        from runtime.ops import triton_attention as ta
-
-        ta.write_kv(cache, k, v, meta.slot_mapping)
-        t = q.shape[0]
-        outs = {}
-        for serial in (False, True):
-            for qdtype, static in ((None, False), (torch.float8_e4m3fn, False), (torch.int8, False),
-                                   (torch.float8_e4m3fn, True)):
-                out = torch.full((t, h, d), float("nan"), dtype=dtype, device=device)
-                quant = None
-                if qdtype is not None:
-                    in_scale = torch.tensor([0.004], device=device) if static else None
-                    quant = (torch.zeros((t, h * d), dtype=qdtype, device=device),
-                             torch.zeros((t, 1), dtype=torch.float32, device=device), in_scale)
-                td.decode_attention(q.view(t, h, d), cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                    max(seq_lens), d**-0.5, None, out, cfg=dcfg, quant=quant, serial=serial)
-                assert not tq._locks(q.device).any() and not td._locks(q.device).any(), "counters left armed"
-                out = out.view(t, h * d)
-                what = (seq_lens, h, hkv, d, f"serial={serial}", qdtype, f"static={static}")
-                assert not out.isnan().any(), (what, "unwritten rows")
-                assert rel_err(out.cpu(), ref) < TOL[dtype], (what, rel_err(out.cpu(), ref))
-                outs.setdefault(serial, out)
-                if quant is not None:
-                    xq, sx = tq.quantize_rows(out, quant[2], qdtype)
-                    assert torch.equal(quant[0].view(torch.uint8), xq.view(torch.uint8)), (what, "codes")
-                    assert torch.equal(quant[1], sx), (what, "scales")
-        assert rel_err(outs[True].cpu(), outs[False].cpu()) < TOL[dtype] / 4, (seq_lens, "the two merges differ")
 
 
 # ------------------------------------------------------------------ CPU: the kernels under the interpreter
@@ -288,7 +225,6 @@ def _interpreter_main() -> None:
         assert not out.isnan().any(), (seq_lens, qls, "unwritten rows")
         err = rel_err(out, ref)
         assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, err)
-    check_decode_merge_and_quant("cpu", torch.float16)
     print("interpreter ok")
 
 

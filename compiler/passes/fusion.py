@@ -4,10 +4,10 @@
   concatenated weights, followed by a split.
 - ``fuse_act_mul``: ``silu(gate) * up`` over the two halves of one fused projection -> spanda::silu_and_mul.
 - ``fuse_add_rmsnorm``: ``s = a + b; rms_norm(s)`` -> spanda::fused_add_rms_norm returning (normed, s).
-- ``fuse_act_quant`` (after quantization): an RMSNorm, SiLU-and-multiply or attention whose output only feeds
-  W8A8 linears (linear_fp8 / linear_int8, one kind, one input scale) quantizes that output itself
-  (spanda::rms_norm_quant, fused_add_rms_norm_quant, silu_and_mul_quant, paged_attention_cached_quant) and the
-  linears become spanda::linear_w8a8 on the codes: one activation-quantization launch fewer per linear.
+- ``fuse_act_quant`` (after quantization): an RMSNorm or SiLU-and-multiply whose output only feeds W8A8
+  linears (linear_fp8 / linear_int8, one kind, one input scale) quantizes that output itself
+  (spanda::rms_norm_quant, fused_add_rms_norm_quant, silu_and_mul_quant) and the linears become
+  spanda::linear_w8a8 on the codes: one activation-quantization launch fewer per linear.
 Each pass returns how many sites it rewrote; the build records the passes that applied.
 """
 
@@ -178,8 +178,7 @@ def fuse_rope_kv_write(gm: fx.GraphModule, plan: WeightPlan) -> int:
 _W8A8 = {spanda.linear_fp8.default: False, spanda.linear_int8.default: True}  # op -> int8
 _QUANT_PRODUCERS = {spanda.rms_norm.default: spanda.rms_norm_quant.default,
                     spanda.fused_add_rms_norm.default: spanda.fused_add_rms_norm_quant.default,
-                    spanda.silu_and_mul.default: spanda.silu_and_mul_quant.default,
-                    spanda.paged_attention_cached.default: spanda.paged_attention_cached_quant.default}
+                    spanda.silu_and_mul.default: spanda.silu_and_mul_quant.default}
 
 
 def fuse_act_quant(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> int:

@@ -14,7 +14,6 @@ OPS = (
     "spanda::paged_attention",
     "spanda::rope_and_cache",
     "spanda::paged_attention_cached",
-    "spanda::paged_attention_cached_quant",
     "spanda::linear_wna16",
     "spanda::linear_wna16_mma",
     "spanda::linear_fp8",

@@ -5,10 +5,6 @@ rotates q and k, writes the rotated k and v into the layer's KV cache at the ste
 forward context; a slot < 0 writes nothing), and returns rotated q. The ``fuse_rope_kv_write`` pass puts it
 in place of ``rotary_embedding`` + ``paged_attention`` (which wrote the cache itself), followed by
 ``spanda::paged_attention_cached``: one kernel instead of two and no round trip of the rotated keys.
-
-``spanda::paged_attention_cached_quant(..., input_scale, int8) -> (codes, scales)`` is paged_attention_cached
-with its output quantized for a W8A8 o_proj (the ``fuse_act_quant`` pass makes it; on CUDA decode steps the
-attention kernel writes the codes itself: no quantization launch before o_proj).
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import torch
 
 from runtime.forward_context import get_forward_context
 from runtime.ops.attention import attend_ref, write_kv_ref
-from runtime.ops.quant_linear import quantize_activation_rows
 from runtime.ops.rotary import rotary_embedding_ref
 
 
@@ -49,9 +44,10 @@ def _rope_and_cache_fake(positions, q, k, v, cos_sin_cache, layer_idx, head_dim,
     return torch.empty_like(q)
 
 
-def attend_cached_ref(q: torch.Tensor, layer_idx: int, num_heads: int, head_dim: int, scale: float,
-                      sliding_window: int | None) -> torch.Tensor:
-    """The reference of paged_attention_cached: q [T, Hq*D] -> [T, Hq*D] over the forward context's cache."""
+@torch.library.custom_op("spanda::paged_attention_cached", mutates_args=())
+def paged_attention_cached(q: torch.Tensor, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                           scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Like spanda::paged_attention, but this step's keys/values are already in the cache. q: [T, Hq*D]."""
     ctx = get_forward_context()
     t = q.shape[0]
     out = attend_ref(q.view(t, num_heads, head_dim), ctx.kv_caches[layer_idx], ctx.attn, scale, sliding_window,
@@ -59,32 +55,6 @@ def attend_cached_ref(q: torch.Tensor, layer_idx: int, num_heads: int, head_dim:
     return out.view(t, num_heads * head_dim)
 
 
-@torch.library.custom_op("spanda::paged_attention_cached", mutates_args=())
-def paged_attention_cached(q: torch.Tensor, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                           scale: float, sliding_window: int | None) -> torch.Tensor:
-    """Like spanda::paged_attention, but this step's keys/values are already in the cache. q: [T, Hq*D]."""
-    return attend_cached_ref(q, layer_idx, num_heads, head_dim, scale, sliding_window)
-
-
 @paged_attention_cached.register_fake
 def _paged_attention_cached_fake(q, layer_idx, num_heads, num_kv_heads, head_dim, scale, sliding_window):
     return torch.empty_like(q)
-
-
-@torch.library.custom_op("spanda::paged_attention_cached_quant", mutates_args=())
-def paged_attention_cached_quant(q: torch.Tensor, layer_idx: int, num_heads: int, num_kv_heads: int,
-                                 head_dim: int, scale: float, sliding_window: int | None,
-                                 input_scale: torch.Tensor | None, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """paged_attention_cached with its output quantized for a W8A8 o_proj, as quant_linear's producers return
-    it: (E4M3 or int8 codes [T, Hq*D], float32 scales [T, 1]) = quantize_activation_rows of the output (the
-    ``fuse_act_quant`` pass). On CUDA decode steps the attention kernel quantizes the rows itself."""
-    out = attend_cached_ref(q, layer_idx, num_heads, head_dim, scale, sliding_window)
-    return quantize_activation_rows(out, input_scale, int8)
-
-
-@paged_attention_cached_quant.register_fake
-def _paged_attention_cached_quant_fake(q, layer_idx, num_heads, num_kv_heads, head_dim, scale, sliding_window,
-                                       input_scale, int8):
-    t = q.shape[0]
-    return (q.new_empty((t, num_heads * head_dim), dtype=torch.int8 if int8 else torch.float8_e4m3fn),
-            q.new_empty((t, 1), dtype=torch.float32))

@@ -43,7 +43,6 @@ if AVAILABLE:
     from triton.language.extra import libdevice
 
     from runtime.ops import triton_decode, triton_prefill
-    from runtime.ops.triton_quant import quantize_rows
 
     # int8 rounding: libdevice's rint (cvt.rni, half to even) on the GPU; the interpreter has no libdevice, so
     # there the 1.5 * 2^23 trick (exact in numpy's IEEE arithmetic) stands in for it.
@@ -118,11 +117,9 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
            sliding_window: int | None, out: torch.Tensor | None = None, decode_cfg=None, prefill_cfg=None,
-           k_scale: float = 1.0, v_scale: float = 1.0, quant: tuple | None = None) -> torch.Tensor:
+           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, Hq, D] -> out [T, Hq, D] over the cache (which already holds this step's keys/values).
-    k_scale/v_scale: the layer's scales of an fp8/int8 cache (the key scale folds into the softmax scale).
-    ``quant`` = (codes [T, Hq*D], float32 scales [T, 1], static input scale or None): also writes out's rows
-    quantized as triton_quant.quantize_rows does (decode: by the attention kernel itself)."""
+    k_scale/v_scale: the layer's scales of an fp8/int8 cache (the key scale folds into the softmax scale)."""
     if out is None:
         out = torch.empty_like(q)
     if kv_cache.dtype not in KV_QUANT_DTYPES:
@@ -130,13 +127,11 @@ def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, sca
     if meta.max_query_len <= 1:
         triton_decode.decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                        max(meta.seq_lens_host, default=1), scale * k_scale, sliding_window, out,
-                                       cfg=decode_cfg, v_scale=v_scale, quant=quant)
+                                       cfg=decode_cfg, v_scale=v_scale)
     else:
         triton_prefill.prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                          meta.max_query_len, scale * k_scale, sliding_window, out, cfg=prefill_cfg,
                                          v_scale=v_scale)
-        if quant is not None:
-            quantize_rows(out.view(out.shape[0], -1), quant[2], quant[0].dtype, out=quant[:2])
     return out
 
 

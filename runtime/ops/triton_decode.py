@@ -46,8 +46,7 @@ import triton
 import triton.language as tl
 
 from runtime.ops.pdl import capability, launch_kwargs
-from runtime.ops.quant_linear import SCALE_FLOOR
-from runtime.ops.triton_quant import act_codes, act_scale, pdl_enter, quantize_rows
+from runtime.ops.triton_quant import pdl_enter
 
 
 @dataclass(frozen=True)
@@ -74,20 +73,6 @@ CONFIGS = [DecodeConfig(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for s
 PINNED: dict[tuple, DecodeConfig] = {}
 WIDEN_ASM = True  # an 8-bit cache on sm_89+: _codes_f16 (False: .to(), for A/B timing only)
 MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_PAD] float32
-# the last split program of each (sequence, KV head) merges the splits itself (no reduce launch) while the
-# merge's [splits, query heads of the group, head dim] tile stays this small (float32 elements)
-SERIAL_MERGE_MAX = 8192
-LOCK_SLOTS = 1 << 15  # counters of the serial merge and of the fused output quantization
-_LOCKS: dict[str, torch.Tensor] = {}
-
-
-def _locks(device: torch.device) -> torch.Tensor:
-    """The device's counters (zero between launches: each launch re-arms those it used; a device's forward
-    passes run on one stream at a time)."""
-    key = str(device)
-    if key not in _LOCKS:
-        _LOCKS[key] = torch.zeros(LOCK_SLOTS, dtype=torch.int32, device=device)
-    return _LOCKS[key]
 
 
 def _pow2_bucket(n: int) -> int:
@@ -149,15 +134,13 @@ def _codes_f16(x, INT8: tl.constexpr):
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr, codes_ptr, codes_scale_ptr, in_scale_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qt, stride_qh, stride_cslot, stride_bt, stride_ot, stride_oh,
     PAGE: tl.constexpr, group, head_dim, window, n_splits, scale_log2, v_scale,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, WIDE16: tl.constexpr = False, ASM: tl.constexpr = False,
-    INT8: tl.constexpr = False, SERIAL: tl.constexpr = False, S_PAD: tl.constexpr = 2, GR: tl.constexpr = 1,
-    QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, ROW_PAD: tl.constexpr = 16,
-    QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 1e-12,
+    INT8: tl.constexpr = False,
 ):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
@@ -210,83 +193,15 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    n_kv = tl.num_programs(0)
     if SPLIT:
-        row = (b * n_splits + s) * (n_kv * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
+        row = (b * n_splits + s) * (tl.num_programs(0) * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
         tl.store(part_m_ptr + row, m_i)
         tl.store(part_l_ptr + row, l_i)
         tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc * v_scale)
-        if SERIAL:  # the last split of (b, h) to finish merges them all (as _decode_reduce_kernel does)
-            tl.debug_barrier()
-            done = tl.atomic_add(lock_ptr + b * n_kv + h, 1, sem="acq_rel")
-            if done == n_splits - 1:
-                _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, tok, b, h, n_kv, n_splits, group,
-                              head_dim, stride_ot, stride_oh, G_PAD, D_PAD, S_PAD, GR)
-                tl.atomic_xchg(lock_ptr + b * n_kv + h, 0)
-                if QUANT:
-                    _quant_token(out_ptr, codes_ptr, codes_scale_ptr, in_scale_ptr, lock_ptr, tok, b, n_kv,
-                                 tl.num_programs(1), group * n_kv * head_dim, head_dim, stride_ot, stride_oh,
-                                 ROW_PAD, D_PAD, QUANT, STATIC, QMAX, FLOOR)
     else:
         o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
-        if QUANT:
-            _quant_token(out_ptr, codes_ptr, codes_scale_ptr, in_scale_ptr, lock_ptr, tok, b, n_kv,
-                         tl.num_programs(1), group * n_kv * head_dim, head_dim, stride_ot, stride_oh, ROW_PAD,
-                         D_PAD, QUANT, STATIC, QMAX, FLOOR)
-
-
-@triton.jit
-def _merge_splits(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, tok, b, h, n_kv, n_splits, group, head_dim,
-                  stride_ot, stride_oh, G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-                  GR: tl.constexpr):
-    """_decode_reduce_kernel's merge for the ``group`` (<= GR) query heads of KV head h of sequence b, every
-    split's partial loaded at once ([S_PAD, GR, D_PAD], bypassing L1: other programs wrote them)."""
-    s = tl.arange(0, S_PAD)[:, None, None]
-    g = tl.arange(0, GR)[None, :, None]
-    d = tl.arange(0, D_PAD)[None, None, :]
-    sg_mask = (s < n_splits) & (g < group)
-    row = (b * n_splits + s) * (n_kv * G_PAD) + h * G_PAD + g  # [S_PAD, GR, 1]
-    m = tl.load(part_m_ptr + row, mask=sg_mask, other=float("-inf"), cache_modifier=".cg")
-    l_s = tl.load(part_l_ptr + row, mask=sg_mask, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 0)  # [GR, 1]
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights 0, output 0
-    w = tl.math.exp2(m - m_max[None, :, :])  # an empty split has m = -inf: weight 0
-    denom = tl.sum(w * l_s, 0)  # [GR, 1]
-    acc = tl.load(part_acc_ptr + row.to(tl.int64) * D_PAD + d, mask=sg_mask, other=0.0, cache_modifier=".cg")
-    o = tl.sum(acc * w, 0) / tl.where(denom > 0, denom, 1.0)  # [GR, D_PAD]
-    g2 = tl.arange(0, GR)[:, None]
-    d2 = tl.arange(0, D_PAD)[None, :]
-    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + (h * group + g2) * stride_oh + d2,
-             o.to(out_ptr.dtype.element_ty), mask=(g2 < group) & (d2 < head_dim))
-
-
-@triton.jit
-def _quant_token(out_ptr, codes_ptr, codes_scale_ptr, in_scale_ptr, lock_ptr, tok, b, n_kv, n_seqs, width, head_dim,
-                 stride_ot, stride_oh, ROW_PAD: tl.constexpr, D_PAD: tl.constexpr, QUANT: tl.constexpr,
-                 STATIC: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
-    """After this program wrote its heads of token ``tok``'s output: the last of the token's n_kv writers reads
-    the whole row back (``width`` = Hq * D values, bypassing L1) and quantizes it as triton_quant's quantize-rows
-    kernel does (act_scale, act_codes: the same codes and scale), codes to codes_ptr [T, width], the scale to
-    codes_scale_ptr [T]. Its counters sit after the (b, h) ones in lock_ptr."""
-    tl.debug_barrier()
-    done = tl.atomic_add(lock_ptr + n_seqs * n_kv + b, 1, sem="acq_rel")
-    if done == n_kv - 1:
-        c = tl.arange(0, ROW_PAD)
-        mask = c < width
-        t64 = tok.to(tl.int64)
-        x = tl.load(out_ptr + t64 * stride_ot + (c // head_dim) * stride_oh + c % head_dim, mask=mask, other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
-        if STATIC:
-            sc = act_scale(tl.zeros((1,), dtype=tl.float32), in_scale_ptr, True, QMAX, FLOOR)
-        else:
-            sc = act_scale(tl.zeros((1,), dtype=tl.float32) + tl.max(tl.abs(x), axis=0), in_scale_ptr, False, QMAX,
-                           FLOOR)
-        tl.store(codes_scale_ptr + tok + tl.arange(0, 1), sc)
-        tl.store(codes_ptr + t64 * width + c, act_codes(x, sc, QUANT == 2, QMAX).to(codes_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.atomic_xchg(lock_ptr + n_seqs * n_kv + b, 0)
 
 
 @triton.jit
@@ -323,15 +238,11 @@ def _decode_reduce_kernel(
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      query_start_loc: torch.Tensor, max_ctx: int, scale: float, sliding_window: int | None,
                      out: torch.Tensor, cfg: DecodeConfig | None = None, num_sms: int | None = None,
-                     v_scale: float = 1.0, quant: tuple | None = None, serial: bool | None = None) -> torch.Tensor:
+                     v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, Hq, D] (last dim contiguous), kv_cache: [2, NB, page, Hkv, D] contiguous (q's dtype, or fp8/int8
     with the key scale folded into ``scale`` and the value scale in ``v_scale``),
     block_tables: [B, W] int32, seq_lens: [B] int32, query_start_loc: [B+1] int32 with every query length
-    in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only). Writes out: [T, Hq, D].
-    ``quant`` = (codes [T, Hq*D] E4M3 or int8, scales [T, 1] float32, static input scale or None): also writes
-    out's rows quantized as triton_quant.quantize_rows would (the last program to write a token's row does it).
-    ``serial`` (default: where the merge tile is at most SERIAL_MERGE_MAX): the splits are merged by the last
-    split program of each (sequence, KV head) instead of _decode_reduce_kernel."""
+    in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only). Writes out: [T, Hq, D]."""
     _, num_heads, head_dim = q.shape
     _, _, page, num_kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -358,34 +269,21 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     wide16 = kv_cache.element_size() == 1
     asm = (wide16 and WIDEN_ASM and kv_cache.dtype in (torch.float8_e4m3fn, torch.int8) and q.is_cuda
            and capability(q.device) >= (8, 9))
-    s_pad = max(2, triton.next_power_of_2(n_splits))
-    gr = triton.next_power_of_2(group)
-    fits = num_seqs * (num_kv_heads + 1) <= LOCK_SLOTS
-    if serial is None:
-        serial = s_pad * gr * d_pad <= SERIAL_MERGE_MAX
-    serial = split and serial and fits
-    fused_quant = quant is not None and fits and (serial or not split)
-    locks = _locks(q.device) if serial or fused_quant else out
-    codes, codes_scale, in_scale = quant if fused_quant else (out, out, None)
-    int8 = fused_quant and codes.dtype == torch.int8
     _decode_split_kernel[(num_kv_heads, num_seqs, n_splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_m, part_l, part_acc, locks, codes, codes_scale, in_scale.float() if in_scale is not None else out,
+        out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
-        WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, SERIAL=serial, S_PAD=s_pad, GR=gr,
-        QUANT=(2 if int8 else 1) if fused_quant else 0, STATIC=in_scale is not None,
-        ROW_PAD=triton.next_power_of_2(num_heads * head_dim), QMAX=127.0 if int8 else 448.0, FLOOR=SCALE_FLOOR,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(q.device),
+        WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_kwargs(q.device),
     )
-    if split and not serial:
+    if split:
+        s_pad = max(2, triton.next_power_of_2(n_splits))
         _decode_reduce_kernel[(num_heads, num_seqs)](
             part_m, part_l, part_acc, query_start_loc, out,
             out.stride(0), out.stride(1), group, head_dim, n_splits, num_kv_heads,
             G_PAD=g_pad, D_PAD=d_pad, S_PAD=s_pad, num_warps=8 if s_pad * d_pad >= 8192 else 4,
             **launch_kwargs(q.device),
         )
-    if quant is not None and not fused_quant:
-        quantize_rows(out.view(out.shape[0], -1), quant[2], quant[0].dtype, out=quant[:2])
     return out

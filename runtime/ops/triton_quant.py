@@ -1450,16 +1450,15 @@ def _reduce(part, xs, ws, bias, out):
 
 # --------------------------------------------------------------------------------------- activations
 
-def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, dtype: torch.dtype,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, input_scale: torch.Tensor | None, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (codes [M, K] in ``dtype`` (float8_e4m3fn or int8), float32 scales [M, 1]), as
-    quant_linear.quantize_activation_fp8 / _int8 (a static scale is repeated per row); into ``out`` (contiguous)
-    when given."""
+    quant_linear.quantize_activation_fp8 / _int8 (a static scale is repeated per row)."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    q, s = out if out is not None else (torch.empty((m, k), dtype=dtype, device=x.device),
-                                        torch.empty((m, 1), dtype=torch.float32, device=x.device))
+    q = torch.empty((m, k), dtype=dtype, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         static = input_scale is not None
         block = min(QUANT_BLOCK, triton.next_power_of_2(k))

@@ -14,7 +14,6 @@ import torch
 from runtime.forward_context import get_forward_context
 from runtime.ops.attention import attend_ref
 from runtime.ops.pdl import launch_kwargs
-from runtime.ops.quant_linear import quantize_activation_rows
 from runtime.ops.rope_cache import rope_and_cache_ref
 from runtime.ops.triton_elementwise import AVAILABLE, FAST_DTYPES, _jit, _rows, _warps
 
@@ -118,27 +117,6 @@ def paged_attention_cached_cuda(q, layer_idx, num_heads, num_kv_heads, head_dim,
     return out.view(t, num_heads * head_dim)
 
 
-def paged_attention_cached_quant_cuda(q, layer_idx, num_heads, num_kv_heads, head_dim, scale, sliding_window,
-                                      input_scale, int8):
-    """(codes, scales) of the attention output: on decode steps written by the attention kernel itself
-    (triton_decode.decode_attention's ``quant``), otherwise quantize_rows after it."""
-    ctx = get_forward_context()
-    kv_cache = ctx.kv_caches[layer_idx]
-    t = q.shape[0]
-    ks, vs = ctx.kv_scale(layer_idx)
-    if not _fast_ok(q, kv_cache, head_dim):
-        out = attend_ref(q.view(t, num_heads, head_dim), kv_cache, ctx.attn, scale, sliding_window, ks, vs)
-        return quantize_activation_rows(out.view(t, num_heads * head_dim), input_scale, int8)
-    out = q.new_empty(t, num_heads, head_dim)
-    codes = torch.empty((t, num_heads * head_dim), dtype=torch.int8 if int8 else torch.float8_e4m3fn,
-                        device=q.device)
-    scales = torch.empty((t, 1), dtype=torch.float32, device=q.device)
-    attend(q.view(t, num_heads, head_dim), kv_cache, ctx.attn, scale, sliding_window, out, k_scale=ks, v_scale=vs,
-           quant=(codes, scales, input_scale))
-    return codes, scales
-
-
 if AVAILABLE:
-    torch.library.register_kernel("spanda::paged_attention_cached_quant", "cuda", paged_attention_cached_quant_cuda)
     torch.library.register_kernel("spanda::rope_and_cache", "cuda", rope_and_cache_cuda)
     torch.library.register_kernel("spanda::paged_attention_cached", "cuda", paged_attention_cached_cuda)
