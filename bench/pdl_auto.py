@@ -80,7 +80,13 @@ def main() -> None:
                          "else auto)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    plans = {**PLANS, **dict(p.split("=", 1) for p in args.plan)}
+    plans = dict(PLANS)
+    for p in args.plan:  # checked before the checkpoint is written, not after minutes of building
+        variant, _, settings = p.partition("=")
+        bad = [s for s in settings.split(",") if s not in SETTINGS]
+        if not settings or bad:
+            ap.error(f"--plan {p!r}: VARIANT=SETTING,... with settings from {', '.join(SETTINGS)}")
+        plans[variant] = settings
     res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "rows": []}
     auto = pdl.AUTO_MAX_BATCH
     with tempfile.TemporaryDirectory() as tmp:
