@@ -45,6 +45,9 @@ from runtime.ops.quant_linear import pack_mma_zeros, pack_wna16_mma  # noqa: E40
 FP8_SWEEP = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in (
     (64, 256, 4, 4), (128, 128, 4, 4), (64, 128, 4, 6), (32, 256, 2, 4), (64, 512, 4, 3), (128, 256, 8, 3))]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+# not part of a layer (per-layer sums leave it out unless --shapes names it): the vocabulary projection, which a
+# recipe's quantization.quantize_lm_head quantizes
+EXTRA_SHAPES = {"lm_head": (4096, 128256)}
 MS = (1, 16, 4096)
 DTYPE = torch.bfloat16
 GROUP = 128
@@ -272,10 +275,11 @@ def run_decode(args, meta: dict) -> None:
         if args.out:
             args.out.write_text(dumps(dict(meta=meta, per_layer_us=per_layer_us(rows), rows=rows)))
 
-    wts = {name: weights(*SHAPES[name]) for name in SHAPES}
+    shapes = {name: {**SHAPES, **EXTRA_SHAPES}[name] for name in args.shapes.split(",")}
+    wts = {name: weights(*shape) for name, shape in shapes.items()}
     for m in (int(v) for v in args.decode_ms.split(",")):
         cands = decode_candidates(m)
-        for name, (k, _) in SHAPES.items():
+        for name, (k, _) in shapes.items():
             x = torch.randn(m, k, device="cuda").to(DTYPE)
             w = wts[name]
             bf16_us = try_us(decode_call("bf16", x, w, None, None))
@@ -337,7 +341,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--sweep", action="store_true", help="also time other wna16 configurations")
     ap.add_argument("--sweep-budget", type=float, default=150.0, help="seconds the sweep may take")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help="comma-separated subset of " + ",".join({**SHAPES, **EXTRA_SHAPES}))
     ap.add_argument("--decode", action="store_true",
                     help="only the decode candidates (GEMVs, serial split-K, FP8 on codes), per layer")
     ap.add_argument("--decode-ms", default="1,4,16", help="the M values of --decode")
@@ -364,7 +369,7 @@ def main() -> None:
 
     sweep_deadline = time.monotonic() + args.sweep_budget
     for name in args.shapes.split(","):
-        k, n = SHAPES[name]
+        k, n = {**SHAPES, **EXTRA_SHAPES}[name]
         wts = weights(k, n)
         for m in MS:
             x = torch.randn(m, k, device="cuda").to(DTYPE)
