@@ -4,9 +4,9 @@ GEMM's configuration for narrow weights (triton_quant.FP8_DECODE_NARROW) against
 
 Per setting the engine is loaded again (its graphs captured under that setting) and measured: greedy tokens of
 one prompt (the settings that only change launches must agree), async decode tok/s at batch 1 / 4 / 16
-(bench/quant_engine.py's decode_rate), and the GPU time of one replay of each bucket's decode graph (1, 2, 4, 8,
-16) with that many sequences decoding. Settings of one artifact alternate, so a repeated one (name#2) shows the
-run-to-run spread.
+(bench/quant_engine.py's decode_rate; at batch 1 also with the prefill excluded: decode_only_rate), and the GPU
+time of one replay of each bucket's decode graph (1, 2, 4, 8, 16) with that many sequences decoding. Settings
+of one artifact alternate, so a repeated one (name#2) shows the run-to-run spread.
 
     python bench/pdl_auto.py --variants fp8,w4a16-mma,bf16 --out bench/results/pdl-auto-8b-h200.json
 """
@@ -46,6 +46,7 @@ def measure(llm, buckets=(1, 2, 4, 8, 16)) -> dict:
     eng.async_scheduling = True
     for bs in (1, 4, 16):
         r[f"bs{bs}_async"] = round(q.decode_rate(llm, bs, new=256 if bs == 1 else 128), 1)
+    r["bs1_decode_only"] = round(q.decode_only_rate(llm, 1), 1)  # prefill excluded (1 / TPOT)
     graphs = eng.runner.graphs
     r["pdl_max_batch"] = graphs.pdl_max_batch
     for bs in buckets:

@@ -130,6 +130,29 @@ def decode_rate(llm, batch: int, new: int = 128, prompt: int = 128) -> float:
     return batch * new / (time.perf_counter() - t)
 
 
+def decode_only_rate(llm, batch: int, new: int = 256, prompt: int = 128, reps: int = 3) -> float:
+    """Output tokens/s of ``batch`` sequences decoding together, prefill excluded: (new - 1) tokens per sequence
+    over the time of a ``new``-token generation minus that of a one-token generation (prefill and first token)
+    of the same prompts, the faster of ``reps`` each (the rate vLLM's benchmarks report as 1 / TPOT)."""
+    from runtime import SamplingParams
+
+    prompts = [torch.randint(100, 1000, (prompt,)).tolist() for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+
+    def timed(n: int) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    first = timed(1)
+    return batch * (new - 1) / (timed(new) - first)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b", choices=["1b", "8b"])
