@@ -104,7 +104,8 @@ def main() -> None:
                 seen[setting] = seen.get(setting, 0) + 1
                 label = setting + (f"#{seen[setting]}" if seen[setting] > 1 else "")
                 try:
-                    with q.kernel_overrides(kernels):
+                    # the variant's own kernel overrides (quant_engine.VARIANTS), then the setting's
+                    with q.kernel_overrides({**q.VARIANTS.get(variant, {}).get("kernels", {}), **kernels}):
                         llm = LLM(str(art), gpu_memory_utilization=0.5)
                         r = {"variant": variant, "setting": label, **measure(llm)}
                 finally:

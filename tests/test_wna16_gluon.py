@@ -1,10 +1,12 @@
-"""The Gluon W4A16 decode GEMM prototype (bench/wna16_gluon.py) on pack_wna16_mma's layout.
+"""The Gluon W4A16 decode GEMM (runtime/ops/wna16_gluon.py) on pack_wna16_mma's layout.
 
 CPU: the kernel compiles for sm_90 with the bundled ptxas, every layout conversion it asserts trivial is
 trivial (the codes read from shared memory land in exactly the registers wgmma's A operand wants), and the SASS
 moves nothing through shared memory on the way (no STS) while issuing 8 HGMMA per K tile. GPU (``pytest -m
 gpu``): its output against the float32 reference on the same codes (bf16 and fp16, 1 to 16 rows, split-K serial,
-the tile-per-stage, deferred-scale and early-load variants).
+the tile-per-stage, deferred-scale and early-load variants), and through triton_quant.linear_wna16_mma_cuda with
+WNA16_MMA_GLUON: launched exactly where it applies (with bias, under PDL, in a CUDA graph), the Triton kernels
+otherwise.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from tests.test_triton_quant import HAS_TRITON, NO_GPU, NO_GPU_REASON, check, ge
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the Gluon frontend ships with it)")
 
 
-@pytest.mark.parametrize("block_m,tps,stages,split,defer,pre", [(8, 2, 3, 1, True, True), (16, 1, 4, 2, True, False),
-                                                                  (16, 2, 3, 2, False, False)])
-def test_compiles_for_hopper_with_the_operand_in_registers(block_m, tps, stages, split, defer, pre):
+@pytest.mark.parametrize("block_m,tps,stages,split,defer,pre,extra", [
+    (8, 2, 3, 1, True, True, False), (16, 1, 4, 2, True, False, False), (16, 2, 3, 2, False, False, False),
+    (8, 1, 4, 2, True, True, True)])
+def test_compiles_for_hopper_with_the_operand_in_registers(block_m, tps, stages, split, defer, pre, extra):
     from bench.wna16_gluon import compile_only
 
-    _, sass, counts = compile_only(block_m, tps, stages, split, defer, pre, tiles=8)
+    _, sass, counts = compile_only(block_m, tps, stages, split, defer, pre, tiles=8, bias=extra, pdl=extra)
     assert counts["HGMMA"] == 8 * tps, counts  # one K = 128 tile: 8 x HGMMA.64xNx16 per tile, each unrolled tile
     assert counts["STS"] == (1 if split > 1 else 0), counts  # only split-K's atomic result, shared with all threads
     assert f"HGMMA.64x{block_m}x16.F32" in sass
@@ -49,3 +52,42 @@ def test_matches_the_reference_on_gpu(dtype):
                        dict(block_m=16, tps=1, stages=4, split=2, defer=True, pre=False),
                        dict(block_m=16, tps=2, stages=2, split=2, defer=False, pre=True)):
                 check(linear_wna16_gluon(x, qmma, zw, **kw), ref, f"k{k} n{n} m{m} {kw}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+def test_launcher_selects_it_where_it_applies(monkeypatch):
+    from runtime.ops import pdl
+    from runtime.ops import triton_quant as tq
+    from runtime.ops import wna16_gluon as wg
+    from runtime.ops.quant_linear import linear_wna16_ref
+    from tests.conftest import KernelLaunches, capture_graph
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is sm_90 only (wgmma)")
+    dtype, k, n = torch.bfloat16, 1024, 384
+    g = gen("gluon-launcher", k, n)
+    qw, scales, zeros, _ = wna16_case(k, n, 4, 128, False, dtype, g)
+    qmma, zw = pack_wna16_mma(qw).cuda(), pack_mma_zeros(scales, zeros).cuda()
+    bias = torch.randn(n, generator=g).to(dtype).cuda()
+    monkeypatch.setattr(tq, "WNA16_MMA_GLUON_MAX_M", 16)
+    with KernelLaunches(wg, "wna16_gluon_kernel") as launched:
+        for m, b, use_pdl in ((1, None, False), (5, bias, True), (16, bias, False)):
+            monkeypatch.setattr(pdl, "ENABLED", use_pdl)
+            x = torch.randn(m, k, generator=g).to(dtype).cuda()
+            before = launched.n
+            out = tq.linear_wna16_mma_cuda(x, qmma, scales.cuda(), zw, None, b, 128)
+            assert launched.n == before + 1, f"m={m}: the Gluon kernel did not run"
+            check(out, linear_wna16_ref(x, qw.cuda(), scales.cuda(), zeros.cuda(), None, b, 4, 128), f"m={m}")
+        # rows not 16-byte aligned: TMA cannot read x, so the Triton kernels run instead (same result)
+        xs = torch.randn(3, k + 1, generator=g).to(dtype).cuda()[:, 1:]
+        before = launched.n
+        out = tq.linear_wna16_mma_cuda(xs, qmma, scales.cuda(), zw, None, None, 128)
+        assert launched.n == before
+        check(out, linear_wna16_ref(xs, qw.cuda(), scales.cuda(), zeros.cuda(), None, None, 4, 128), "unaligned")
+        # and inside a CUDA graph, replayed on new inputs
+        x = torch.randn(1, k, generator=g).to(dtype).cuda()
+        graph, out = capture_graph(lambda: tq.linear_wna16_mma_cuda(x, qmma, scales.cuda(), zw, None, None, 128))
+        x.copy_(torch.randn(1, k, generator=g).to(dtype))
+        graph.replay()
+        check(out, linear_wna16_ref(x, qw.cuda(), scales.cuda(), zeros.cuda(), None, None, 4, 128), "graph")

@@ -1142,6 +1142,9 @@ class GemmConfig:
     tma: bool = False  # loads by TMA where they apply (_wna16_mma_tma_kernel, _w8a8_swap_tma_kernel)
     ldg: bool = False  # W4A16 mma: the codes straight into registers, the next tile prefetched (_wna16_mma_ldg_kernel)
     maxnreg: int = 0  # a register cap passed to the compiler (0: its own choice)
+    gluon: bool = False  # W4A16 mma, up to 16 rows: runtime/ops/wna16_gluon.py's kernel (block_m 8 up to 8 rows)
+    tps: int = 1  # gluon: K tiles per pipeline stage
+    pre: bool = False  # gluon: the next stage's first tile read into registers before this stage's last wait
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1163,6 +1166,13 @@ WNA16_MMA = GemmConfig(16, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPL
 # so off (0) by default
 WNA16_MMA_LDG = GemmConfig(16, 64, 128, num_warps=4, num_stages=1, serial=SERIAL_SPLIT, ldg=True, maxnreg=128)
 WNA16_MMA_LDG_MAX_M = 0
+# ... and up to WNA16_MMA_GLUON_MAX_M rows: the Gluon kernel (runtime/ops/wna16_gluon.py: TMA stages with one barrier
+# each, asynchronous wgmma, the group scale applied after the next tile's wgmma is issued, the next stage's first
+# tile loaded early). One H100, per 8B layer, L2 emptied: 68.5 us at one row (block_m 8, one tile per stage, 4
+# stages) against 78.0 for the TMA kernel; 75.2 against 75.5 at 16 rows (bench/results/quant-gemm-gluon-h100.json).
+# Off (0) until the engine A/B (bench/quant_engine.py --variants w4a16-mma+lm,w4a16-mma-gluon+lm) shows the gain
+WNA16_MMA_GLUON = GemmConfig(8, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, gluon=True, tps=1, pre=True)
+WNA16_MMA_GLUON_MAX_M = 0
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
@@ -1343,6 +1353,8 @@ def wna16_mma_config(m: int) -> GemmConfig:
     """block_m (the wgmma N) grows with M: every program dequantizes its weight tiles once for block_m rows of x;
     from DEQUANT_MM_MIN_M rows the weight is dequantized once and multiplied by cuBLAS (bench --decode 'mma',
     bench/results/quant-gemm-mma-h200.json)."""
+    if m <= WNA16_MMA_GLUON_MAX_M:
+        return WNA16_MMA_GLUON
     if m <= WNA16_MMA_LDG_MAX_M:
         return WNA16_MMA_LDG
     if m <= 16:
@@ -1389,6 +1401,11 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     m, k = x.shape
     n = qmma.shape[0] * 64
     cfg = config or wna16_mma_config(m)
+    if cfg.gluon:
+        out = _wna16_gluon(x, qmma, zeros, perm, bias, cfg)
+        if out is not None:
+            return out
+        cfg = WNA16_MMA  # the Gluon kernel does not apply: the Triton kernels' own configuration
     if cfg.dequant_mm:  # prefill-sized: the weight dequantized once, then cuBLAS
         return torch.nn.functional.linear(x, wna16_mma_dequantize(qmma, scales, zeros, perm, x.dtype), bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -1430,6 +1447,30 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
     if split > 1 and not serial:
         _reduce(part, None, None, bias, out)
     return out
+
+
+def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
+                 bias: torch.Tensor | None, cfg: GemmConfig) -> torch.Tensor | None:
+    """linear_wna16_mma_cuda through runtime/ops/wna16_gluon.py's kernel where it applies (sm_90: wgmma; Gluon,
+    1 to 16 rows, zero points as pack_mma_zeros' words, no act-order, x's rows 16-byte aligned); None otherwise.
+    block_m 8 up to 8 rows, else 16; the split as the other kernels choose it, lowered until cfg.tps divides each
+    program's K tiles."""
+    from runtime.ops import wna16_gluon as wg
+    from runtime.ops.pdl import capability
+
+    m, k = x.shape
+    if not (wg.AVAILABLE and capability(x.device)[0] == 9 and 0 < m <= 16 and zeros.dtype == torch.int32
+            and perm is None and x.stride(1) == 1 and _tma_ready(x)):
+        return None
+    block_m = 8 if m <= 8 else 16
+    tiles_mn, k_tiles = qmma.shape[0] * triton.cdiv(m, block_m), k // 128
+    if tiles_mn > LOCK_SLOTS:
+        return None
+    split = _choose_split(cfg, tiles_mn, k_tiles, x.device)
+    while k_tiles % split or (k_tiles // split) % cfg.tps:
+        split -= 1
+    return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
+                                 block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)))
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
