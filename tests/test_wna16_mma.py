@@ -9,7 +9,8 @@ from 1 to 257, grouped / per-channel, act-order, bias, split-K (serial and reduc
 Both: the TMA variant (_wna16_mma_tma_kernel) on a 16-byte aligned x with the zero points as words, each
 call checked to launch it exactly when the launcher's rules say it applies (the interpreter reads TMA
 descriptors as plain block loads with zero fill); likewise the plain-load variant (_wna16_mma_ldg_kernel,
-GemmConfig.ldg) on any x.
+GemmConfig.ldg) on any x, and the Gluon kernel (runtime/ops/wna16_gluon.py, GemmConfig.gluon: sm_90 only, up to
+16 rows, aligned x; elsewhere the TMA kernel's configuration runs instead).
 """
 
 from __future__ import annotations
@@ -99,13 +100,16 @@ CASES = [  # k, n, group size, act-order, bias
 
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
     from runtime.ops import triton_quant as tq
+    from runtime.ops import wna16_gluon as wg
 
-    with KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tq, "_wna16_mma_ldg_kernel") as ldg:
-        _run_cases(tq, tma, ldg, device, dtype, ms, configs, g, graph)
+    with (KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tq, "_wna16_mma_ldg_kernel") as ldg,
+          KernelLaunches(wg, "wna16_gluon_kernel") as glu):
+        _run_cases(tq, tma, ldg, glu, device, dtype, ms, configs, g, graph)
 
 
-def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, device: str, dtype: torch.dtype, ms, configs,
-               g: torch.Generator, graph: bool) -> None:
+def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches, device: str, dtype: torch.dtype,
+               ms, configs, g: torch.Generator, graph: bool) -> None:
+    sm90 = device != "cpu" and torch.cuda.get_device_capability()[0] == 9
     for k, n, gs, act, has_bias in CASES:
         qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)
         packed = pack_wna16_mma(qw)
@@ -120,14 +124,19 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, device: str, dtype:
                 for xx in (x, x.contiguous()) if cfg is None or cfg.tma else (x,):
                     for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
                         what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype} {xx.stride()}"
-                        before, before_ldg = tma.n, ldg.n
+                        before, before_ldg, before_glu = tma.n, ldg.n, glu.n
                         out = tq.linear_wna16_mma_cuda(xx, packed, s, zeros, perm, bias, gs, config=cfg)
                         check(out, ref, what)
                         eff = cfg or tq.wna16_mma_config(m)
                         aligned = xx.data_ptr() % 16 == 0 and xx.stride(0) * xx.element_size() % 16 == 0
                         words = not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
-                        want_ldg = words and eff.ldg  # any x: plain loads
-                        want = words and not eff.ldg and eff.tma and aligned
+                        # the Gluon kernel: sm_90, up to 16 rows, words, aligned x; else the TMA kernel's config
+                        want_glu = eff.gluon and words and aligned and sm90 and m <= 16
+                        assert glu.n - before_glu == int(want_glu), f"{what}: Gluon launched {glu.n - before_glu}"
+                        if eff.gluon and not want_glu:
+                            eff = tq.WNA16_MMA
+                        want_ldg = words and eff.ldg and not want_glu  # any x: plain loads
+                        want = words and not eff.ldg and eff.tma and aligned and not want_glu
                         assert ldg.n - before_ldg == int(want_ldg), f"{what}: ldg kernel launched {ldg.n - before_ldg}"
                         assert tma.n - before == int(want), f"{what}: TMA kernel launched {tma.n - before} times"
                         assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
@@ -151,7 +160,7 @@ def _interpreter_main() -> None:
                cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None,
                cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, split=3, serial=True, ldg=True),
-               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tq.WNA16_MMA_LDG]
+               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tq.WNA16_MMA_LDG, tq.WNA16_MMA_GLUON]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     print("interpreter ok")
 
@@ -176,14 +185,15 @@ def test_kernel_on_gpu(dtype):
                cfg(16, 64, 128, split=3, tma=True), cfg(64, 64, 128, serial=True, num_stages=4, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, waves=4, serial=True, ldg=True),
                cfg(32, 64, 128, split=2, ldg=True), cfg(16, 64, 128, serial=True, ldg=True, scale_acc=False),
-               cfg(16, 64, 128, split=3, serial=True, ldg=True, maxnreg=128)]
+               cfg(16, 64, 128, split=3, serial=True, ldg=True, maxnreg=128), tq.WNA16_MMA_GLUON,
+               cfg(8, 64, 128, num_stages=3, split=2, serial=True, gluon=True, tps=2, pre=True)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
     if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
         from runtime.ops import pdl
 
         pdl.ENABLED = True
         try:
-            run_cases("cuda", dtype, (1, 16, 257), [None, cfg(16, 64, 128, serial=True, ldg=True)],
+            run_cases("cuda", dtype, (1, 16, 257), [None, cfg(16, 64, 128, serial=True, ldg=True), tq.WNA16_MMA_GLUON],
                       gen("mma-gpu-pdl", dtype), graph=True)
         finally:
             pdl.ENABLED = False
