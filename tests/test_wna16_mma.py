@@ -129,12 +129,14 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
                         check(out, ref, what)
                         eff = cfg or tq.wna16_mma_config(m)
                         aligned = xx.data_ptr() % 16 == 0 and xx.stride(0) * xx.element_size() % 16 == 0
-                        words = not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
-                        # the Gluon kernel: sm_90, up to 16 rows, words, aligned x; else the TMA kernel's config
-                        want_glu = eff.gluon and words and aligned and sm90 and m <= 16
+                        # the Gluon kernel: sm_90, up to 16 rows, words, aligned x; else the configuration the
+                        # launcher would choose without it
+                        want_glu = eff.gluon and zeros.dtype == torch.int32 and perm is None and aligned and sm90 \
+                            and m <= 16
                         assert glu.n - before_glu == int(want_glu), f"{what}: Gluon launched {glu.n - before_glu}"
                         if eff.gluon and not want_glu:
-                            eff = tq.WNA16_MMA
+                            eff = tq._without_gluon(m)
+                        words = not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
                         want_ldg = words and eff.ldg and not want_glu  # any x: plain loads
                         want = words and not eff.ldg and eff.tma and aligned and not want_glu
                         assert ldg.n - before_ldg == int(want_ldg), f"{what}: ldg kernel launched {ldg.n - before_ldg}"

@@ -1364,6 +1364,12 @@ def wna16_mma_config(m: int) -> GemmConfig:
     return WNA16_MMA_WIDE[32 if m <= 32 else 64 if m <= 64 else 128]
 
 
+def _without_gluon(m: int) -> GemmConfig:
+    """wna16_mma_config(m) as it would be without the Gluon kernel (WNA16_MMA in its place)."""
+    cfg = wna16_mma_config(m)
+    return WNA16_MMA if cfg.gluon else cfg
+
+
 def _grouped(scales: torch.Tensor, zeros: torch.Tensor) -> bool:
     """The mma kernels' GROUPED: a zero point and scale per K tile, read per tile. Also for a single group
     (K = 128) held as pack_mma_zeros' words: only the per-tile path reads the words (the per-channel path
@@ -1405,7 +1411,7 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         out = _wna16_gluon(x, qmma, zeros, perm, bias, cfg)
         if out is not None:
             return out
-        cfg = WNA16_MMA  # the Gluon kernel does not apply: the Triton kernels' own configuration
+        cfg = _without_gluon(m)  # the Gluon kernel does not apply: the Triton kernels' own configuration
     if cfg.dequant_mm:  # prefill-sized: the weight dequantized once, then cuBLAS
         return torch.nn.functional.linear(x, wna16_mma_dequantize(qmma, scales, zeros, perm, x.dtype), bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -1464,7 +1470,7 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
         return None
     block_m = 8 if m <= 8 else 16
     tiles_mn, k_tiles = qmma.shape[0] * triton.cdiv(m, block_m), k // 128
-    if tiles_mn > LOCK_SLOTS:
+    if tiles_mn > LOCK_SLOTS or k_tiles % cfg.tps:
         return None
     split = _choose_split(cfg, tiles_mn, k_tiles, x.device)
     while k_tiles % split or (k_tiles // split) % cfg.tps:
