@@ -2,7 +2,8 @@
 
 CPU: the kernel compiles for sm_90 with the bundled ptxas, every layout conversion it asserts trivial is
 trivial (the codes read from shared memory land in exactly the registers wgmma's A operand wants), and the SASS
-moves nothing through shared memory on the way (no STS) while issuing 8 HGMMA per K tile. GPU (``pytest -m
+moves nothing through shared memory on the way (no STS) while issuing 8 HGMMA per K tile; so does the bench's
+warp-specialized twin (bench/wna16_gluon.py). GPU (``pytest -m
 gpu``): its output against the float32 reference on the same codes (bf16 and fp16, 1 to 16 rows, split-K serial,
 the tile-per-stage, deferred-scale and early-load variants), and through triton_quant.linear_wna16_mma_cuda with
 WNA16_MMA_GLUON: launched exactly where it applies (with bias, under PDL, in a CUDA graph), the Triton kernels
@@ -91,3 +92,23 @@ def test_launcher_selects_it_where_it_applies(monkeypatch):
         x.copy_(torch.randn(1, k, generator=g).to(dtype))
         graph.replay()
         check(out, linear_wna16_ref(x, qw.cuda(), scales.cuda(), zeros.cuda(), None, None, 4, 128), "graph")
+
+
+def test_warp_specialized_twin_compiles_for_hopper():
+    """bench/wna16_gluon.py's warp-specialized variant (timed next to the kernel): one TMA warp, one warpgroup."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    from bench.wna16_gluon import compile_ws
+
+    kern = compile_ws(8, 2, 3, 2, tiles=8)
+    nvdis = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kern.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(nvdis), "-c", f.name], capture_output=True, text=True).stdout
+    assert sum(" HGMMA" in ln for ln in sass.splitlines()) == 16, "8 HGMMA per K tile, 2 tiles per stage"
+    assert kern.metadata.num_warps == 8  # the warpgroup and the TMA warp, rounded to whole warpgroups
