@@ -121,41 +121,39 @@ def build(ckpt: Path, out: Path, variant: str, max_batch: int):
     return run_build(recipe, out).path
 
 
-def decode_rate(llm, batch: int, new: int = 128, prompt: int = 128) -> float:
-    """Output tokens/s of ``batch`` sequences decoding together (after their prefill)."""
+def _warm_prompts(llm, batch: int, prompt: int) -> list[list[int]]:
+    """``batch`` random prompts of ``prompt`` tokens, generated from once (graphs and kernels warm)."""
     from runtime import SamplingParams
 
     prompts = [torch.randint(100, 1000, (prompt,)).tolist() for _ in range(batch)]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    return prompts
+
+
+def _generate_s(llm, prompts, new: int) -> float:
+    """Seconds of one greedy generation of ``new`` tokens per prompt, GPU work included."""
+    from runtime import SamplingParams
+
     torch.cuda.synchronize()
     t = time.perf_counter()
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))
     torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def decode_rate(llm, batch: int, new: int = 128, prompt: int = 128) -> float:
+    """Output tokens/s of ``batch`` sequences decoding together (after their prefill)."""
     # subtract nothing: prefill of 128 tokens x batch is a small share of 128 decode steps (reported as is)
-    return batch * new / (time.perf_counter() - t)
+    return batch * new / _generate_s(llm, _warm_prompts(llm, batch, prompt), new)
 
 
 def decode_only_rate(llm, batch: int, new: int = 256, prompt: int = 128, reps: int = 3) -> float:
     """Output tokens/s of ``batch`` sequences decoding together, prefill excluded: (new - 1) tokens per sequence
     over the time of a ``new``-token generation minus that of a one-token generation (prefill and first token)
     of the same prompts, the faster of ``reps`` each (the rate vLLM's benchmarks report as 1 / TPOT)."""
-    from runtime import SamplingParams
-
-    prompts = [torch.randint(100, 1000, (prompt,)).tolist() for _ in range(batch)]
-    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-
-    def timed(n: int) -> float:
-        best = float("inf")
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    first = timed(1)
-    return batch * (new - 1) / (timed(new) - first)
+    prompts = _warm_prompts(llm, batch, prompt)
+    first = min(_generate_s(llm, prompts, 1) for _ in range(reps))
+    return batch * (new - 1) / (min(_generate_s(llm, prompts, new) for _ in range(reps)) - first)
 
 
 def main() -> None:

@@ -21,20 +21,19 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
-from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
-    fence_async_shared,
-    mbarrier,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier  # noqa: E402
 
-from runtime.ops.wna16_gluon import (  # noqa: E402  # noqa: E402
+from runtime.ops.wna16_gluon import (  # noqa: E402
+    _finish_stage,
     _issue,
-    _scale,
-    _tile_operand,
+    _stage,
     _tile_words,
+    descriptors,
+    epilogue,
     layouts,
     linear_wna16_gluon,
+    mma_layout,
+    outputs,
     wna16_gluon_kernel,
 )
 
@@ -54,63 +53,19 @@ def _ws_producer(w_desc, z_desc, x_desc, ready, empty, w_s, z_s, x_s, wrow0, kt0
 def _ws_consumer(ready, empty, w_s, z_s, x_s, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k,
                  NST: gl.constexpr, TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                  SPLIT: gl.constexpr, BF16: gl.constexpr):
-    """The warp-specialized kernel's compute partition (one warpgroup): wgmma_gluon_kernel's loop (DEFER, no PRE)
+    """The warp-specialized kernel's compute partition (one warpgroup): wna16_gluon_kernel's loop (DEFER, no PRE)
     with the stage handed back through its "empty" mbarrier instead of a CTA barrier and a TMA issue."""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    W2_L: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2]],
-                                                     lane_bases=[[0, 4], [0, 8], [0, 16], [0, 32], [0, 64]],
-                                                     warp_bases=[[1, 0], [2, 0]], block_bases=[], shape=[4, 128])
-    W3_L: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2]], lane_bases=[[0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
-        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 8, 16])
-    ZZ_L: gl.constexpr = gl.SliceLayout(2, W3_L)
-    ROW_L: gl.constexpr = gl.SliceLayout(1, MMA)
-    Z2_L: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]], warp_bases=[[0, 16], [0, 32]],
-        block_bases=[], shape=[1, 64])
-    dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    acc = gl.zeros([64, BLOCK_M], gl.float32, MMA)
-    zero = gl.zeros([64, BLOCK_M], gl.float32, MMA)
+    ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
+    acc = gl.zeros([64, BLOCK_M], gl.float32, mma_layout(BLOCK_M))
     for u in range(NST):
         s = u % STAGES
-        ws = w_s.index(s)
-        zs = z_s.index(s)
-        xs = x_s.index(s)
         mbarrier.wait(ready.index(s), (u // STAGES) & 1)
-        w0, w1, zw = _tile_words(ws, zs, 0, W2_L, W3_L, Z2_L, ROW_L)
-        a = _tile_operand(w0, w1, zw, BF16, ZZ_L, A_L)
-        p = warpgroup_mma(a, xs.slice(0, 128, dim=1).permute((1, 0)), zero, use_acc=False, is_async=True)
-        sc = _scale(zw, dt)
-        for j in gl.static_range(1, TPS):
-            w0, w1, zw = _tile_words(ws, zs, j, W2_L, W3_L, Z2_L, ROW_L)
-            a2 = _tile_operand(w0, w1, zw, BF16, ZZ_L, A_L)
-            q = warpgroup_mma(a2, xs.slice(128 * j, 128, dim=1).permute((1, 0)), zero, use_acc=False, is_async=True)
-            r, a = warpgroup_mma_wait(num_outstanding=1, deps=[p, a])
-            acc += r * sc
-            p = q
-            a = a2
-            sc = _scale(zw, dt)
-        r, a = warpgroup_mma_wait(num_outstanding=0, deps=[p, a])
-        acc += r * sc
+        w0, w1, zw = _tile_words(w_s.index(s), z_s.index(s), 0, ROW_L)
+        acc, p, a, sc = _stage(acc, w_s.index(s), z_s.index(s), x_s.index(s), w0, w1, zw, TPS, True, BF16, BLOCK_M)
+        acc = _finish_stage(acc, p, a, sc, True)
         fence_async_shared()  # the stage's reads are ordered before the TMA that refills it
         mbarrier.arrive(empty.index(s), count=1)
-    rn = pid_n * 64 + gl.arange(0, 64, layout=ROW_L)
-    rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-    offs = gl.expand_dims(rm, 0).to(gl.int64) * N + gl.expand_dims(rn, 1)
-    mask = gl.expand_dims(rm < M, 0) & gl.expand_dims(rn < N, 1)
-    if SPLIT > 1:
-        gl.store(part_ptr + pid_k.to(gl.int64) * M * N + offs, acc, mask=mask)
-        gl.thread_barrier()
-        done = gl.atomic_add(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 1, sem="acq_rel")
-        if done == SPLIT - 1:
-            tot = gl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for k in gl.static_range(1, SPLIT):
-                tot += gl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            gl.atomic_xchg(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 0)
-            gl.store(out_ptr + offs, tot.to(dt), mask=mask)
-    else:
-        gl.store(out_ptr + offs, acc.to(dt), mask=mask)
+    epilogue(acc, out_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, False, BF16)
 
 
 @gluon.jit
@@ -145,64 +100,54 @@ def wna16_gluon_ws_kernel(x_desc, w_desc, z_desc, out_ptr, part_ptr, lock_ptr, M
 
 def linear_wna16_gluon_ws(x, qmma, zw, *, tps=2, stages=3, block_m=16, split=1, maxnreg=128):
     """linear_wna16_gluon through the warp-specialized kernel (no bias, no PDL)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from runtime.ops import triton_quant as tq
     m, k = x.shape
     n = qmma.shape[0] * 64
     tiles = k // 128 // split
     assert tiles * split * 128 == k and tiles % tps == 0, (k, split, tps)
-    xl, wl, zl = layouts(block_m, tps, x.dtype)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    out, part, locks = outputs(x, n, split)
     wna16_gluon_ws_kernel[(n // 64, triton.cdiv(m, block_m), split)](
-        TensorDescriptor.from_tensor(x, [block_m, 128 * tps], xl),
-        TensorDescriptor.from_tensor(qmma.view(torch.int32).view(-1, 128), [8 * tps, 128], wl),
-        TensorDescriptor.from_tensor(zw, [tps, 64], zl), out, part, tq._locks(x.device) if split > 1 else out, m, n,
-        k, TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16,
-        num_warps=4, maxnreg=maxnreg)
+        *descriptors(x, qmma, zw, block_m, tps), out, part, locks, m, n, k, TILES=tiles, TPS=tps, STAGES=stages,
+        BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16, num_warps=4, maxnreg=maxnreg)
     return out
 
 
-def compile_ws(block_m: int, tps: int, stages: int, split: int, tiles: int = 32, maxnreg: int = 128):
-    """Compile the warp-specialized kernel for sm_90 without a GPU; returns it."""
+def compile_sm90(ws: bool, block_m: int, tps: int, stages: int, split: int, tiles: int = 32, maxnreg: int = 128,
+                 **flags):
+    """Compile wna16_gluon_kernel (flags: DEFER, PRE, HAS_BIAS, PDL) or, with ws, wna16_gluon_ws_kernel for sm_90
+    without a GPU (bf16); returns the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     xl, wl, zl = layouts(block_m, tps)
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, {128 * tps}],{xl!r}>",
            "w_desc": f"tensordesc<i32[{8 * tps}, 128],{wl!r}>", "z_desc": f"tensordesc<i32[{tps}, 64],{zl!r}>",
-           "out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
-    const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True)
+           **({} if ws else {"b_ptr": "*bf16"}), "out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32",
+           "M": "i32", "N": "i32", "K": "i32"}
+    const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True, **flags)
     sig.update({k: "constexpr" for k in const})
     attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")}
-    src = GluonASTSource(fn=wna16_gluon_ws_kernel, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+    src = GluonASTSource(fn=wna16_gluon_ws_kernel if ws else wna16_gluon_kernel, signature=sig, constexprs=const,
+                         attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, **({"maxnreg": maxnreg} if ws else {})})
 
 
-def compile_only(block_m: int, tps: int, stages: int, split: int, defer: bool, pre: bool = False, tiles: int = 32,
-                 bias: bool = False, pdl: bool = False):
-    """Compile for sm_90 without a GPU; returns the SASS and a few counts."""
+def sass_of(kern) -> str:
+    """A compiled kernel's SASS (the nvdisasm that ships with Triton)."""
     import subprocess
     import tempfile
 
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    xl, wl, zl = layouts(block_m, tps)
-    sig = {"x_desc": f"tensordesc<bf16[{block_m}, {128 * tps}],{xl!r}>",
-           "w_desc": f"tensordesc<i32[{8 * tps}, 128],{wl!r}>", "z_desc": f"tensordesc<i32[{tps}, 64],{zl!r}>",
-           "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32",
-           "K": "i32"}
-    const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True, DEFER=defer, PRE=pre,
-                 HAS_BIAS=bias, PDL=pdl)
-    sig.update({k: "constexpr" for k in const})
-    attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")}
-    src = GluonASTSource(fn=wna16_gluon_kernel, signature=sig, constexprs=const, attrs=attrs)
-    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     nvdis = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kern.asm["cubin"])
         f.flush()
-        sass = subprocess.run([str(nvdis), "-c", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(nvdis), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_only(block_m: int, tps: int, stages: int, split: int, defer: bool, pre: bool = False, tiles: int = 32,
+                 bias: bool = False, pdl: bool = False):
+    """wna16_gluon_kernel compiled for sm_90 without a GPU: (kernel, SASS, counts of a few instructions)."""
+    kern = compile_sm90(False, block_m, tps, stages, split, tiles, DEFER=defer, PRE=pre, HAS_BIAS=bias, PDL=pdl)
+    sass = sass_of(kern)
     counts = {op: len([ln for ln in sass.splitlines() if f" {op}" in ln]) for op in
               ("HGMMA", "BAR.SYNC", "LDS", "STS", "DEPBAR", "UTMALDG", "PRMT", "LOP3", "HADD2", "SHF")}
     return kern, sass, counts
@@ -217,20 +162,19 @@ def variants(m: int, k_tiles: int, tiles_n: int) -> list[tuple[str, dict]]:
     loaded early (pre)."""
     from runtime.ops import triton_quant as tq
     bm = 8 if m <= 8 else 16
+
+    def split(waves: int, tps: int) -> int:  # as the launcher chooses it (triton_quant.gluon_split)
+        return tq.gluon_split(tq.GemmConfig(bm, 64, 128, waves=waves, tps=tps), tiles_n, k_tiles, torch.device("cuda"))
+
     out = []
     for tps, stages, waves, defer, pre in ((1, 4, 2, True, False), (1, 4, 2, True, True), (2, 3, 2, True, False),
                                            (2, 3, 2, True, True), (2, 3, 2, False, False), (2, 4, 4, True, True),
                                            (4, 2, 2, True, False), (4, 3, 2, True, True)):
-        split = tq._choose_split(tq.GemmConfig(bm, 64, 128, waves=waves), tiles_n, k_tiles, torch.device("cuda"))
-        while (k_tiles // split) % tps:  # a split whose tile count TPS divides
-            split //= 2
         lab = f"g m{bm} t{tps} s{stages} x{waves}{'' if defer else ' nodefer'}{' pre' if pre else ''}"
-        out.append((lab, dict(block_m=bm, tps=tps, stages=stages, split=split, defer=defer, pre=pre)))
+        out.append((lab, dict(block_m=bm, tps=tps, stages=stages, split=split(waves, tps), defer=defer, pre=pre)))
     for tps, stages in ((1, 4), (2, 3), (2, 4)):  # warp-specialized (wna16_gluon_ws_kernel)
-        split = tq._choose_split(tq.GemmConfig(bm, 64, 128, waves=2), tiles_n, k_tiles, torch.device("cuda"))
-        while (k_tiles // split) % tps:
-            split //= 2
-        out.append((f"ws m{bm} t{tps} s{stages} x2", dict(block_m=bm, tps=tps, stages=stages, split=split, ws=True)))
+        out.append((f"ws m{bm} t{tps} s{stages} x2",
+                    dict(block_m=bm, tps=tps, stages=stages, split=split(2, tps), ws=True)))
     return out
 
 
@@ -264,8 +208,10 @@ def main() -> None:
     from runtime.ops.quant_linear import pack_mma_zeros
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "copy_gb_s": copy_bandwidth() / 1e9, "rows": []}
+    res = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                    "copy_gb_s": copy_bandwidth() / 1e9,
+                    "timing": "median of 40 CUDA-graph replays (events), L2 emptied by a 256 MiB read before each"},
+           "per_layer_us": {}, "rows": []}
     errors = {}
     for name, (n, k) in SHAPES.items():
         qmma = torch.randint(-32768, 32767, (n // 64, k // 128, 2048), dtype=torch.int16, device=dev)
@@ -302,7 +248,6 @@ def main() -> None:
         table.setdefault((r["m"], r["label"]), {})[r["shape"]] = r["us"]
     per_layer = {f"M={m} {lab}": round(sum(v.values()), 1) for (m, lab), v in table.items() if len(v) == len(SHAPES)}
     res["per_layer_us"] = per_layer
-    res["by_shape"] = {f"M={m} {lab}": {s: round(u, 1) for s, u in v.items()} for (m, lab), v in table.items()}
     if args.out:
         args.out.write_text(json.dumps(res, indent=1) + "\n")
     for m in sorted({r["m"] for r in res["rows"]}):

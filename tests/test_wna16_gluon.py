@@ -96,19 +96,8 @@ def test_launcher_selects_it_where_it_applies(monkeypatch):
 
 def test_warp_specialized_twin_compiles_for_hopper():
     """bench/wna16_gluon.py's warp-specialized variant (timed next to the kernel): one TMA warp, one warpgroup."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    from bench.wna16_gluon import compile_sm90, sass_of
 
-    import triton
-
-    from bench.wna16_gluon import compile_ws
-
-    kern = compile_ws(8, 2, 3, 2, tiles=8)
-    nvdis = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kern.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(nvdis), "-c", f.name], capture_output=True, text=True).stdout
-    assert sum(" HGMMA" in ln for ln in sass.splitlines()) == 16, "8 HGMMA per K tile, 2 tiles per stage"
+    kern = compile_sm90(True, 8, 2, 3, 2, tiles=8)
+    assert sum(" HGMMA" in ln for ln in sass_of(kern).splitlines()) == 16, "8 HGMMA per K tile, 2 tiles per stage"
     assert kern.metadata.num_warps == 8  # the warpgroup and the TMA warp, rounded to whole warpgroups

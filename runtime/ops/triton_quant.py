@@ -67,7 +67,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.ops.pdl import hopper, launch_kwargs
+from runtime.ops.pdl import capability, hopper, launch_kwargs
 from runtime.ops.quant_linear import (
     FP8_MAX,
     INT8_MAX,
@@ -1459,10 +1459,8 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
                  bias: torch.Tensor | None, cfg: GemmConfig) -> torch.Tensor | None:
     """linear_wna16_mma_cuda through runtime/ops/wna16_gluon.py's kernel where it applies (sm_90: wgmma; Gluon,
     1 to 16 rows, zero points as pack_mma_zeros' words, no act-order, x's rows 16-byte aligned); None otherwise.
-    block_m 8 up to 8 rows, else 16; the split as the other kernels choose it, lowered until cfg.tps divides each
-    program's K tiles."""
-    from runtime.ops import wna16_gluon as wg
-    from runtime.ops.pdl import capability
+    block_m 8 up to 8 rows, else 16; the split of gluon_split."""
+    from runtime.ops import wna16_gluon as wg  # imports Gluon: only when a Gluon config is asked for
 
     m, k = x.shape
     if not (wg.AVAILABLE and capability(x.device)[0] == 9 and 0 < m <= 16 and zeros.dtype == torch.int32
@@ -1472,11 +1470,18 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
     tiles_mn, k_tiles = qmma.shape[0] * triton.cdiv(m, block_m), k // 128
     if tiles_mn > LOCK_SLOTS or k_tiles % cfg.tps:
         return None
-    split = _choose_split(cfg, tiles_mn, k_tiles, x.device)
-    while k_tiles % split or (k_tiles // split) % cfg.tps:
-        split -= 1
+    split = gluon_split(cfg, tiles_mn, k_tiles, x.device)
     return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
                                  block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)))
+
+
+def gluon_split(cfg: GemmConfig, tiles_mn: int, k_tiles: int, device: torch.device) -> int:
+    """The Gluon kernel's split-K: _choose_split's, lowered until cfg.tps divides each program's K tiles (needs
+    k_tiles % cfg.tps == 0)."""
+    split = _choose_split(cfg, tiles_mn, k_tiles, device)
+    while k_tiles % split or (k_tiles // split) % cfg.tps:
+        split -= 1
+    return split
 
 
 def _tma_ready(x: torch.Tensor) -> bool:

@@ -44,6 +44,24 @@ if AVAILABLE:
     }"""
     ASM_BF16 = gl.constexpr(ASM_BF16_TEXT)
     ASM_F16 = gl.constexpr(ASM_BF16_TEXT.replace("bf16x2", "f16x2"))
+    # a tile's row half of codes as loaded from shared memory ([4, 128] int32: warp w, lane 4 g + t, registers p0 p1)
+    W2_L = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2]], lane_bases=[[0, 4], [0, 8], [0, 16], [0, 32], [0, 64]],
+        warp_bases=[[1, 0], [2, 0]], block_bases=[], shape=[4, 128]))
+    # ... the same registers viewed as [w, g, 4 t + 2 p1 + p0]
+    W3_L = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2]], lane_bases=[[0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 8, 16]))
+    ZZ_L = gl.constexpr(gl.SliceLayout(2, W3_L.value))  # a row half's zero points, broadcast over its words
+    # [1, 64] zero-point words: thread (w, 4 g + t) holds rows 16 w + g (+ 8), the accumulator's rows
+    Z2_L = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]], warp_bases=[[0, 16], [0, 32]],
+        block_bases=[], shape=[1, 64]))
+
+    @gluon.constexpr_function
+    def mma_layout(block_m):
+        """The accumulator's layout: y^T [64, block_m], one warpgroup, wgmma N = block_m."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
 
 
     @gluon.jit
@@ -67,8 +85,7 @@ if AVAILABLE:
 
 
     @gluon.jit
-    def _tile_words(ws, zs, j: gl.constexpr, W2_L: gl.constexpr, W3_L: gl.constexpr, Z2_L: gl.constexpr,
-                    ROW_L: gl.constexpr):
+    def _tile_words(ws, zs, j: gl.constexpr, ROW_L: gl.constexpr):
         """Tile j of a stage from shared memory: its two row halves of codes (ws: [8 TPS, 128] int32, rows
         8 j + 4 v + w; [4, 8, 16] each: w, g, 4 t + 2 p1 + p0) and its rows' zero-point words (zs: [TPS, 64]; [64]
         in the accumulator's row layout)."""
@@ -79,7 +96,7 @@ if AVAILABLE:
 
 
     @gluon.jit
-    def _tile_operand(w0, w1, zw, BF16: gl.constexpr, ZZ_L: gl.constexpr, A_L: gl.constexpr):
+    def _tile_operand(w0, w1, zw, BF16: gl.constexpr, A_L: gl.constexpr):
         """A tile's words (_tile_words) -> the [64, 128] wgmma register operand, q - z."""
         zz = ((zw >> 16) & 0xFFFF) | (zw & -65536)  # MAGIC + z in both halves
         zz = gl.permute(gl.reshape(zz, [4, 2, 8]), [0, 2, 1])  # rows 16 w + 8 v + g -> [w, g, v]
@@ -109,25 +126,82 @@ if AVAILABLE:
 
 
     @gluon.jit
+    def _stage(acc, ws, zs, xs, w0, w1, zw, TPS: gl.constexpr, DEFER: gl.constexpr, BF16: gl.constexpr,
+               BLOCK_M: gl.constexpr):
+        """One pipeline stage's TPS tiles (tile 0's words w0, w1, zw already in registers) into acc. DEFER: tile j's
+        scale is applied after tile j + 1's wgmma is issued, and the last tile's wgmma is left in flight: returns
+        (acc, its product, its operand, its scale) for the caller's warpgroup_mma_wait(0) (_finish_stage).
+        Otherwise every product is added at once and the last three values are only passed through."""
+        MMA: gl.constexpr = mma_layout(BLOCK_M)
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        ROW_L: gl.constexpr = gl.SliceLayout(1, MMA)
+        dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        zero = gl.zeros([64, BLOCK_M], gl.float32, MMA)
+        a = _tile_operand(w0, w1, zw, BF16, A_L)
+        p = warpgroup_mma(a, xs.slice(0, 128, dim=1).permute((1, 0)), zero, use_acc=False, is_async=True)
+        sc = _scale(zw, dt)
+        if not DEFER:
+            p, a = warpgroup_mma_wait(num_outstanding=0, deps=[p, a])
+            acc += p * sc
+        for j in gl.static_range(1, TPS):
+            w0, w1, zw = _tile_words(ws, zs, j, ROW_L)
+            a2 = _tile_operand(w0, w1, zw, BF16, A_L)
+            q = warpgroup_mma(a2, xs.slice(128 * j, 128, dim=1).permute((1, 0)), zero, use_acc=False, is_async=True)
+            if DEFER:
+                r, a = warpgroup_mma_wait(num_outstanding=1, deps=[p, a])
+                acc += r * sc
+            else:
+                q, a2 = warpgroup_mma_wait(num_outstanding=0, deps=[q, a2])
+                acc += q * _scale(zw, dt)
+            p = q
+            a = a2
+            sc = _scale(zw, dt)
+        return acc, p, a, sc
+
+    @gluon.jit
+    def _finish_stage(acc, p, a, sc, DEFER: gl.constexpr):
+        """_stage's last product, waited for and added (DEFER)."""
+        if DEFER:
+            r, a = warpgroup_mma_wait(num_outstanding=0, deps=[p, a])
+            acc += r * sc
+        return acc
+
+    @gluon.jit
+    def epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M: gl.constexpr,
+                 SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr):
+        """y^T [64 rows, BLOCK_M] to out (+ bias), through the serial split-K of triton_quant._split_k: the partial
+        stored, the tile's finished programs counted on lock_ptr, the last one summing all partials in a fixed
+        order and re-arming the counter."""
+        MMA: gl.constexpr = mma_layout(BLOCK_M)
+        dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        rn = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        offs = gl.expand_dims(rm, 0).to(gl.int64) * N + gl.expand_dims(rn, 1)
+        mask = gl.expand_dims(rm < M, 0) & gl.expand_dims(rn < N, 1)
+        if SPLIT > 1:
+            gl.store(part_ptr + pid_k.to(gl.int64) * M * N + offs, acc, mask=mask)
+            gl.thread_barrier()
+            done = gl.atomic_add(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                tot = gl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                for k in gl.static_range(1, SPLIT):
+                    tot += gl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 0)
+                if HAS_BIAS:
+                    tot += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
+                gl.store(out_ptr + offs, tot.to(dt), mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
+            gl.store(out_ptr + offs, acc.to(dt), mask=mask)
+
+    @gluon.jit
     def wna16_gluon_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, TILES: gl.constexpr,
                            TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr,
                            BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr, HAS_BIAS: gl.constexpr = False,
                            PDL: gl.constexpr = False):
         """y^T [64 rows, BLOCK_M] over the program's TILES K tiles, TPS tiles per pipeline stage, STAGES stages."""
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        W2_L: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2]],
-                                                         lane_bases=[[0, 4], [0, 8], [0, 16], [0, 32], [0, 64]],
-                                                         warp_bases=[[1, 0], [2, 0]], block_bases=[], shape=[4, 128])
-        W3_L: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 1], [0, 0, 2]], lane_bases=[[0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
-            warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 8, 16])
-        ZZ_L: gl.constexpr = gl.SliceLayout(2, W3_L)
-        ROW_L: gl.constexpr = gl.SliceLayout(1, MMA)
-        Z2_L: gl.constexpr = gl.DistributedLinearLayout(  # [1, 64]: thread (w, 4 g + t) holds rows 16 w + g (+ 8)
-            reg_bases=[[0, 8]], lane_bases=[[0, 0], [0, 0], [0, 1], [0, 2], [0, 4]], warp_bases=[[0, 16], [0, 32]],
-            block_bases=[], shape=[1, 64])
+        ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
         dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
@@ -151,51 +225,26 @@ if AVAILABLE:
                 _issue(w_desc, z_desc, x_desc, bars.index(i), w_s.index(i), z_s.index(i), x_s.index(i),
                        wrow0 + i * 8 * TPS, kt0 + i * TPS, pid_n, xrow, TPS)
 
-        acc = gl.zeros([64, BLOCK_M], gl.float32, MMA)
-        zero = gl.zeros([64, BLOCK_M], gl.float32, MMA)
+        acc = gl.zeros([64, BLOCK_M], gl.float32, mma_layout(BLOCK_M))
         if PRE:  # the first tile's words in registers before the loop; each stage then loads the next one's
             mbarrier.wait(bars.index(0), 0)
-            cw0, cw1, czw = _tile_words(w_s.index(0), z_s.index(0), 0, W2_L, W3_L, Z2_L, ROW_L)
+            cw0, cw1, czw = _tile_words(w_s.index(0), z_s.index(0), 0, ROW_L)
         for u in range(NST):
             s = u % STAGES
             ws = w_s.index(s)
             zs = z_s.index(s)
-            xs = x_s.index(s)
             if PRE:
                 w0, w1, zw = cw0, cw1, czw
             else:
                 mbarrier.wait(bars.index(s), (u // STAGES) & 1)
-                w0, w1, zw = _tile_words(ws, zs, 0, W2_L, W3_L, Z2_L, ROW_L)
-            a = _tile_operand(w0, w1, zw, BF16, ZZ_L, A_L)
-            p = warpgroup_mma(a, xs.slice(0, 128, dim=1).permute((1, 0)), zero, use_acc=False, is_async=True)
-            sc = _scale(zw, dt)
-            if not DEFER:
-                p, a = warpgroup_mma_wait(num_outstanding=0, deps=[p, a])
-                acc += p * sc
-            for j in gl.static_range(1, TPS):
-                w0, w1, zw = _tile_words(ws, zs, j, W2_L, W3_L, Z2_L, ROW_L)
-                a2 = _tile_operand(w0, w1, zw, BF16, ZZ_L, A_L)
-                if DEFER:
-                    q = warpgroup_mma(a2, xs.slice(128 * j, 128, dim=1).permute((1, 0)), zero, use_acc=False,
-                                      is_async=True)
-                    r, a = warpgroup_mma_wait(num_outstanding=1, deps=[p, a])
-                    acc += r * sc
-                    p = q
-                    a = a2
-                else:
-                    p = warpgroup_mma(a2, xs.slice(128 * j, 128, dim=1).permute((1, 0)), zero, use_acc=False,
-                                      is_async=True)
-                    p, a2 = warpgroup_mma_wait(num_outstanding=0, deps=[p, a2])
-                    acc += p * _scale(zw, dt)
-                sc = _scale(zw, dt)
+                w0, w1, zw = _tile_words(ws, zs, 0, ROW_L)
+            acc, p, a, sc = _stage(acc, ws, zs, x_s.index(s), w0, w1, zw, TPS, DEFER, BF16, BLOCK_M)
             if PRE:
                 if u + 1 < NST:  # the next stage's first tile, loaded while this stage's last wgmma runs
                     s1 = (u + 1) % STAGES
                     mbarrier.wait(bars.index(s1), ((u + 1) // STAGES) & 1)
-                    cw0, cw1, czw = _tile_words(w_s.index(s1), z_s.index(s1), 0, W2_L, W3_L, Z2_L, ROW_L)
-            if DEFER:
-                r, a = warpgroup_mma_wait(num_outstanding=0, deps=[p, a])
-                acc += r * sc
+                    cw0, cw1, czw = _tile_words(w_s.index(s1), z_s.index(s1), 0, ROW_L)
+            acc = _finish_stage(acc, p, a, sc, DEFER)
             gl.thread_barrier()  # every warp is done with stage s: refill it
             nxt = u + STAGES
             if nxt < NST:
@@ -206,28 +255,7 @@ if AVAILABLE:
         if PDL:  # the K loop is done: the next kernel may start launching
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
-
-        rn = pid_n * 64 + gl.arange(0, 64, layout=ROW_L)
-        rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        offs = gl.expand_dims(rm, 0).to(gl.int64) * N + gl.expand_dims(rn, 1)
-        mask = gl.expand_dims(rm < M, 0) & gl.expand_dims(rn < N, 1)
-        if SPLIT > 1:
-            gl.store(part_ptr + pid_k.to(gl.int64) * M * N + offs, acc, mask=mask)
-            gl.thread_barrier()
-            done = gl.atomic_add(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 1, sem="acq_rel")
-            if done == SPLIT - 1:
-                tot = gl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                for k in gl.static_range(1, SPLIT):
-                    tot += gl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 0)
-                if HAS_BIAS:
-                    tot += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
-                gl.store(out_ptr + offs, tot.to(dt), mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
-            gl.store(out_ptr + offs, acc.to(dt), mask=mask)
-
+        epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, HAS_BIAS, BF16)
 
     def layouts(block_m: int, tps: int, dtype=torch.bfloat16):
         gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
@@ -236,26 +264,36 @@ if AVAILABLE:
                 gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
 
 
+    def descriptors(x, qmma, zw, block_m: int, tps: int) -> tuple:
+        """The kernel's three TMA descriptors: x [M, K] in boxes [block_m, 128 tps], the codes as rows of 128 int32
+        (a 4 KB tile = 8 rows; boxes of tps tiles), the zero-point words [K / 128, N] in boxes [tps, 64]."""
+        xl, wl, zl = layouts(block_m, tps, x.dtype)
+        return (TensorDescriptor.from_tensor(x, [block_m, 128 * tps], xl),
+                TensorDescriptor.from_tensor(qmma.view(torch.int32).view(-1, 128), [8 * tps, 128], wl),
+                TensorDescriptor.from_tensor(zw, [tps, 64], zl))
+
+    def outputs(x, n: int, split: int) -> tuple:
+        """(out [M, N], the split-K partials or out, the tile counters or out)."""
+        from runtime.ops import triton_quant as tq
+        m = x.shape[0]
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if split == 1:
+            return out, out, out
+        return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), tq._locks(x.device)
+
     def linear_wna16_gluon(x, qmma, zw, bias=None, *, tps=2, stages=3, block_m=16, split=1, defer=True, pre=False,
                            pdl=False):
         """x [M, K] bf16/fp16 (rows 16-byte aligned), qmma int16 [N/64, K/128, 2048] (pack_wna16_mma), zw int32
         [K/128, N] (pack_mma_zeros: group size 128), bias [N] or None -> y [M, N] in x's dtype. The K tiles per
         program (K / 128 / split) must be a multiple of tps."""
-        from runtime.ops import triton_quant as tq
         m, k = x.shape
         n = qmma.shape[0] * 64
         tiles = k // 128 // split
         assert tiles * split * 128 == k and tiles % tps == 0, (k, split, tps)
-        xl, wl, zl = layouts(block_m, tps, x.dtype)
-        x_desc = TensorDescriptor.from_tensor(x, [block_m, 128 * tps], xl)
-        w_desc = TensorDescriptor.from_tensor(qmma.view(torch.int32).view(-1, 128), [8 * tps, 128], wl)
-        z_desc = TensorDescriptor.from_tensor(zw, [tps, 64], zl)
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-        locks = tq._locks(x.device) if split > 1 else out
+        out, part, locks = outputs(x, n, split)
         extra = {"PDL": True, "launch_pdl": True} if pdl else {}
         wna16_gluon_kernel[(n // 64, triton.cdiv(m, block_m), split)](
-            x_desc, w_desc, z_desc, bias if bias is not None else out, out, part, locks, m, n, k, TILES=tiles, TPS=tps,
-            STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16, DEFER=defer, PRE=pre,
-            HAS_BIAS=bias is not None, num_warps=4, **extra)
+            *descriptors(x, qmma, zw, block_m, tps), bias if bias is not None else out, out, part, locks, m, n, k,
+            TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16,
+            DEFER=defer, PRE=pre, HAS_BIAS=bias is not None, num_warps=4, **extra)
         return out
