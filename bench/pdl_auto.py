@@ -32,7 +32,14 @@ from bench.quant_gemm import dumps  # noqa: E402
 
 WIDE = {"FP8_DECODE_NARROW": {"block_k": 128, "waves": 1}}  # FP8_DECODE on every shape (before NARROW)
 # setting -> (AUTO_MAX_BATCH or None for the default, ENABLED, kernel overrides)
-SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True, {}), "nopdl-wide": (0, False, WIDE)}
+SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True, {}), "nopdl-wide": (0, False, WIDE),
+            # the Gluon W4A16 decode GEMM (runtime/ops/wna16_gluon.py) up to 1 / 8 / 16 rows, on the same build
+            **{f"gluon{m}": (None, False, {"WNA16_MMA_GLUON_MAX_M": m}) for m in (1, 8, 16)},
+            # ... up to 8 rows: its weights loaded after the wait for the previous kernel (late), L2 prefetch of
+            # 8 / 16 more K tiles before that wait (pf8, pf16), 6 stages (s6)
+            **{f"gluon8-{name}": (None, False, {"WNA16_MMA_GLUON_MAX_M": 8, "WNA16_MMA_GLUON": fields})
+               for name, fields in (("late", {"early": False}), ("pf8", {"l2pf": 8}), ("pf16", {"l2pf": 16}),
+                                    ("s6", {"num_stages": 6}))}}
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
 
 

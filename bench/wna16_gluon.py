@@ -120,11 +120,15 @@ def compile_sm90(ws: bool, block_m: int, tps: int, stages: int, split: int, tile
     xl, wl, zl = layouts(block_m, tps)
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, {128 * tps}],{xl!r}>",
            "w_desc": f"tensordesc<i32[{8 * tps}, 128],{wl!r}>", "z_desc": f"tensordesc<i32[{tps}, 64],{zl!r}>",
-           **({} if ws else {"b_ptr": "*bf16"}), "out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32",
+           **({} if ws else {"w_ptr": "*i16", "b_ptr": "*bf16"}), "out_ptr": "*bf16", "part_ptr": "*fp32",
+           "lock_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32"}
+    if not ws:  # the kernel's defaults (a constexpr not given here would be None)
+        flags = {"HAS_BIAS": False, "PDL": False, "EARLY": True, "L2PF": 0, **flags}
     const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True, **flags)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")}
+    attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")
+             + (() if ws else ("w_ptr",))}
     src = GluonASTSource(fn=wna16_gluon_ws_kernel if ws else wna16_gluon_kernel, signature=sig, constexprs=const,
                          attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -33,6 +33,21 @@ def test_compiles_for_hopper_with_the_operand_in_registers(block_m, tps, stages,
     assert f"HGMMA.64x{block_m}x16.F32" in sass
 
 
+def test_under_pdl_the_weights_are_read_before_the_wait():
+    """Launched with PDL, the kernel's first stages of codes and zero points (2 TMA loads a stage) and the L2
+    prefetch are issued before griddepcontrol.wait (ACQBULK); x's loads only after it. With EARLY off nothing is."""
+    from bench.wna16_gluon import compile_sm90, sass_of
+
+    def before_wait(**flags):
+        sass = sass_of(compile_sm90(False, 8, 1, 3, 1, 16, DEFER=True, PRE=True, PDL=True, **flags))
+        head = sass[:sass.index("ACQBULK")]
+        return head.count("UTMALDG"), head.count("UBLKPF"), sass.count("UTMALDG")
+
+    assert before_wait(L2PF=4)[:2] == (6, 1)
+    assert before_wait(EARLY=False)[:2] == (0, 0)
+    assert before_wait()[2] == before_wait(EARLY=False)[2]  # the same loads, only moved
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -48,10 +63,12 @@ def test_matches_the_reference_on_gpu(dtype):
         qmma, zw = pack_wna16_mma(qw).cuda(), pack_mma_zeros(scales, zeros).cuda()
         for m in (1, 5, 16):
             x = (torch.randn(m, k, generator=g) * 0.5).to(dtype).cuda()
-            ref = linear_wna16_ref(x, qw.cuda(), scales.cuda(), zeros.cuda(), None, None, 4, 128)
+            ref = linear_wna16_ref(x, qw, scales, zeros, None, None, 4, 128)
             for kw in (dict(block_m=8 if m <= 8 else 16, tps=2, stages=3, split=1, defer=True, pre=True),
                        dict(block_m=16, tps=1, stages=4, split=2, defer=True, pre=False),
-                       dict(block_m=16, tps=2, stages=2, split=2, defer=False, pre=True)):
+                       dict(block_m=16, tps=2, stages=2, split=2, defer=False, pre=True),
+                       # launched with PDL: weights loaded before the wait, and up to 4 more tiles prefetched
+                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=1, pre=True, pdl=True, l2pf=4)):
                 check(linear_wna16_gluon(x, qmma, zw, **kw), ref, f"k{k} n{n} m{m} {kw}")
 
 
@@ -71,27 +88,28 @@ def test_launcher_selects_it_where_it_applies(monkeypatch):
     qw, scales, zeros, _ = wna16_case(k, n, 4, 128, False, dtype, g)
     qmma, zw = pack_wna16_mma(qw).cuda(), pack_mma_zeros(scales, zeros).cuda()
     bias = torch.randn(n, generator=g).to(dtype).cuda()
+    qw, scales, zeros = qw.cuda(), scales.cuda(), zeros.cuda()
     monkeypatch.setattr(tq, "WNA16_MMA_GLUON_MAX_M", 16)
     with KernelLaunches(wg, "wna16_gluon_kernel") as launched:
         for m, b, use_pdl in ((1, None, False), (5, bias, True), (16, bias, False)):
             monkeypatch.setattr(pdl, "ENABLED", use_pdl)
             x = torch.randn(m, k, generator=g).to(dtype).cuda()
             before = launched.n
-            out = tq.linear_wna16_mma_cuda(x, qmma, scales.cuda(), zw, None, b, 128)
+            out = tq.linear_wna16_mma_cuda(x, qmma, scales, zw, None, b, 128)
             assert launched.n == before + 1, f"m={m}: the Gluon kernel did not run"
-            check(out, linear_wna16_ref(x, qw.cuda(), scales.cuda(), zeros.cuda(), None, b, 4, 128), f"m={m}")
+            check(out, linear_wna16_ref(x, qw, scales, zeros, None, b, 4, 128), f"m={m}")
         # rows not 16-byte aligned: TMA cannot read x, so the Triton kernels run instead (same result)
         xs = torch.randn(3, k + 1, generator=g).to(dtype).cuda()[:, 1:]
         before = launched.n
-        out = tq.linear_wna16_mma_cuda(xs, qmma, scales.cuda(), zw, None, None, 128)
+        out = tq.linear_wna16_mma_cuda(xs, qmma, scales, zw, None, None, 128)
         assert launched.n == before
-        check(out, linear_wna16_ref(xs, qw.cuda(), scales.cuda(), zeros.cuda(), None, None, 4, 128), "unaligned")
+        check(out, linear_wna16_ref(xs, qw, scales, zeros, None, None, 4, 128), "unaligned")
         # and inside a CUDA graph, replayed on new inputs
         x = torch.randn(1, k, generator=g).to(dtype).cuda()
-        graph, out = capture_graph(lambda: tq.linear_wna16_mma_cuda(x, qmma, scales.cuda(), zw, None, None, 128))
+        graph, out = capture_graph(lambda: tq.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128))
         x.copy_(torch.randn(1, k, generator=g).to(dtype))
         graph.replay()
-        check(out, linear_wna16_ref(x, qw.cuda(), scales.cuda(), zeros.cuda(), None, None, 4, 128), "graph")
+        check(out, linear_wna16_ref(x, qw, scales, zeros, None, None, 4, 128), "graph")
 
 
 def test_warp_specialized_twin_compiles_for_hopper():

@@ -1145,6 +1145,8 @@ class GemmConfig:
     gluon: bool = False  # W4A16 mma, up to 16 rows: runtime/ops/wna16_gluon.py's kernel (block_m 8 up to 8 rows)
     tps: int = 1  # gluon: K tiles per pipeline stage
     pre: bool = False  # gluon: the next stage's first tile read into registers before this stage's last wait
+    early: bool = True  # gluon under PDL: the first stages' weights loaded before the wait for the previous kernel
+    l2pf: int = 0  # gluon under PDL: this many more K tiles of weights prefetched into L2 before that wait
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1472,7 +1474,8 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
         return None
     split = gluon_split(cfg, tiles_mn, k_tiles, x.device)
     return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
-                                 block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)))
+                                 block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)),
+                                 early=cfg.early, l2pf=cfg.l2pf)
 
 
 def gluon_split(cfg: GemmConfig, tiles_mn: int, k_tiles: int, device: torch.device) -> int:

@@ -118,11 +118,20 @@ if AVAILABLE:
 
 
     @gluon.jit
-    def _issue(w_desc, z_desc, x_desc, bar, w_dst, z_dst, x_dst, wrow, kt, pid_n, xrow, TPS: gl.constexpr):
+    def _issue_weights(w_desc, z_desc, x_desc, bar, w_dst, z_dst, wrow, kt, pid_n):
+        """A stage's codes and zero-point words; bar expects them and the stage's x (_issue_x)."""
         mbarrier.expect(bar, w_desc.block_type.nbytes + z_desc.block_type.nbytes + x_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(w_desc, [wrow, 0], bar, w_dst)
         tma.async_copy_global_to_shared(z_desc, [kt, pid_n * 64], bar, z_dst)
+
+    @gluon.jit
+    def _issue_x(x_desc, bar, x_dst, kt, xrow):
         tma.async_copy_global_to_shared(x_desc, [xrow, kt * 128], bar, x_dst)
+
+    @gluon.jit
+    def _issue(w_desc, z_desc, x_desc, bar, w_dst, z_dst, x_dst, wrow, kt, pid_n, xrow, TPS: gl.constexpr):
+        _issue_weights(w_desc, z_desc, x_desc, bar, w_dst, z_dst, wrow, kt, pid_n)
+        _issue_x(x_desc, bar, x_dst, kt, xrow)
 
 
     @gluon.jit
@@ -195,17 +204,31 @@ if AVAILABLE:
                 acc += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
             gl.store(out_ptr + offs, acc.to(dt), mask=mask)
 
+    @gluon.constexpr_function
+    def _prefetch_asm(nbytes):
+        return ("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], "
+                f"{nbytes}; }} mov.b32 $0, 0;")
+
     @gluon.jit
-    def wna16_gluon_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, TILES: gl.constexpr,
-                           TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr,
-                           BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr, HAS_BIAS: gl.constexpr = False,
-                           PDL: gl.constexpr = False):
-        """y^T [64 rows, BLOCK_M] over the program's TILES K tiles, TPS tiles per pipeline stage, STAGES stages."""
+    def _prefetch_l2(w_ptr, wrow, TILES: gl.constexpr):
+        """TILES code tiles (4 KB each, contiguous) from row wrow of the codes into L2: one bulk prefetch of
+        1 KB TILES per warp, by its first lane."""
+        t = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        addr = w_ptr + wrow.to(gl.int64) * 256 + (t // 32) * (512 * TILES)
+        gl.inline_asm_elementwise(_prefetch_asm(1024 * TILES), "=r,l,r", [addr, (t % 32 == 0).to(gl.int32)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def wna16_gluon_kernel(x_desc, w_desc, z_desc, w_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
+                           TILES: gl.constexpr, TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                           SPLIT: gl.constexpr, BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr,
+                           HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = False, EARLY: gl.constexpr = True,
+                           L2PF: gl.constexpr = 0):
+        """y^T [64 rows, BLOCK_M] over the program's TILES K tiles, TPS tiles per pipeline stage, STAGES stages.
+        Under PDL: with EARLY the first stages' codes and zero points are loaded before the wait for the previous
+        kernel, and the L2PF tiles after them prefetched into L2."""
         ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
         dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-        if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                      pack=1)
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
@@ -220,10 +243,25 @@ if AVAILABLE:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
+        if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
         for i in gl.static_range(STAGES):
             if i < NST:
-                _issue(w_desc, z_desc, x_desc, bars.index(i), w_s.index(i), z_s.index(i), x_s.index(i),
-                       wrow0 + i * 8 * TPS, kt0 + i * TPS, pid_n, xrow, TPS)
+                _issue_weights(w_desc, z_desc, x_desc, bars.index(i), w_s.index(i), z_s.index(i),
+                               wrow0 + i * 8 * TPS, kt0 + i * TPS, pid_n)
+        PF: gl.constexpr = min(L2PF, TILES - STAGES * TPS)
+        if PF > 0:
+            _prefetch_l2(w_ptr, wrow0 + STAGES * TPS * 8, PF)
+        # EARLY: the first stages' weights (and L2PF more tiles into L2) are read before the wait for the previous
+        # kernel; only x, the outputs and the split-K counters depend on it, so the weight stream starts while that
+        # kernel still runs
+        if PDL and EARLY:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
+        for i in gl.static_range(STAGES):
+            if i < NST:
+                _issue_x(x_desc, bars.index(i), x_s.index(i), kt0 + i * TPS, xrow)
 
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma_layout(BLOCK_M))
         if PRE:  # the first tile's words in registers before the loop; each stage then loads the next one's
@@ -282,7 +320,7 @@ if AVAILABLE:
         return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), tq._locks(x.device)
 
     def linear_wna16_gluon(x, qmma, zw, bias=None, *, tps=2, stages=3, block_m=16, split=1, defer=True, pre=False,
-                           pdl=False):
+                           pdl=False, early=True, l2pf=0):
         """x [M, K] bf16/fp16 (rows 16-byte aligned), qmma int16 [N/64, K/128, 2048] (pack_wna16_mma), zw int32
         [K/128, N] (pack_mma_zeros: group size 128), bias [N] or None -> y [M, N] in x's dtype. The K tiles per
         program (K / 128 / split) must be a multiple of tps."""
@@ -293,7 +331,7 @@ if AVAILABLE:
         out, part, locks = outputs(x, n, split)
         extra = {"PDL": True, "launch_pdl": True} if pdl else {}
         wna16_gluon_kernel[(n // 64, triton.cdiv(m, block_m), split)](
-            *descriptors(x, qmma, zw, block_m, tps), bias if bias is not None else out, out, part, locks, m, n, k,
-            TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16,
-            DEFER=defer, PRE=pre, HAS_BIAS=bias is not None, num_warps=4, **extra)
+            *descriptors(x, qmma, zw, block_m, tps), qmma, bias if bias is not None else out, out, part, locks, m, n,
+            k, TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16,
+            DEFER=defer, PRE=pre, HAS_BIAS=bias is not None, EARLY=early, L2PF=l2pf, num_warps=4, **extra)
         return out
