@@ -61,6 +61,7 @@ def test_matches_the_reference_on_gpu(dtype):
         g = gen("gluon", k, n, str(dtype))
         qw, scales, zeros, _ = wna16_case(k, n, 4, 128, False, dtype, g)
         qmma, zw = pack_wna16_mma(qw).cuda(), pack_mma_zeros(scales, zeros).cuda()
+        qw, scales, zeros = qw.cuda(), scales.cuda(), zeros.cuda()
         for m in (1, 5, 16):
             x = (torch.randn(m, k, generator=g) * 0.5).to(dtype).cuda()
             ref = linear_wna16_ref(x, qw, scales, zeros, None, None, 4, 128)

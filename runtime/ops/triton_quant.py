@@ -1172,9 +1172,14 @@ WNA16_MMA_LDG_MAX_M = 0
 # each, asynchronous wgmma, the group scale applied after the next tile's wgmma is issued, the next stage's first
 # tile loaded early). One H100, per 8B layer, L2 emptied: 68.5 us at one row (block_m 8, one tile per stage, 4
 # stages) against 78.0 for the TMA kernel; 75.2 against 75.5 at 16 rows (bench/results/quant-gemm-gluon-h100.json).
-# Off (0) until the engine A/B (bench/quant_engine.py --variants w4a16-mma+lm,w4a16-mma-gluon+lm) shows the gain
+# In the 8B W4A16+lm_head engine on one H100 (bench/results/pdl-gluon-8b-h100.json), GPU time of one decode graph
+# replay at batch 1 / 2 / 4 / 8 / 16 without it: 2.494 / 2.528 / 2.547 / 2.705 / 2.838 ms; up to 1 row 2.233; up to
+# 8 rows 2.232 / 2.324 / 2.344 / 2.626 / 2.843; up to 16 rows 2.229 / ... / 2.873 at 16: on up to 8 rows. Under PDL
+# (decode graphs up to pdl.AUTO_MAX_BATCH) the first stages' weights are loaded before the wait for the previous
+# kernel (early): 2.199 against 2.269 ms at batch 1; prefetching 8 / 16 more tiles into L2 (l2pf) or 6 stages
+# were slower, 2.33 / 2.41 / 2.31 (bench/results/pdl-gluon-early-8b-h100.json)
 WNA16_MMA_GLUON = GemmConfig(8, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, gluon=True, tps=1, pre=True)
-WNA16_MMA_GLUON_MAX_M = 0
+WNA16_MMA_GLUON_MAX_M = 8
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),

@@ -11,12 +11,15 @@ from the compiler:
   (PRE): the loop's longest wait, the stage's mbarrier and the first LDS, overlaps the tensor core;
 - the codes read from shared memory in the layout the wgmma register operand needs (a DistributedLinearLayout),
   the operand assembled by joins, a reshape and a permute that gl.convert_layout(..., assert_trivial=True) checks
-  move nothing (tests/test_wna16_gluon.py also checks the SASS: no STS, 8 HGMMA per tile).
+  move nothing (tests/test_wna16_gluon.py also checks the SASS: no STS, 8 HGMMA per tile);
+- launched with PDL (the small decode graphs), the first stages' codes and zero points loaded before
+  griddepcontrol.wait: only x, the outputs and the split-K counters depend on the previous kernel, so the weight
+  stream starts while the norm, RoPE, attention or SiLU-mul before it still runs (EARLY).
 
 On one H100 (bench/results/quant-gemm-gluon-h100.json), per 8B decoder layer with L2 emptied: 68.5 us at one row
 (block_m 8, one tile per stage, 4 stages, PRE) against 78.0 for the Triton TMA kernel; at 16 rows 75.2 against
-75.5. Selected by triton_quant.wna16_mma_config up to WNA16_MMA_GLUON_MAX_M rows (0 by default until the engine
-A/B: bench/quant_engine.py --variants w4a16-mma+lm,w4a16-mma-gluon+lm).
+75.5. Selected by triton_quant.wna16_mma_config up to WNA16_MMA_GLUON_MAX_M rows (8): the 8B W4A16+lm_head engine's
+batch-1 decode graph replays in 2.200 ms against 2.494 without it (bf16: 5.964; bench/results/pdl-gluon-*-h100.json).
 """
 from __future__ import annotations
 
