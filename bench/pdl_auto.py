@@ -39,7 +39,9 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             # 8 / 16 more K tiles before that wait (pf8, pf16), 6 stages (s6)
             **{f"gluon8-{name}": (None, False, {"WNA16_MMA_GLUON_MAX_M": 8, "WNA16_MMA_GLUON": fields})
                for name, fields in (("late", {"early": False}), ("pf8", {"l2pf": 8}), ("pf16", {"l2pf": 16}),
-                                    ("s6", {"num_stages": 6}))}}
+                                    ("s6", {"num_stages": 6}))},
+            # attention's splits merged by the last one to finish instead of a reduce launch (triton_decode)
+            "serial-attn": (None, False, {"triton_decode.SERIAL_REDUCE": True})}
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
 
 

@@ -92,17 +92,24 @@ VARIANTS = {
 @contextlib.contextmanager
 def kernel_overrides(overrides: dict):
     """Replace fields of triton_quant's module-level GemmConfigs (a dict of fields) or other module-level settings
-    (a value) for the duration (bench A/B only)."""
-    from runtime.ops import triton_quant as tq
+    (a value) for the duration (bench A/B only); "module.NAME" names a setting of another runtime.ops module
+    (for example "triton_decode.SERIAL_REDUCE")."""
+    import importlib
 
-    saved = {name: getattr(tq, name) for name in overrides}
+    def owner(name: str):
+        module, _, attr = name.rpartition(".")
+        return importlib.import_module(f"runtime.ops.{module or 'triton_quant'}"), attr
+
+    saved = {name: getattr(*owner(name)) for name in overrides}
     try:
         for name, fields in overrides.items():
-            setattr(tq, name, dataclasses.replace(getattr(tq, name), **fields) if isinstance(fields, dict) else fields)
+            mod, attr = owner(name)
+            new = dataclasses.replace(getattr(mod, attr), **fields) if isinstance(fields, dict) else fields
+            setattr(mod, attr, new)
         yield
     finally:
         for name, cfg in saved.items():
-            setattr(tq, name, cfg)
+            setattr(*owner(name), cfg)
 
 
 def build(ckpt: Path, out: Path, variant: str, max_batch: int):

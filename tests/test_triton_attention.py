@@ -16,7 +16,7 @@ import torch
 
 import runtime.ops  # noqa: F401
 from runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
-from tests.conftest import run_under_interpreter
+from tests.conftest import KernelLaunches, run_under_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NO_GPU = not (torch.cuda.is_available() and HAS_TRITON)
@@ -125,6 +125,21 @@ def test_decode_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+@pytest.mark.parametrize("case", DECODE_CASES[:3], ids=lambda c: f"{c[0][-1]}ctx-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}")
+def test_decode_with_the_serial_merge_matches_reference(case, monkeypatch):
+    """The splits merged by the last one to finish (triton_decode.SERIAL_REDUCE), no reduce launch."""
+    from runtime.ops import triton_decode as td
+    from runtime.ops import triton_quant as tq
+
+    monkeypatch.setattr(td, "SERIAL_REDUCE", True)
+    with KernelLaunches(td, "_decode_reduce_kernel") as reduces:
+        check(*case, seed=zlib.crc32(repr(case).encode()) + 1)
+    assert reduces.n == 0
+    assert not tq._locks(torch.device("cuda")).any(), "a counter left armed"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"q{sum(c[1])}-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}-w{c[7]}")
 def test_prefill_extend_matches_reference(case):
     check(*case, seed=zlib.crc32(repr(case).encode()))
@@ -212,7 +227,10 @@ def _interpreter_main() -> None:
         ([1, 17, 33, 9], [1, 17, 5, 1], 8, 2, 16, 1, 5, None, tp.PrefillConfig(32, 16)),
         ([50, 40], [50, 23], 6, 1, 24, 16, 7, None, tp.PrefillConfig(32, 16)),
     ]
-    for seq_lens, qls, h, hkv, d, page, window, dcfg, pcfg in cases:
+    # decode with the splits merged by a reduce launch, then by the last split to finish (SERIAL_REDUCE)
+    cases += [c for c in cases if c[7] is not None]
+    serial = [False] * 6 + [True] * 3
+    for (seq_lens, qls, h, hkv, d, page, window, dcfg, pcfg), ser in zip(cases, serial):
         q, k, v, cache, meta = make_case(seq_lens, qls, h, hkv, d, page, torch.float16, seed=len(seq_lens) + page)
         cache_ref = cache.float()
         with set_forward_context(ForwardContext([cache_ref], meta)):
@@ -220,11 +238,18 @@ def _interpreter_main() -> None:
         ta.write_kv(cache, k, v, meta.slot_mapping)
         assert torch.equal(cache.float().nan_to_num(7), cache_ref.nan_to_num(7)), "KV write"
         out = torch.full((q.shape[0], h, d), float("nan"), dtype=q.dtype)
-        ta.attend(q.view(-1, h, d), cache, meta, d**-0.5, window, out, decode_cfg=dcfg, prefill_cfg=pcfg)
+        td.SERIAL_REDUCE = ser
+        with KernelLaunches(td, "_decode_reduce_kernel") as reduces:
+            ta.attend(q.view(-1, h, d), cache, meta, d**-0.5, window, out, decode_cfg=dcfg, prefill_cfg=pcfg)
+        td.SERIAL_REDUCE = False
+        if dcfg is not None and dcfg.programs_per_sm > 1 and window is None:  # split: a context of over 16
+            assert reduces.n == (0 if ser else 1), (seq_lens, ser, reduces.n)
         out = out.view(q.shape[0], -1)
-        assert not out.isnan().any(), (seq_lens, qls, "unwritten rows")
+        assert not out.isnan().any(), (seq_lens, qls, ser, "unwritten rows")
         err = rel_err(out, ref)
-        assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, err)
+        assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, ser, err)
+    from runtime.ops import triton_quant as tq
+    assert not tq._locks(torch.device("cpu")).any(), "the serial merge left a counter armed"
     print("interpreter ok")
 
 

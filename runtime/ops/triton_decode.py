@@ -73,6 +73,12 @@ CONFIGS = [DecodeConfig(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for s
 PINNED: dict[tuple, DecodeConfig] = {}
 WIDEN_ASM = True  # an 8-bit cache on sm_89+: _codes_f16 (False: .to(), for A/B timing only)
 MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_PAD] float32
+# Up to SERIAL_MAX_SPLITS splits, the last split program of a (sequence, KV head) to finish merges the partials
+# itself (_serial_merge, counted on triton_quant's serial split-K counters) instead of a _decode_reduce_kernel
+# launch after the split kernel: one kernel fewer per layer and decode step. Off until an engine A/B
+# (bench/pdl_auto.py's "serial-attn" setting) shows it faster.
+SERIAL_REDUCE = False
+SERIAL_MAX_SPLITS = 16
 
 
 def _pow2_bucket(n: int) -> int:
@@ -134,13 +140,13 @@ def _codes_f16(x, INT8: tl.constexpr):
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr,
     stride_qt, stride_qh, stride_cslot, stride_bt, stride_ot, stride_oh,
     PAGE: tl.constexpr, group, head_dim, window, n_splits, scale_log2, v_scale,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, WIDE16: tl.constexpr = False, ASM: tl.constexpr = False,
-    INT8: tl.constexpr = False,
+    INT8: tl.constexpr = False, SERIAL: tl.constexpr = False, S_PAD: tl.constexpr = 1,
 ):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
@@ -198,10 +204,45 @@ def _decode_split_kernel(
         tl.store(part_m_ptr + row, m_i)
         tl.store(part_l_ptr + row, l_i)
         tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc * v_scale)
+        if SERIAL:  # the (sequence, KV head)'s last split to finish merges all of them (no reduce launch)
+            _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr + b * tl.num_programs(0) + h, out_ptr,
+                          row - s * (tl.num_programs(0) * G_PAD), tl.num_programs(0) * G_PAD,
+                          tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+                          g_mask[:, None] & d_mask[None, :], n_splits, G_PAD, D_PAD, S_PAD)
     else:
         o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock, out_ptr, row0, split_stride, out_offs, out_mask,
+                  n_splits, G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """After a split's partials are stored: count the finished splits of its (sequence, KV head) on ``lock``;
+    the last one reads every split's (m, l, acc) back (rows row0 + s * split_stride, bypassing L1), merges them
+    as _decode_reduce_kernel does, writes ``out`` and re-arms the counter. The barrier before the acq_rel atomic
+    orders every thread's partial stores before the count (triton_quant._split_k's serial split-K)."""
+    tl.debug_barrier()
+    done = tl.atomic_add(lock, 1, sem="acq_rel")
+    if done == n_splits - 1:
+        d = tl.arange(0, D_PAD)
+        m_max = tl.load(part_m_ptr + row0, cache_modifier=".cg")
+        for s in tl.static_range(1, S_PAD):  # unrolled: the loads of every split are independent
+            if s < n_splits:
+                m_max = tl.maximum(m_max, tl.load(part_m_ptr + row0 + s * split_stride, cache_modifier=".cg"))
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights 0, output 0
+        denom = tl.zeros_like(m_max)
+        o = tl.zeros([G_PAD, D_PAD], tl.float32)
+        for s in tl.static_range(S_PAD):
+            if s < n_splits:
+                r = row0 + s * split_stride
+                w = tl.math.exp2(tl.load(part_m_ptr + r, cache_modifier=".cg") - m_max)  # empty split: 0
+                denom += w * tl.load(part_l_ptr + r, cache_modifier=".cg")
+                o += w[:, None] * tl.load(part_acc_ptr + r[:, None].to(tl.int64) * D_PAD + d[None, :],
+                                          mask=out_mask, other=0.0, cache_modifier=".cg")  # no padding rows
+        o = o / tl.where(denom > 0, denom, 1.0)[:, None]
+        tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -238,11 +279,15 @@ def _decode_reduce_kernel(
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      query_start_loc: torch.Tensor, max_ctx: int, scale: float, sliding_window: int | None,
                      out: torch.Tensor, cfg: DecodeConfig | None = None, num_sms: int | None = None,
-                     v_scale: float = 1.0) -> torch.Tensor:
+                     v_scale: float = 1.0, serial: bool | None = None) -> torch.Tensor:
     """q: [T, Hq, D] (last dim contiguous), kv_cache: [2, NB, page, Hkv, D] contiguous (q's dtype, or fp8/int8
     with the key scale folded into ``scale`` and the value scale in ``v_scale``),
     block_tables: [B, W] int32, seq_lens: [B] int32, query_start_loc: [B+1] int32 with every query length
-    in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only). Writes out: [T, Hq, D]."""
+    in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only); serial: the splits merged by the
+    last one to finish (None: SERIAL_REDUCE; applies up to SERIAL_MAX_SPLITS splits and LOCK_SLOTS (sequence, KV
+    head) pairs, else the reduce kernel). Writes out: [T, Hq, D]."""
+    from runtime.ops import triton_quant as tq
+
     _, num_heads, head_dim = q.shape
     _, _, page, num_kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -258,6 +303,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     g_pad = max(16, triton.next_power_of_2(group))
     d_pad = max(16, triton.next_power_of_2(head_dim))
     split = n_splits > 1
+    serial = (SERIAL_REDUCE if serial is None else serial) and split and n_splits <= SERIAL_MAX_SPLITS and (
+        num_seqs * num_kv_heads <= tq.LOCK_SLOTS)
     if split:
         rows = num_seqs * n_splits * num_kv_heads * g_pad
         part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
@@ -271,14 +318,15 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
            and capability(q.device) >= (8, 9))
     _decode_split_kernel[(num_kv_heads, num_seqs, n_splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_m, part_l, part_acc,
+        out, part_m, part_l, part_acc, tq._locks(q.device) if serial else out,
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
-        WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, num_warps=cfg.num_warps,
+        WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, SERIAL=serial,
+        S_PAD=triton.next_power_of_2(n_splits) if serial else 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_kwargs(q.device),
     )
-    if split:
+    if split and not serial:
         s_pad = max(2, triton.next_power_of_2(n_splits))
         _decode_reduce_kernel[(num_heads, num_seqs)](
             part_m, part_l, part_acc, query_start_loc, out,
