@@ -59,11 +59,6 @@ VARIANTS = {
                        "kernels": {"WNA16_MMA_LDG_MAX_M": 4}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
-    # ... with the Gluon decode GEMM (runtime/ops/wna16_gluon.py) for one row (gluon) or up to 8 rows (gluon8)
-    "w4a16-mma-gluon+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
-                           "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA_GLUON_MAX_M": 1}},
-    "w4a16-mma-gluon8+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
-                            "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA_GLUON_MAX_M": 8}},
     # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py): "pdl" True on every launch
     # (SPANDA_PDL=1 outside the bench), False on none (SPANDA_PDL=0); unset: the default, small decode graphs only
     "bf16-pdl": {"pdl": True},

@@ -11,7 +11,6 @@ CPU, not yet run on a GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from runtime.ops.wna16_gluon import (  # noqa: E402
     linear_wna16_gluon,
     mma_layout,
     outputs,
+    program_coords,
+    stage_buffers,
     wna16_gluon_kernel,
 )
 
@@ -46,7 +47,7 @@ def _ws_producer(w_desc, z_desc, x_desc, ready, empty, w_s, z_s, x_s, wrow0, kt0
         s = u % STAGES
         mbarrier.wait(empty.index(s), ((u // STAGES) & 1) ^ 1)  # a fresh barrier counts as emptied once
         _issue(w_desc, z_desc, x_desc, ready.index(s), w_s.index(s), z_s.index(s), x_s.index(s),
-               wrow0 + u * 8 * TPS, kt0 + u * TPS, pid_n, xrow, TPS)
+               wrow0 + u * 8 * TPS, kt0 + u * TPS, pid_n, xrow)
 
 
 @gluon.jit
@@ -74,17 +75,9 @@ def wna16_gluon_ws_kernel(x_desc, w_desc, z_desc, out_ptr, part_ptr, lock_ptr, M
                           BF16: gl.constexpr):
     """runtime/ops/wna16_gluon.py's kernel warp-specialized (bench only): one warp issues every TMA, the warpgroup
     only waits for stages to fill and hands them back."""
-    dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
     NST: gl.constexpr = TILES // TPS
-    kt0 = pid_k * TILES
-    wrow0 = (pid_n * (K // 128) + kt0) * 8
-    xrow = pid_m * BLOCK_M
-    w_s = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * TPS, 128], w_desc.layout)
-    z_s = gl.allocate_shared_memory(gl.int32, [STAGES, TPS, 64], z_desc.layout)
-    x_s = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, 128 * TPS], x_desc.layout)
+    pid_n, pid_m, pid_k, kt0, wrow0, xrow = program_coords(K, TILES, BLOCK_M)
+    w_s, z_s, x_s = stage_buffers(w_desc, z_desc, x_desc, TPS, STAGES, BLOCK_M, BF16)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -207,7 +200,7 @@ def main() -> None:
                 args.sass = None
         return
 
-    from bench.quant_gemm import copy_bandwidth, graph_us
+    from bench.quant_gemm import copy_bandwidth, dumps, graph_us
     from runtime.ops import triton_quant as tq
     from runtime.ops.quant_linear import pack_mma_zeros
     torch.manual_seed(0)
@@ -243,7 +236,7 @@ def main() -> None:
                 errors[f"{name} m{m} {lab}"] = err
                 res["rows"].append(dict(shape=name, m=m, label=lab, us=us, tb_s=nbytes / us / 1e6, rel_err=err, **kw))
         if args.out:
-            args.out.write_text(json.dumps(res, indent=1) + "\n")
+            args.out.write_text(dumps(res))
     bad = {k: v for k, v in errors.items() if not v < 2e-2}
     print("max relative error", max(errors.values()), "failing:", bad)
     # per layer: each label's sum over the four shapes, per M
@@ -253,7 +246,7 @@ def main() -> None:
     per_layer = {f"M={m} {lab}": round(sum(v.values()), 1) for (m, lab), v in table.items() if len(v) == len(SHAPES)}
     res["per_layer_us"] = per_layer
     if args.out:
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        args.out.write_text(dumps(res))
     for m in sorted({r["m"] for r in res["rows"]}):
         best = {}
         for shape in SHAPES:

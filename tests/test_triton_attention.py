@@ -227,10 +227,9 @@ def _interpreter_main() -> None:
         ([1, 17, 33, 9], [1, 17, 5, 1], 8, 2, 16, 1, 5, None, tp.PrefillConfig(32, 16)),
         ([50, 40], [50, 23], 6, 1, 24, 16, 7, None, tp.PrefillConfig(32, 16)),
     ]
-    # decode with the splits merged by a reduce launch, then by the last split to finish (SERIAL_REDUCE)
-    cases += [c for c in cases if c[7] is not None]
-    serial = [False] * 6 + [True] * 3
-    for (seq_lens, qls, h, hkv, d, page, window, dcfg, pcfg), ser in zip(cases, serial):
+    # every case, then the decode ones again with the splits merged by the last split to finish (SERIAL_REDUCE)
+    runs = [(c, False) for c in cases] + [(c, True) for c in cases if c[7] is not None]
+    for (seq_lens, qls, h, hkv, d, page, window, dcfg, pcfg), ser in runs:
         q, k, v, cache, meta = make_case(seq_lens, qls, h, hkv, d, page, torch.float16, seed=len(seq_lens) + page)
         cache_ref = cache.float()
         with set_forward_context(ForwardContext([cache_ref], meta)):

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from runtime.ops.pdl import capability, launch_kwargs
-from runtime.ops.triton_quant import pdl_enter
+from runtime.ops.triton_quant import LOCK_SLOTS, _locks, pdl_enter
 
 
 @dataclass(frozen=True)
@@ -286,8 +286,6 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     in {0, 1}; max_ctx: host bound on seq_lens (sizes the split count only); serial: the splits merged by the
     last one to finish (None: SERIAL_REDUCE; applies up to SERIAL_MAX_SPLITS splits and LOCK_SLOTS (sequence, KV
     head) pairs, else the reduce kernel). Writes out: [T, Hq, D]."""
-    from runtime.ops import triton_quant as tq
-
     _, num_heads, head_dim = q.shape
     _, _, page, num_kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -304,7 +302,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     d_pad = max(16, triton.next_power_of_2(head_dim))
     split = n_splits > 1
     serial = (SERIAL_REDUCE if serial is None else serial) and split and n_splits <= SERIAL_MAX_SPLITS and (
-        num_seqs * num_kv_heads <= tq.LOCK_SLOTS)
+        num_seqs * num_kv_heads <= LOCK_SLOTS)
     if split:
         rows = num_seqs * n_splits * num_kv_heads * g_pad
         part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
@@ -318,7 +316,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
            and capability(q.device) >= (8, 9))
     _decode_split_kernel[(num_kv_heads, num_seqs, n_splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        out, part_m, part_l, part_acc, tq._locks(q.device) if serial else out,
+        out, part_m, part_l, part_acc, _locks(q.device) if serial else out,
         q.stride(0), q.stride(1), kv_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,

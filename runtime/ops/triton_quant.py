@@ -1471,7 +1471,7 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
 
     m, k = x.shape
     if not (wg.AVAILABLE and capability(x.device)[0] == 9 and 0 < m <= 16 and zeros.dtype == torch.int32
-            and perm is None and x.stride(1) == 1 and _tma_ready(x)):
+            and perm is None and _tma_ready(x)):
         return None
     block_m = 8 if m <= 8 else 16
     tiles_mn, k_tiles = qmma.shape[0] * triton.cdiv(m, block_m), k // 128

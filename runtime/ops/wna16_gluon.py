@@ -132,7 +132,7 @@ if AVAILABLE:
         tma.async_copy_global_to_shared(x_desc, [xrow, kt * 128], bar, x_dst)
 
     @gluon.jit
-    def _issue(w_desc, z_desc, x_desc, bar, w_dst, z_dst, x_dst, wrow, kt, pid_n, xrow, TPS: gl.constexpr):
+    def _issue(w_desc, z_desc, x_desc, bar, w_dst, z_dst, x_dst, wrow, kt, pid_n, xrow):
         _issue_weights(w_desc, z_desc, x_desc, bar, w_dst, z_dst, wrow, kt, pid_n)
         _issue_x(x_desc, bar, x_dst, kt, xrow)
 
@@ -207,6 +207,25 @@ if AVAILABLE:
                 acc += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
             gl.store(out_ptr + offs, acc.to(dt), mask=mask)
 
+    @gluon.jit
+    def program_coords(K, TILES: gl.constexpr, BLOCK_M: gl.constexpr):
+        """(pid_n, pid_m, pid_k, its first K tile, its first row of codes, its first row of x)."""
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        kt0 = pid_k * TILES
+        return pid_n, pid_m, pid_k, kt0, (pid_n * (K // 128) + kt0) * 8, pid_m * BLOCK_M
+
+    @gluon.jit
+    def stage_buffers(w_desc, z_desc, x_desc, TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BF16: gl.constexpr):
+        """The pipeline's shared memory: STAGES stages of TPS tiles of codes, zero-point words and x."""
+        w_s = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * TPS, 128], w_desc.layout)
+        z_s = gl.allocate_shared_memory(gl.int32, [STAGES, TPS, 64], z_desc.layout)
+        x_s = gl.allocate_shared_memory(gl.bfloat16 if BF16 else gl.float16, [STAGES, BLOCK_M, 128 * TPS],
+                                        x_desc.layout)
+        return w_s, z_s, x_s
+
     @gluon.constexpr_function
     def _prefetch_asm(nbytes):
         return ("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], "
@@ -231,18 +250,9 @@ if AVAILABLE:
         Under PDL: with EARLY the first stages' codes and zero points are loaded before the wait for the previous
         kernel, and the L2PF tiles after them prefetched into L2."""
         ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
-        dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-        pid_n = gl.program_id(0)
-        pid_m = gl.program_id(1)
-        pid_k = gl.program_id(2)
         NST: gl.constexpr = TILES // TPS
-        kt0 = pid_k * TILES
-        wrow0 = (pid_n * (K // 128) + kt0) * 8
-        xrow = pid_m * BLOCK_M
-
-        w_s = gl.allocate_shared_memory(gl.int32, [STAGES, 8 * TPS, 128], w_desc.layout)
-        z_s = gl.allocate_shared_memory(gl.int32, [STAGES, TPS, 64], z_desc.layout)
-        x_s = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, 128 * TPS], x_desc.layout)
+        pid_n, pid_m, pid_k, kt0, wrow0, xrow = program_coords(K, TILES, BLOCK_M)
+        w_s, z_s, x_s = stage_buffers(w_desc, z_desc, x_desc, TPS, STAGES, BLOCK_M, BF16)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -290,7 +300,7 @@ if AVAILABLE:
             nxt = u + STAGES
             if nxt < NST:
                 _issue(w_desc, z_desc, x_desc, bars.index(s), w_s.index(s), z_s.index(s), x_s.index(s),
-                       wrow0 + nxt * 8 * TPS, kt0 + nxt * TPS, pid_n, xrow, TPS)
+                       wrow0 + nxt * 8 * TPS, kt0 + nxt * TPS, pid_n, xrow)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         if PDL:  # the K loop is done: the next kernel may start launching
