@@ -89,6 +89,8 @@ def main() -> None:
                     help="VARIANT=SETTING,SETTING,... (the settings run on that build, in order; default PLANS, "
                          "else auto)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep", default=None, help="build into KEEP/VARIANT and keep it (an artifact already there is "
+                                                 "reused; bench/profile_decode.py --artifact takes it)")
     args = ap.parse_args()
     plans = dict(PLANS)
     for p in args.plan:  # checked before the checkpoint is written, not after minutes of building
@@ -104,7 +106,8 @@ def main() -> None:
         make_checkpoint(args.shape, tmp / "hf")
         for variant in args.variants.split(","):
             t = time.perf_counter()
-            art = q.build(tmp / "hf", tmp / variant, variant, 16)
+            dest = Path(args.keep) / variant if args.keep else tmp / variant
+            art = dest if (dest / "manifest.json").exists() else q.build(tmp / "hf", dest, variant, 16)
             print(f"{variant} built in {time.perf_counter() - t:.0f} s", flush=True)
             seen: dict[str, int] = {}
             for setting in plans.get(variant, "auto").split(","):
@@ -126,7 +129,8 @@ def main() -> None:
                 del llm
                 gc.collect()
                 torch.cuda.empty_cache()
-            shutil.rmtree(tmp / variant, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(dest, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ WIDEN_ASM = True  # an 8-bit cache on sm_89+: _codes_f16 (False: .to(), for A/B 
 MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_PAD] float32
 # Up to SERIAL_MAX_SPLITS splits, the last split program of a (sequence, KV head) to finish merges the partials
 # itself (_serial_merge, counted on triton_quant's serial split-K counters) instead of a _decode_reduce_kernel
-# launch after the split kernel: one kernel fewer per layer and decode step. Off until an engine A/B
-# (bench/pdl_auto.py's "serial-attn" setting) shows it faster.
+# launch after the split kernel: one kernel fewer per layer and decode step. Off: slower where it was meant to help.
+# 8B W4A16+lm_head engine on one H100 (bench/results/pdl-decode-fusions-8b-h100.json, with that run's GEMM fusions
+# on), GPU time of one decode-graph replay: batch 1 2.640 ms against 2.449 / 2.443 with the reduce launch, batch 2
+# 2.715 against 2.545; batch 4 2.631 against 2.696, batch 16 2.830 against 2.844. The merge (an acq_rel atomic,
+# then up to 16 partials read back) lands on the critical path of the last split, where the reduce launch under
+# PDL overlapped the split kernel's tail.
 SERIAL_REDUCE = False
 SERIAL_MAX_SPLITS = 16
 
