@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from artifacts.manifest import MANIFEST_NAME  # noqa: E402
 from bench import quant_engine as q  # noqa: E402
 from bench.engine import make_checkpoint  # noqa: E402
 from bench.quant_gemm import dumps  # noqa: E402
@@ -107,7 +108,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             t = time.perf_counter()
             dest = Path(args.keep) / variant if args.keep else tmp / variant
-            art = dest if (dest / "manifest.json").exists() else q.build(tmp / "hf", dest, variant, 16)
+            art = dest if (dest / MANIFEST_NAME).exists() else q.build(tmp / "hf", dest, variant, 16)
             print(f"{variant} built in {time.perf_counter() - t:.0f} s", flush=True)
             seen: dict[str, int] = {}
             for setting in plans.get(variant, "auto").split(","):

@@ -66,7 +66,6 @@ if AVAILABLE:
         """The accumulator's layout: y^T [64, block_m], one warpgroup, wgmma N = block_m."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
 
-
     @gluon.jit
     def _dequant(w, zz2, BF16: gl.constexpr):
         """int32 words (pairs of pack_wna16_mma's int16, h = 0 low) and MAGIC + z in both halves -> 8 tensors q - z,
@@ -79,13 +78,10 @@ if AVAILABLE:
                                           is_pure=True, pack=1)
         return o
 
-
-
     @gluon.jit
     def _join_v(o, h: gl.constexpr):
         """One row half's eight dequantized tensors, half h -> [4, 8, 16, i1, i0], registers (i0, i1, p0, p1)."""
         return gl.join(gl.join(o[h], o[4 + h]), gl.join(o[2 + h], o[6 + h]))
-
 
     @gluon.jit
     def _tile_words(ws, zs, j: gl.constexpr, ROW_L: gl.constexpr):
@@ -96,7 +92,6 @@ if AVAILABLE:
         w1 = gl.convert_layout(gl.reshape(ws.slice(8 * j + 4, 4).load(W2_L), [4, 8, 16]), W3_L, assert_trivial=True)
         zw = gl.convert_layout(gl.reshape(zs.slice(j, 1).load(Z2_L), [64]), ROW_L, assert_trivial=True)
         return w0, w1, zw
-
 
     @gluon.jit
     def _tile_operand(w0, w1, zw, BF16: gl.constexpr, A_L: gl.constexpr):
@@ -113,12 +108,10 @@ if AVAILABLE:
         a = gl.reshape(gl.permute(a, [0, 7, 1, 3, 4, 5, 6, 2, 8]), [64, 128])  # rows (w, v, g), cols (p1 p0 i1 i0 t h)
         return gl.convert_layout(a, A_L, assert_trivial=True)
 
-
     @gluon.jit
     def _scale(zw, dt: gl.constexpr):
         """The group scales (low halves of the words) as float32 [64, 1]."""
         return gl.expand_dims((zw & 0xFFFF).to(gl.int16).to(dt, bitcast=True).to(gl.float32), 1)
-
 
     @gluon.jit
     def _issue_weights(w_desc, z_desc, x_desc, bar, w_dst, z_dst, wrow, kt, pid_n):
@@ -135,7 +128,6 @@ if AVAILABLE:
     def _issue(w_desc, z_desc, x_desc, bar, w_dst, z_dst, x_dst, wrow, kt, pid_n, xrow):
         _issue_weights(w_desc, z_desc, x_desc, bar, w_dst, z_dst, wrow, kt, pid_n)
         _issue_x(x_desc, bar, x_dst, kt, xrow)
-
 
     @gluon.jit
     def _stage(acc, ws, zs, xs, w0, w1, zw, TPS: gl.constexpr, DEFER: gl.constexpr, BF16: gl.constexpr,
@@ -313,7 +305,6 @@ if AVAILABLE:
         return (gl.NVMMASharedLayout.get_default_for([block_m, 128 * tps], gdt),
                 gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2),
                 gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
-
 
     def descriptors(x, qmma, zw, block_m: int, tps: int) -> tuple:
         """The kernel's three TMA descriptors: x [M, K] in boxes [block_m, 128 tps], the codes as rows of 128 int32
