@@ -155,6 +155,23 @@ def test_op_dispatches_to_triton(decode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+@pytest.mark.parametrize("serial", [False, True])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0][-1]}ctx-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}-w{c[7]}")
+def test_decode_with_splits_from_each_context_matches_reference(case, serial, monkeypatch):
+    """Each sequence uses only the splits its own context fills (triton_decode.DYNAMIC_SPLITS): the batches mix
+    sequences of one split (writing the output themselves) and of several, merged by the reduce kernel or by
+    the last split to finish."""
+    from runtime.ops import triton_decode as td
+    from runtime.ops import triton_quant as tq
+
+    monkeypatch.setattr(td, "DYNAMIC_SPLITS", True)
+    monkeypatch.setattr(td, "SERIAL_REDUCE", serial)
+    check(*case, seed=zlib.crc32(repr(case).encode()) + 2)
+    assert not tq._locks(torch.device("cuda")).any(), "a counter left armed"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 @pytest.mark.parametrize("page", [16, 64])
 def test_long_context_decode(page):
     check([8192, 8000, 4097, 1], [1] * 4, 32, 8, 128, page, torch.bfloat16, None, seed=page)
@@ -227,9 +244,13 @@ def _interpreter_main() -> None:
         ([1, 17, 33, 9], [1, 17, 5, 1], 8, 2, 16, 1, 5, None, tp.PrefillConfig(32, 16)),
         ([50, 40], [50, 23], 6, 1, 24, 16, 7, None, tp.PrefillConfig(32, 16)),
     ]
-    # every case, then the decode ones again with the splits merged by the last split to finish (SERIAL_REDUCE)
-    runs = [(c, False) for c in cases] + [(c, True) for c in cases if c[7] is not None]
-    for (seq_lens, qls, h, hkv, d, page, window, dcfg, pcfg), ser in runs:
+    # every case, then the decode ones again with the splits merged by the last split to finish (SERIAL_REDUCE),
+    # and both ways with each sequence using only the splits its context fills (DYNAMIC_SPLITS: the decode cases
+    # mix sequences that use one split, writing the output themselves, and several)
+    default = td.DYNAMIC_SPLITS
+    runs = ([(c, False, default) for c in cases] + [(c, True, default) for c in cases if c[7] is not None]
+            + [(c, ser, not default) for c in cases if c[7] is not None for ser in (False, True)])
+    for (seq_lens, qls, h, hkv, d, page, window, dcfg, pcfg), ser, dyn in runs:
         q, k, v, cache, meta = make_case(seq_lens, qls, h, hkv, d, page, torch.float16, seed=len(seq_lens) + page)
         cache_ref = cache.float()
         with set_forward_context(ForwardContext([cache_ref], meta)):
@@ -237,16 +258,16 @@ def _interpreter_main() -> None:
         ta.write_kv(cache, k, v, meta.slot_mapping)
         assert torch.equal(cache.float().nan_to_num(7), cache_ref.nan_to_num(7)), "KV write"
         out = torch.full((q.shape[0], h, d), float("nan"), dtype=q.dtype)
-        td.SERIAL_REDUCE = ser
+        td.SERIAL_REDUCE, td.DYNAMIC_SPLITS = ser, dyn
         with KernelLaunches(td, "_decode_reduce_kernel") as reduces:
             ta.attend(q.view(-1, h, d), cache, meta, d**-0.5, window, out, decode_cfg=dcfg, prefill_cfg=pcfg)
-        td.SERIAL_REDUCE = False
+        td.SERIAL_REDUCE, td.DYNAMIC_SPLITS = False, default
         if dcfg is not None and dcfg.programs_per_sm > 1 and window is None:  # split: a context of over 16
             assert reduces.n == (0 if ser else 1), (seq_lens, ser, reduces.n)
         out = out.view(q.shape[0], -1)
         assert not out.isnan().any(), (seq_lens, qls, ser, "unwritten rows")
         err = rel_err(out, ref)
-        assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, ser, err)
+        assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, ser, dyn, err)
     from runtime.ops import triton_quant as tq
     assert not tq._locks(torch.device("cpu")).any(), "the serial merge left a counter armed"
     print("interpreter ok")

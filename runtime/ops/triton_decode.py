@@ -16,7 +16,11 @@ Each split keeps a running (max m, sum l, unnormalised acc) in float32 with base
 it writes them to partial buffers and ``_decode_reduce_kernel`` merges them:
 ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``. With S == 1 the split writes ``out`` itself.
 The split boundaries are computed on the device from ``seq_lens``, so S is the only host decision and a
-captured CUDA graph stays correct as contexts grow.
+captured CUDA graph stays correct as contexts grow. S is sized for the longest context the launch allows (a
+decode graph's: the model's), so with ``DYNAMIC_SPLITS`` a sequence uses only the splits its own context fills
+with ``min_split`` tiles each, ``S_b = clamp(ceil(span / (BLOCK_N * min_split)), 1, S)``: the other programs
+of (b, h) return at once, and with ``S_b == 1`` the one left writes ``out`` itself and the reduce (or the
+serial merge) skips b. At batch 1 and a short context that is one program per KV head and no merge at all.
 
 An fp8/int8 cache reads half the bytes of a bf16 one: the key scale is folded into ``scale`` by the caller
 and the value scale multiplies the output (``v_scale``). Both dots then run in float16 (``WIDE16``): q is
@@ -83,6 +87,10 @@ MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_
 # PDL overlapped the split kernel's tail.
 SERIAL_REDUCE = False
 SERIAL_MAX_SPLITS = 16
+# Splits per sequence from its own context on the device (module docstring), not only from the launch's bound.
+# Off until it has run on a GPU (its interpreter test and an sm_90 compile pass; tests/test_triton_attention.py
+# has the GPU test, bench/pdl_auto.py's dyn-attn setting the engine A/B).
+DYNAMIC_SPLITS = False
 
 
 def _pow2_bucket(n: int) -> int:
@@ -151,6 +159,7 @@ def _decode_split_kernel(
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, WIDE16: tl.constexpr = False, ASM: tl.constexpr = False,
     INT8: tl.constexpr = False, SERIAL: tl.constexpr = False, S_PAD: tl.constexpr = 1,
+    SPLIT_SPAN: tl.constexpr = 0,
 ):
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
@@ -164,7 +173,10 @@ def _decode_split_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    per = tl.cdiv(tl.cdiv(seq_len - lo, n_splits), BLOCK_N) * BLOCK_N
+    n_eff = _splits_used(seq_len - lo, n_splits, SPLIT_SPAN)
+    if s >= n_eff:  # this sequence's context fills fewer splits
+        return
+    per = tl.cdiv(tl.cdiv(seq_len - lo, n_eff), BLOCK_N) * BLOCK_N
     s_lo = lo + s * per
     s_hi = tl.minimum(s_lo + per, seq_len)
 
@@ -203,42 +215,60 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    out_offs = tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
-        row = (b * n_splits + s) * (tl.num_programs(0) * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
-        tl.store(part_m_ptr + row, m_i)
-        tl.store(part_l_ptr + row, l_i)
-        tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc * v_scale)
-        if SERIAL:  # the (sequence, KV head)'s last split to finish merges all of them (no reduce launch)
-            _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr + b * tl.num_programs(0) + h, out_ptr,
-                          row - s * (tl.num_programs(0) * G_PAD), tl.num_programs(0) * G_PAD,
-                          tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
-                          g_mask[:, None] & d_mask[None, :], n_splits, G_PAD, D_PAD, S_PAD)
+        if n_eff > 1:
+            row = (b * n_splits + s) * (tl.num_programs(0) * G_PAD) + h * G_PAD + g  # [B, S, Hkv*G_PAD]
+            tl.store(part_m_ptr + row, m_i)
+            tl.store(part_l_ptr + row, l_i)
+            tl.store(part_acc_ptr + row[:, None].to(tl.int64) * D_PAD + d[None, :], acc * v_scale)
+            if SERIAL:  # the (sequence, KV head)'s last split to finish merges all of them (no reduce launch)
+                _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr + b * tl.num_programs(0) + h, out_ptr,
+                              row - s * (tl.num_programs(0) * G_PAD), tl.num_programs(0) * G_PAD, out_offs, out_mask,
+                              n_eff, G_PAD, D_PAD, S_PAD)
+        else:  # this sequence uses one split: the output itself
+            _write_out(out_ptr + out_offs, acc, l_i, v_scale, out_mask)
     else:
-        o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        _write_out(out_ptr + out_offs, acc, l_i, v_scale, out_mask)
+
+
+@triton.jit
+def _write_out(ptrs, acc, l_i, v_scale, mask):
+    """A split that covered the whole context: its normalised output."""
+    o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(ptrs, o.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splits_used(span, n_splits, SPLIT_SPAN: tl.constexpr):
+    """The splits a context of ``span`` positions uses: all n_splits, or with SPLIT_SPAN (DYNAMIC_SPLITS:
+    BLOCK_N * min_split) as many as it fills with SPLIT_SPAN positions each, at least 1."""
+    if SPLIT_SPAN > 0:
+        return tl.minimum(tl.maximum(tl.cdiv(span, SPLIT_SPAN), 1), n_splits)
+    return n_splits
 
 
 @triton.jit
 def _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock, out_ptr, row0, split_stride, out_offs, out_mask,
-                  n_splits, G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+                  n_used, G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
     """After a split's partials are stored: count the finished splits of its (sequence, KV head) on ``lock``;
     the last one reads every split's (m, l, acc) back (rows row0 + s * split_stride, bypassing L1), merges them
     as _decode_reduce_kernel does, writes ``out`` and re-arms the counter. The barrier before the acq_rel atomic
     orders every thread's partial stores before the count (triton_quant._split_k's serial split-K)."""
     tl.debug_barrier()
     done = tl.atomic_add(lock, 1, sem="acq_rel")
-    if done == n_splits - 1:
+    if done == n_used - 1:
         d = tl.arange(0, D_PAD)
         m_max = tl.load(part_m_ptr + row0, cache_modifier=".cg")
         for s in tl.static_range(1, S_PAD):  # unrolled: the loads of every split are independent
-            if s < n_splits:
+            if s < n_used:
                 m_max = tl.maximum(m_max, tl.load(part_m_ptr + row0 + s * split_stride, cache_modifier=".cg"))
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty: weights 0, output 0
         denom = tl.zeros_like(m_max)
         o = tl.zeros([G_PAD, D_PAD], tl.float32)
         for s in tl.static_range(S_PAD):
-            if s < n_splits:
+            if s < n_used:
                 r = row0 + s * split_stride
                 w = tl.math.exp2(tl.load(part_m_ptr + r, cache_modifier=".cg") - m_max)  # empty split: 0
                 denom += w * tl.load(part_l_ptr + r, cache_modifier=".cg")
@@ -251,12 +281,13 @@ def _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock, out_ptr, row0, spl
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, out_ptr,
-    stride_ot, stride_oh, group, head_dim, n_splits, num_kv_heads,
-    G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-    PDL: tl.constexpr = False,
+    part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
+    stride_ot, stride_oh, group, head_dim, n_splits, num_kv_heads, window,
+    G_PAD: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PDL: tl.constexpr = False, SPLIT_SPAN: tl.constexpr = 0,
 ):
-    """Grid (Hq, B): merges the S partial (m, l, acc) of one query head, all splits loaded at once."""
+    """Grid (Hq, B): merges the partial (m, l, acc) of the splits one query head used (_splits_used), all
+    loaded at once; a sequence that used one split has its output already."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
     hq = tl.program_id(0)
@@ -264,9 +295,18 @@ def _decode_reduce_kernel(
     tok = tl.load(qsl_ptr + b)
     if tl.load(qsl_ptr + b + 1) == tok:
         return
+    n_eff = n_splits
+    if SPLIT_SPAN > 0:
+        seq_len = tl.load(seq_lens_ptr + b)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(seq_len - window, 0)
+        n_eff = _splits_used(seq_len - lo, n_splits, SPLIT_SPAN)
+        if n_eff == 1:  # the split kernel wrote this sequence's output
+            return
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
-    s_mask = s < n_splits
+    s_mask = s < n_eff
     row = (b * n_splits + s) * (num_kv_heads * G_PAD) + (hq // group) * G_PAD + hq % group  # [S_PAD]
     m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
     l_s = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
@@ -315,6 +355,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     else:
         part_m = part_l = part_acc = out  # unused
     log2e = 1.4426950408889634
+    span = cfg.block_n * cfg.min_split if split and DYNAMIC_SPLITS else 0
     wide16 = kv_cache.element_size() == 1
     asm = (wide16 and WIDEN_ASM and kv_cache.dtype in (torch.float8_e4m3fn, torch.int8) and q.is_cuda
            and capability(q.device) >= (8, 9))
@@ -325,15 +366,16 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
         WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, SERIAL=serial,
-        S_PAD=triton.next_power_of_2(n_splits) if serial else 1, num_warps=cfg.num_warps,
+        S_PAD=triton.next_power_of_2(n_splits) if serial else 1, SPLIT_SPAN=span, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_kwargs(q.device),
     )
     if split and not serial:
         s_pad = max(2, triton.next_power_of_2(n_splits))
         _decode_reduce_kernel[(num_heads, num_seqs)](
-            part_m, part_l, part_acc, query_start_loc, out,
-            out.stride(0), out.stride(1), group, head_dim, n_splits, num_kv_heads,
-            G_PAD=g_pad, D_PAD=d_pad, S_PAD=s_pad, num_warps=8 if s_pad * d_pad >= 8192 else 4,
+            part_m, part_l, part_acc, query_start_loc, seq_lens, out,
+            out.stride(0), out.stride(1), group, head_dim, n_splits, num_kv_heads, sliding_window or 0,
+            G_PAD=g_pad, D_PAD=d_pad, S_PAD=s_pad, HAS_WINDOW=bool(sliding_window), SPLIT_SPAN=span,
+            num_warps=8 if s_pad * d_pad >= 8192 else 4,
             **launch_kwargs(q.device),
         )
     return out
