@@ -59,6 +59,10 @@ VARIANTS = {
                        "kernels": {"WNA16_MMA_LDG_MAX_M": 4}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                      "passes": {"wna16_mma": True}},
+    # ... with the residual add + RMSNorm between its linears carried by the GEMM epilogues (passes.fuse_norm_epilogue;
+    # pdl_auto's no-norm-epilogue setting runs the same build's ops as the GEMM, then the norm kernel)
+    "w4a16-mma+lm+ne": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
+                        "passes": {"wna16_mma": True, "fuse_norm_epilogue": True}},
     # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py): "pdl" True on every launch
     # (SPANDA_PDL=1 outside the bench), False on none (SPANDA_PDL=0); unset: the default, small decode graphs only
     "bf16-pdl": {"pdl": True},

@@ -117,7 +117,11 @@ def compile_sm90(ws: bool, block_m: int, tps: int, stages: int, split: int, tile
            "lock_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32"}
     if not ws:  # the kernel's defaults (a constexpr not given here would be None)
-        flags = {"HAS_BIAS": False, "PDL": False, "EARLY": True, "L2PF": 0, **flags}
+        flags = {"HAS_BIAS": False, "PDL": False, "EARLY": True, "L2PF": 0, "ADD": False, "RMS": False, **flags}
+        if flags["ADD"]:  # the norm carried by the epilogues: its producer's and its consumer's arguments
+            sig.update(res_ptr="*bf16", g_ptr="*bf16", xg_ptr="*bf16", ss_ptr="*fp32")
+        if flags["RMS"]:
+            sig.update(ss_ptr="*fp32", eps="fp32")
     const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True, **flags)
     sig.update({k: "constexpr" for k in const})
     attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")
@@ -175,6 +179,20 @@ def variants(m: int, k_tiles: int, tiles_n: int) -> list[tuple[str, dict]]:
     return out
 
 
+def split_grid(m: int, k_tiles: int, tiles_n: int) -> list[tuple[str, dict]]:
+    """The default configuration (one tile per stage, PRE) over explicit splits (divisors of k_tiles leaving >= 2
+    tiles per program) and 3 / 4 stages: which split each shape wants, against the launcher's waves rule."""
+    bm = 8 if m <= 8 else 16
+    out = []
+    for split in (1, 2, 4, 7, 8, 14, 16):
+        if k_tiles % split or k_tiles // split < 2:
+            continue
+        for stages in (3, 4):
+            out.append((f"g m{bm} t1 s{stages} split{split} pre",
+                        dict(block_m=bm, tps=1, stages=stages, split=split, defer=True, pre=True)))
+    return out
+
+
 def run_variant(x, qmma, zw, kw: dict):
     kw = dict(kw)
     if kw.pop("ws", False):
@@ -188,6 +206,7 @@ def main() -> None:
     ap.add_argument("--sass", type=Path, help="with --compile: write the first config's SASS here")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--splits", action="store_true", help="time split_grid (explicit splits and stages) instead")
     args = ap.parse_args()
     if args.compile:
         for bm, tps, st, sp, df, pre in ((16, 2, 3, 1, True, True), (16, 2, 3, 1, False, False),
@@ -225,7 +244,7 @@ def main() -> None:
             errors[f"{name} m{m} triton"] = (base.float() - ref).abs().max().item() / scale
             us = graph_us(lambda x=x, q=qmma, s=scales, z=zw: tq.linear_wna16_mma_cuda(x, q, s, z, None, None, 128))
             res["rows"].append(dict(shape=name, m=m, label="triton tma (default)", us=us, tb_s=nbytes / us / 1e6))
-            for lab, kw in variants(m, k // 128, n // 64):
+            for lab, kw in (split_grid if args.splits else variants)(m, k // 128, n // 64):
                 try:
                     y = run_variant(x, qmma, zw, kw)
                     err = (y.float() - ref).abs().max().item() / scale

@@ -78,6 +78,13 @@ class PassesSection(_Section):
     registers); runs after quantization. ``auto``: when the build runs on a Hopper GPU (compute capability
     9.0), the target the kernel is written for (other devices run its arithmetic without the packed
     dequantization instructions)."""
+    fuse_norm_epilogue: bool = False
+    """4-bit builds with ``wna16_mma``: a residual add + RMSNorm between two tensor-core-layout linears (o_proj ->
+    gate_up, down -> the next qkv) is carried by the two GEMMs (spanda::linear_wna16_mma_add_norm and
+    linear_wna16_mma_rms): on a Hopper GPU, up to 8 rows, the first GEMM's epilogue writes the residual sum, its
+    product with the norm weight and partial sums of squares, and the second scales its product by 1 / RMS (one
+    launch fewer per norm); elsewhere they run the GEMM and the norm kernel as before. Runs after quantization.
+    Off by default until its kernels have run on a GPU (bench/NOTES-wna16.md)."""
 
     def enabled(self) -> list[str]:
         """Names of enabled passes, in declaration (= application) order."""

@@ -7,7 +7,9 @@ warp-specialized twin (bench/wna16_gluon.py). GPU (``pytest -m
 gpu``): its output against the float32 reference on the same codes (bf16 and fp16, 1 to 16 rows, split-K serial,
 the tile-per-stage, deferred-scale and early-load variants), and through triton_quant.linear_wna16_mma_cuda with
 WNA16_MMA_GLUON: launched exactly where it applies (with bias, under PDL, in a CUDA graph), the Triton kernels
-otherwise.
+otherwise. The residual add + RMSNorm carried by two GEMMs' epilogues (quant_linear.linear_wna16_mma_add_norm /
+_rms): compiled for sm_90 on the CPU (the K loop unchanged, the loads it adds after the PDL wait), and on the GPU
+against the float32 reference of linear -> add -> RMSNorm -> linear.
 """
 
 from __future__ import annotations
@@ -111,6 +113,92 @@ def test_launcher_selects_it_where_it_applies(monkeypatch):
         x.copy_(torch.randn(1, k, generator=g).to(dtype))
         graph.replay()
         check(out, linear_wna16_ref(x, qw, scales, zeros, None, None, 4, 128), "graph")
+
+
+@pytest.mark.parametrize("flags", [{"ADD": True}, {"RMS": True}, {"RMS": True, "HAS_BIAS": True}])
+def test_norm_epilogue_variants_compile_for_hopper(flags):
+    """The norm carried by the epilogues (ADD: the producer's residual add, weighted output and sums of squares;
+    RMS: the consumer's 1 / RMS from those sums) adds nothing to the K loop (8 HGMMA, as without), and under PDL
+    every global load it adds (the residual and norm weight, or the sums of squares: the previous kernel's
+    outputs) comes after griddepcontrol.wait (ACQBULK); the kernel without them has no plain global load."""
+    import re
+
+    from bench.wna16_gluon import compile_sm90, sass_of
+
+    for split in (1, 4):
+        sass = sass_of(compile_sm90(False, 8, 1, 3, split, 16, DEFER=True, PRE=True, PDL=True, **flags))
+        wait = sass.index("ACQBULK")
+        assert sass.count(" HGMMA") == 8
+        assert not re.findall(r" LDG", sass[:wait]) and re.findall(r" LDG", sass[wait:]), flags
+    plain = sass_of(compile_sm90(False, 8, 1, 3, 1, 16, DEFER=True, PRE=True, PDL=True))
+    assert not re.findall(r" LDG", plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_carried_by_the_epilogues_matches_the_unfused_path_on_gpu(dtype, monkeypatch):
+    """linear_wna16_mma_add_norm -> linear_wna16_mma_rms (quant_linear) against the float32 reference of
+    linear -> residual add -> RMSNorm -> linear, up to 8 rows through the Gluon kernel's epilogues (the norm
+    kernel never runs; split-K and a CUDA graph included) and above that in the normed form."""
+    from runtime.ops import triton_elementwise as te
+    from runtime.ops import triton_quant as tq
+    from runtime.ops import wna16_gluon as wg
+    from runtime.ops.norm import rms_norm_ref
+    from runtime.ops.quant_linear import linear_wna16_ref
+    from tests.conftest import KernelLaunches, capture_graph
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is sm_90 only (wgmma)")
+    k1, hidden, n2 = 1024, 512, 384  # x [M, k1] -> hidden (the residual stream) -> n2; split-K in both GEMMs
+    g = gen("norm-epilogue", str(dtype))
+    qw1, s1, z1, _ = wna16_case(k1, hidden, 4, 128, False, dtype, g)
+    qw2, s2, z2, _ = wna16_case(hidden, n2, 4, 128, False, dtype, g)
+    a = (pack_wna16_mma(qw1).cuda(), s1.cuda(), pack_mma_zeros(s1, z1).cuda())
+    b = (pack_wna16_mma(qw2).cuda(), s2.cuda(), pack_mma_zeros(s2, z2).cuda())
+    nw = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype).cuda()
+    bias = torch.randn(n2, generator=g).to(dtype).cuda()
+    eps = 1e-5
+
+    def pair(x, res):
+        total, h, ss = torch.ops.spanda.linear_wna16_mma_add_norm(x, a[0], a[1], a[2], None, None, 128, res, nw, eps)
+        return total, torch.ops.spanda.linear_wna16_mma_rms(h, b[0], b[1], b[2], None, bias, 128, ss, eps)
+
+    def reference(x, res):
+        y = linear_wna16_ref(x.cpu(), qw1, s1, z1, None, None, 4, 128).cuda()
+        total = y + res
+        normed = rms_norm_ref(total.float(), nw.float(), eps)
+        return total, linear_wna16_ref(normed.cpu(), qw2.float(), s2.float(), z2, None, bias.float().cpu(), 4,
+                                       128).to(dtype).cuda()
+
+    with KernelLaunches(wg, "wna16_gluon_kernel") as gluon, KernelLaunches(te, "_rms_norm_kernel") as norms:
+        for m in (1, 3, 8, 12):
+            x = torch.randn(m, k1, generator=g).to(dtype).cuda()
+            res = torch.randn(m, hidden, generator=g).to(dtype).cuda()
+            before, norms_before = gluon.n, norms.n
+            total, out = pair(x, res)
+            ref_total, ref_out = reference(x, res)
+            fused = m <= tq.WNA16_MMA_GLUON_MAX_M
+            assert tq.norm_in_epilogue(m, x.device) == fused
+            assert (gluon.n - before, norms.n - norms_before) == ((2, 0) if fused else (0, 1)), m
+            check(total, ref_total, f"residual sum m={m}")
+            check(out, ref_out, f"output m={m}")
+        x = torch.randn(1, k1, generator=g).to(dtype).cuda()
+        res = torch.randn(1, hidden, generator=g).to(dtype).cuda()
+        graph, (total, out) = capture_graph(lambda: pair(x, res))
+        x.copy_(torch.randn(1, k1, generator=g).to(dtype))
+        res.copy_(torch.randn(1, hidden, generator=g).to(dtype))
+        graph.replay()
+        ref_total, ref_out = reference(x, res)
+        check(total, ref_total, "graph residual sum")
+        check(out, ref_out, "graph output")
+    # switched off: the normed form (the GEMM, then the norm kernel), the same function
+    monkeypatch.setattr(tq, "WNA16_NORM_EPILOGUE", False)
+    assert not tq.norm_in_epilogue(1, x.device)
+    with KernelLaunches(te, "_rms_norm_kernel") as norms:
+        total, out = pair(x, res)
+    assert norms.n == 1
+    check(out, ref_out, "normed form")
 
 
 def test_warp_specialized_twin_compiles_for_hopper():

@@ -210,8 +210,14 @@ def ckpt(tmp_path_factory):
                               intermediate_size=256)
 
 
-def _build(recipe, path, mma: bool):
-    return build(recipe.model_copy(update={"passes": recipe.passes.model_copy(update={"wna16_mma": mma})}), path)
+def _build(recipe, path, mma: bool, norm_epilogue: bool = False):
+    passes = recipe.passes.model_copy(update={"wna16_mma": mma, "fuse_norm_epilogue": norm_epilogue})
+    return build(recipe.model_copy(update={"passes": passes}), path)
+
+
+def _mma_linears(ops) -> int:
+    """Linears in the tensor-core layout, whether or not the norm between two of them is in their epilogues."""
+    return ops["linear_wna16_mma"] + ops["linear_wna16_mma_add_norm"] + ops["linear_wna16_mma_rms"]
 
 
 @pytest.mark.parametrize("quant,dtype", [(dict(method="rtn", bits=4, group_size=128), "float32"),
@@ -226,9 +232,9 @@ def test_mma_artifact_matches_the_plain_one(ckpt, tmp_path, quant, dtype):
              if k.endswith(".zeros")}
     # group 128 in bf16: the zero points as pack_mma_zeros' words (the scale in their low half)
     assert zeros and {v.dtype for v in zeros.values()} == {torch.int32 if dtype == "bfloat16" else torch.uint8}
-    assert on.manifest["passes"][-1] == "wna16_mma" and "wna16_mma" not in off.manifest["passes"]
+    assert "wna16_mma" in on.manifest["passes"] and "wna16_mma" not in off.manifest["passes"]
     ops_on, ops_off = _spanda_ops(on.path), _spanda_ops(off.path)
-    assert ops_off["linear_wna16"] == 8 and ops_on["linear_wna16_mma"] == 8 and "linear_wna16" not in ops_on
+    assert ops_off["linear_wna16"] == 8 and _mma_linears(ops_on) == 8 and "linear_wna16" not in ops_on
     assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
     hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
     a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
@@ -246,7 +252,8 @@ def test_auto_packs_on_hopper_builds_only(ckpt, tmp_path, device):
     res = build(recipe, tmp_path / device)
     hopper = device == "cuda" and torch.cuda.get_device_capability() == (9, 0)
     assert ("wna16_mma" in res.manifest["passes"]) == hopper
-    assert _spanda_ops(res.path)["linear_wna16_mma" if hopper else "linear_wna16"] == 8
+    ops = _spanda_ops(res.path)
+    assert (_mma_linears(ops) if hopper else ops["linear_wna16"]) == 8
 
 
 def test_pass_leaves_linears_it_cannot_hold(ckpt, tmp_path):
@@ -280,5 +287,53 @@ def test_prequantized_gptq_checkpoint_packs_at_build(ckpt, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     recipe = _recipe(src, method="none")
     on, off = _build(recipe, tmp_path / "on", True), _build(recipe, tmp_path / "off", False)
-    assert _spanda_ops(on.path)["linear_wna16_mma"] == 8 and _spanda_ops(off.path)["linear_wna16"] == 8
+    assert _mma_linears(_spanda_ops(on.path)) == 8 and _spanda_ops(off.path)["linear_wna16"] == 8
     assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
+
+
+def test_norm_epilogue_pass_pairs_the_linears_around_each_norm(ckpt, tmp_path):
+    """passes.fuse_norm_epilogue: o_proj -> norm -> gate_up and down -> the next layer's norm -> qkv become
+    linear_wna16_mma_add_norm -> linear_wna16_mma_rms (2 layers: 3 pairs); the first qkv (its norm reads the
+    embedding) and the last down (the final norm feeds the bf16 lm_head) stay. On the CPU both ops take the
+    normed form: the same logits and export-hf as without the pass."""
+    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    on, off = _build(recipe, tmp_path / "on", True, norm_epilogue=True), _build(recipe, tmp_path / "off", True)
+    assert on.manifest["passes"][-1] == "fuse_norm_epilogue" and "fuse_norm_epilogue" not in off.manifest["passes"]
+    assert not recipe.passes.fuse_norm_epilogue  # the recipe's default: off
+    ops_on, ops_off = _spanda_ops(on.path), _spanda_ops(off.path)
+    pair = ("linear_wna16_mma", "linear_wna16_mma_add_norm", "linear_wna16_mma_rms")
+    assert tuple(ops_on[op] for op in pair) == (2, 3, 3)
+    assert ops_on["fused_add_rms_norm"] == ops_off["fused_add_rms_norm"] - 3 and ops_off["linear_wna16_mma"] == 8
+    assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
+    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
+    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_epilogue_form_computes_the_norm(dtype):
+    """linear_wna16_mma_add_norm -> linear_wna16_mma_rms in the epilogue form (h = (y + residual) * weight, the
+    sums of squares per 64 columns, 1 / RMS applied after the second product, then its bias) against the normed
+    form (the residual add and RMSNorm as fused_add_rms_norm computes them): the same residual sum, outputs
+    equal up to rounding, with act-order on the second linear too."""
+    from runtime.ops.quant_linear import linear_wna16_mma_add_norm_ref, linear_wna16_mma_rms_ref
+
+    g = gen("epilogue-form", str(dtype))
+    k1, hidden, n2, eps = 128, 256, 192, 1e-6
+    qw1, s1, z1, _ = wna16_case(k1, hidden, 4, 128, False, dtype, g)
+    qw2, s2, z2, perm = wna16_case(hidden, n2, 4, -1, True, dtype, g)
+    a = (pack_wna16_mma(qw1), s1, z1, None, None, 128)
+    b = (pack_wna16_mma(qw2), s2, z2, perm, torch.randn(n2, generator=g).to(dtype), -1)
+    nw = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
+    for m in (1, 5):
+        x = torch.randn(m, k1, generator=g).to(dtype)
+        res = (torch.randn(m, hidden, generator=g) * 4).to(dtype)
+        outs = {}
+        for epilogue in (False, True):
+            total, h, ss = linear_wna16_mma_add_norm_ref(x, *a, res, nw, eps, epilogue=epilogue)
+            outs[epilogue] = total, linear_wna16_mma_rms_ref(h, *b, ss, eps, epilogue=epilogue)
+        assert torch.equal(outs[True][0], outs[False][0])
+        tf = outs[True][0].float()
+        assert torch.allclose(ss.sum(0), tf.pow(2).sum(1), rtol=1e-5)
+        check(outs[True][1], outs[False][1], f"m={m} {dtype}")

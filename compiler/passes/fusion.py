@@ -8,6 +8,10 @@
   linears (linear_fp8 / linear_int8, one kind, one input scale) quantizes that output itself
   (spanda::rms_norm_quant, fused_add_rms_norm_quant, silu_and_mul_quant) and the linears become
   spanda::linear_w8a8 on the codes: one activation-quantization launch fewer per linear.
+- ``fuse_norm_epilogue`` (after ``wna16_mma``): ``linear_wna16_mma -> fused_add_rms_norm -> linear_wna16_mma``
+  (o_proj -> post-attention norm -> gate_up, down -> next input norm -> qkv) -> spanda::linear_wna16_mma_add_norm
+  and spanda::linear_wna16_mma_rms: the two GEMMs' epilogues carry the residual add and the norm where the Hopper
+  decode GEMM runs (quant_linear's module docstring), one launch fewer per norm.
 Each pass returns how many sites it rewrote; the build records the passes that applied.
 """
 
@@ -230,6 +234,48 @@ def fuse_act_quant(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
                     graph.erase_node(u)
             graph.erase_node(out)
         graph.erase_node(node)
+        count += 1
+    finalize(gm)
+    return count
+
+
+def fuse_norm_epilogue(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype | None = None) -> int:
+    """Runs after the wna16_mma pass (its linears exist only then); see the module docstring. A norm qualifies
+    when one of its two inputs is a linear_wna16_mma used by nothing else and every user of its normed output
+    is a linear_wna16_mma reading it as x."""
+    count = 0
+    graph = gm.graph
+    mma = spanda.linear_wna16_mma.default
+    for node in list(graph.nodes):
+        if not is_call(node, spanda.fused_add_rms_norm.default):
+            continue
+        a, b, weight, eps = node.args
+        pick = [(p, r) for p, r in ((a, b), (b, a)) if is_call(p, mma) and len(p.users) == 1]
+        outs = {u.args[1]: u for u in node.users if is_call(u, operator.getitem)}
+        if not pick or len(outs) != len(node.users) or 0 not in outs:
+            continue
+        prod, residual = pick[0]
+        normed = outs[0]
+        linears = list(normed.users)
+        if not linears or any(not is_call(u, mma) or u.args[0] is not normed or normed in u.args[1:]
+                              for u in linears):
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(spanda.linear_wna16_mma_add_norm.default, (*prod.args, residual, weight, eps))
+            total, h, ss = (getitem(graph, fused, i) for i in range(3))
+        fused.meta.update(prod.meta)
+        for lin in linears:
+            with graph.inserting_before(lin):
+                new = graph.call_function(spanda.linear_wna16_mma_rms.default, (h, *lin.args[1:], ss, eps))
+            new.meta.update(lin.meta)
+            lin.replace_all_uses_with(new)
+            graph.erase_node(lin)
+        if 1 in outs:
+            outs[1].replace_all_uses_with(total)
+            graph.erase_node(outs[1])
+        graph.erase_node(normed)
+        graph.erase_node(node)
+        graph.erase_node(prod)
         count += 1
     finalize(gm)
     return count

@@ -16,6 +16,8 @@ OPS = (
     "spanda::paged_attention_cached",
     "spanda::linear_wna16",
     "spanda::linear_wna16_mma",
+    "spanda::linear_wna16_mma_add_norm",
+    "spanda::linear_wna16_mma_rms",
     "spanda::linear_fp8",
     "spanda::linear_int8",
     "spanda::rms_norm_quant",

@@ -22,6 +22,19 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
     int32 [G, N] words (``pack_mma_zeros``: the bits of MAGIC + z in the model dtype above the bits of the
     scale), which the kernel loads through its cp.async pipeline (one-byte zero points are too narrow for it).
 
+``spanda::linear_wna16_mma_add_norm(x, qmma, scales, zeros, perm, bias, group_size, residual, norm_weight, eps)``
+``spanda::linear_wna16_mma_rms(h, qmma, scales, zeros, perm, bias, group_size, ss, eps)``
+    A residual add and RMSNorm between two linear_wna16_mma carried by the two GEMMs (the build's
+    ``norm_epilogue`` pass, in place of linear_wna16_mma -> fused_add_rms_norm -> linear_wna16_mma). The first
+    returns (y + residual, h, ss), the second takes h and ss, in one of two forms that both ops choose by the
+    same rule (``triton_quant.norm_in_epilogue(M, device)``), so the pair always computes the norm:
+    *normed*: h = fused_add_rms_norm's normed output, ss unused; the second is a plain linear_wna16_mma.
+    *epilogue* (the Hopper decode GEMM, runtime/ops/wna16_gluon.py): the first GEMM's epilogue writes
+    h = (y + residual) * norm_weight and ss [N / 64, M] float32, the sums of the squares of y + residual over
+    each 64 columns; the second GEMM multiplies its product by rsqrt(sum(ss) / K + eps), then adds its bias.
+    That is the norm with its weight moved into x and 1 / RMS applied after the product: equal but for rounding
+    (h is rounded once, where the norm rounds x / RMS and then its product with the weight).
+
 ``spanda::linear_fp8(x, weight, weight_scale, input_scale, bias)``  (FP8 W8A8, E4M3)
     weight        float8_e4m3fn [N, K];  weight_scale float32 [N] (per channel) or [1] (per tensor)
     input_scale   float32 [1] (static, from calibration) or None (dynamic: one scale per token)
@@ -155,6 +168,42 @@ def linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size: int):
     return _wna16_product(x, w, perm, bias)
 
 
+def add_norm_outputs(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, epilogue: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear_wna16_mma_add_norm's outputs from y, its linear's output in the model dtype (module docstring)."""
+    m, n = y.shape
+    if not epilogue:
+        normed, total = fused_add_rms_norm_ref(y, residual, weight, eps)
+        return total, normed, y.new_zeros((n // 64, m), dtype=torch.float32)
+    total = y + residual
+    tf = total.float()
+    return total, (tf * weight.float()).to(y.dtype), tf.pow(2).view(m, n // 64, 64).sum(-1).t().contiguous()
+
+
+def rms_scaled(y: torch.Tensor, ss: torch.Tensor, eps: float, bias: torch.Tensor | None, dtype: torch.dtype):
+    """linear_wna16_mma_rms's epilogue form from y, the product without bias (float32 or the model dtype)."""
+    k = ss.shape[0] * 64
+    out = y.float() * torch.rsqrt(ss.float().sum(0) / k + eps)[:, None]
+    return (out if bias is None else out + bias.float()).to(dtype)
+
+
+def linear_wna16_mma_add_norm_ref(x, qmma, scales, zeros, perm, bias, group_size: int, residual, norm_weight,
+                                  eps: float, epilogue: bool = False):
+    y = linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size)
+    return add_norm_outputs(y, residual, norm_weight, eps, epilogue)
+
+
+def linear_wna16_mma_rms_ref(h, qmma, scales, zeros, perm, bias, group_size: int, ss, eps: float,
+                             epilogue: bool = False):
+    if not epilogue:
+        return linear_wna16_mma_ref(h, qmma, scales, zeros, perm, bias, group_size)
+    if zeros.dtype == torch.int32:
+        zeros = unpack_mma_zeros(zeros, scales.dtype)
+    w = dequantize_codes(unpack_wna16_mma(qmma, h.shape[-1]), scales, zeros, group_size)
+    xf = h.float() if perm is None else h.float()[:, perm.long()]
+    return rms_scaled(xf @ w.float(), ss, eps, bias, h.dtype)
+
+
 def _wna16_product(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None, bias: torch.Tensor | None):
     xf = x.float() if perm is None else x.float()[:, perm.long()]
     y = xf @ w
@@ -238,6 +287,32 @@ def linear_wna16_mma(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, 
 @linear_wna16_mma.register_fake
 def _linear_wna16_mma_fake(x, qmma, scales, zeros, perm, bias, group_size):
     return _out(x, qmma.shape[0] * MMA_ROWS)
+
+
+@torch.library.custom_op("spanda::linear_wna16_mma_add_norm", mutates_args=())
+def linear_wna16_mma_add_norm(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                              perm: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
+                              residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_wna16_mma_add_norm_ref(x, qmma, scales, zeros, perm, bias, group_size, residual, norm_weight, eps)
+
+
+@linear_wna16_mma_add_norm.register_fake
+def _linear_wna16_mma_add_norm_fake(x, qmma, scales, zeros, perm, bias, group_size, residual, norm_weight, eps):
+    n = qmma.shape[0] * MMA_ROWS
+    return _out(x, n), _out(x, n), x.new_empty((n // 64, x.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("spanda::linear_wna16_mma_rms", mutates_args=())
+def linear_wna16_mma_rms(h: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         perm: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, ss: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    return linear_wna16_mma_rms_ref(h, qmma, scales, zeros, perm, bias, group_size, ss, eps)
+
+
+@linear_wna16_mma_rms.register_fake
+def _linear_wna16_mma_rms_fake(h, qmma, scales, zeros, perm, bias, group_size, ss, eps):
+    return _out(h, qmma.shape[0] * MMA_ROWS)
 
 
 @torch.library.custom_op("spanda::linear_fp8", mutates_args=())

@@ -73,10 +73,12 @@ from runtime.ops.quant_linear import (
     INT8_MAX,
     MMA_MAGIC,
     SCALE_FLOOR,
+    add_norm_outputs,
     linear_fp8_ref,
     linear_int8_ref,
     linear_wna16_mma_ref,
     linear_wna16_ref,
+    rms_scaled,
     w8a8_codes_ref,
 )
 
@@ -1180,6 +1182,11 @@ WNA16_MMA_LDG_MAX_M = 0
 # were slower, 2.33 / 2.41 / 2.31 (bench/results/pdl-gluon-early-8b-h100.json)
 WNA16_MMA_GLUON = GemmConfig(8, 64, 128, num_warps=4, num_stages=4, serial=SERIAL_SPLIT, gluon=True, tps=1, pre=True)
 WNA16_MMA_GLUON_MAX_M = 8
+# The residual add + RMSNorm between two W4A16 linears carried by the Gluon kernel's epilogues where it runs
+# (quant_linear.linear_wna16_mma_add_norm / _rms, the epilogue form; norm_in_epilogue); False: the normed form
+# (the GEMM, then the fused_add_rms_norm kernel), for A/B. The ops exist only in builds with
+# passes.fuse_norm_epilogue, off by default: the kernels have compiled for sm_90 but not yet run on a GPU.
+WNA16_NORM_EPILOGUE = True
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
@@ -1463,10 +1470,11 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
 
 
 def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
-                 bias: torch.Tensor | None, cfg: GemmConfig) -> torch.Tensor | None:
+                 bias: torch.Tensor | None, cfg: GemmConfig, add=None, rms=None):
     """linear_wna16_mma_cuda through runtime/ops/wna16_gluon.py's kernel where it applies (sm_90: wgmma; Gluon,
     1 to 16 rows, zero points as pack_mma_zeros' words, no act-order, x's rows 16-byte aligned); None otherwise.
-    block_m 8 up to 8 rows, else 16; the split of gluon_split."""
+    block_m 8 up to 8 rows, else 16; the split of gluon_split. add / rms: wna16_gluon.linear_wna16_gluon's (the
+    norm carried by the epilogues)."""
     from runtime.ops import wna16_gluon as wg  # imports Gluon: only when a Gluon config is asked for
 
     m, k = x.shape
@@ -1480,7 +1488,46 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
     split = gluon_split(cfg, tiles_mn, k_tiles, x.device)
     return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
                                  block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)),
-                                 early=cfg.early, l2pf=cfg.l2pf)
+                                 early=cfg.early, l2pf=cfg.l2pf, add=add, rms=rms)
+
+
+def norm_in_epilogue(m: int, device: torch.device) -> bool:
+    """Whether linear_wna16_mma_add_norm and linear_wna16_mma_rms take the epilogue form for m rows (both ask,
+    with the same m): the Gluon decode GEMM's rows on an sm_90 GPU, WNA16_NORM_EPILOGUE on."""
+    if not (WNA16_NORM_EPILOGUE and 0 < m <= WNA16_MMA_GLUON_MAX_M and device.type == "cuda"
+            and capability(device)[0] == 9):
+        return False
+    from runtime.ops import wna16_gluon as wg
+    return wg.AVAILABLE
+
+
+def linear_wna16_mma_add_norm_cuda(x, qmma, scales, zeros, perm, bias, group_size, residual, norm_weight, eps):
+    """quant_linear.linear_wna16_mma_add_norm: the epilogue form in the Gluon kernel (or, where that declines,
+    the GEMM and the same arithmetic in torch); the normed form as the GEMM and the fused_add_rms_norm kernel."""
+    if norm_in_epilogue(x.shape[0], x.device):
+        if (residual.dtype == x.dtype and norm_weight.dtype == x.dtype and residual.is_contiguous()
+                and residual.shape == (x.shape[0], qmma.shape[0] * 64)):
+            out = _wna16_gluon(x, qmma, zeros, perm, bias, WNA16_MMA_GLUON, add=(residual, norm_weight))
+            if out is not None:
+                return out
+        y = linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
+        return add_norm_outputs(y, residual, norm_weight, eps, epilogue=True)
+    from runtime.ops.triton_elementwise import fused_add_rms_norm_cuda
+    y = linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
+    normed, total = fused_add_rms_norm_cuda(y, residual, norm_weight, eps)
+    return total, normed, y.new_empty((y.shape[1] // 64, y.shape[0]), dtype=torch.float32)
+
+
+def linear_wna16_mma_rms_cuda(h, qmma, scales, zeros, perm, bias, group_size, ss, eps):
+    """quant_linear.linear_wna16_mma_rms: the epilogue form in the Gluon kernel (or the GEMM, then the scaling in
+    torch); the normed form is linear_wna16_mma."""
+    if not norm_in_epilogue(h.shape[0], h.device):
+        return linear_wna16_mma_cuda(h, qmma, scales, zeros, perm, bias, group_size)
+    if ss.dtype == torch.float32 and ss.is_contiguous() and ss.shape == (h.shape[1] // 64, h.shape[0]):
+        out = _wna16_gluon(h, qmma, zeros, perm, bias, WNA16_MMA_GLUON, rms=(ss, eps))
+        if out is not None:
+            return out
+    return rms_scaled(linear_wna16_mma_cuda(h, qmma, scales, zeros, perm, None, group_size), ss, eps, bias, h.dtype)
 
 
 def gluon_split(cfg: GemmConfig, tiles_mn: int, k_tiles: int, device: torch.device) -> int:
@@ -1767,6 +1814,8 @@ def _int8_op(x, weight, weight_scale, input_scale, bias):
 if AVAILABLE:
     torch.library.register_kernel("spanda::linear_wna16", "cuda", _wna16_op)
     torch.library.register_kernel("spanda::linear_wna16_mma", "cuda", _wna16_mma_op)
+    torch.library.register_kernel("spanda::linear_wna16_mma_add_norm", "cuda", linear_wna16_mma_add_norm_cuda)
+    torch.library.register_kernel("spanda::linear_wna16_mma_rms", "cuda", linear_wna16_mma_rms_cuda)
     torch.library.register_kernel("spanda::linear_fp8", "cuda", _fp8_op)
     torch.library.register_kernel("spanda::linear_int8", "cuda", _int8_op)
     torch.library.register_kernel("spanda::linear_w8a8", "cuda", linear_w8a8_cuda)

@@ -172,12 +172,13 @@ if AVAILABLE:
 
     @gluon.jit
     def epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M: gl.constexpr,
-                 SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr):
+                 SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr, res_ptr=None, g_ptr=None,
+                 xg_ptr=None, ss_ptr=None, r=None, ADD: gl.constexpr = False, RMS: gl.constexpr = False):
         """y^T [64 rows, BLOCK_M] to out (+ bias), through the serial split-K of triton_quant._split_k: the partial
         stored, the tile's finished programs counted on lock_ptr, the last one summing all partials in a fixed
-        order and re-arming the counter."""
+        order and re-arming the counter. The norm carried by the epilogues (_write_final): RMS scales the sum
+        by r (a row's 1 / RMS) before the bias; ADD writes the residual sum instead of y."""
         MMA: gl.constexpr = mma_layout(BLOCK_M)
-        dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         rn = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
         rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         offs = gl.expand_dims(rm, 0).to(gl.int64) * N + gl.expand_dims(rn, 1)
@@ -191,13 +192,49 @@ if AVAILABLE:
                 for k in gl.static_range(1, SPLIT):
                     tot += gl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
                 gl.atomic_xchg(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 0)
-                if HAS_BIAS:
-                    tot += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
-                gl.store(out_ptr + offs, tot.to(dt), mask=mask)
+                _write_final(tot, b_ptr, out_ptr, offs, mask, rn, rm, M, pid_n, HAS_BIAS, BF16, res_ptr, g_ptr,
+                             xg_ptr, ss_ptr, r, ADD, RMS)
         else:
-            if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
-            gl.store(out_ptr + offs, acc.to(dt), mask=mask)
+            _write_final(acc, b_ptr, out_ptr, offs, mask, rn, rm, M, pid_n, HAS_BIAS, BF16, res_ptr, g_ptr, xg_ptr,
+                         ss_ptr, r, ADD, RMS)
+
+    @gluon.jit
+    def _write_final(tot, b_ptr, out_ptr, offs, mask, rn, rm, M, pid_n, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
+                     res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD: gl.constexpr, RMS: gl.constexpr):
+        """A tile's finished sum (float32 y^T) to memory. RMS: times r [BLOCK_M] first (the consumer of a norm
+        carried by the epilogues). ADD (its producer): y rounded, plus the residual, is the new residual stream
+        (out), and also written times the norm weight (xg: what the consumer multiplies), with the sums of its
+        squares over this tile's 64 columns (ss [N / 64, M], float32), from which the consumer's r comes."""
+        dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        if RMS:
+            tot = tot * gl.expand_dims(r, 0)
+        if HAS_BIAS:
+            tot += gl.expand_dims(gl.load(b_ptr + rn).to(gl.float32), 1)
+        if ADD:
+            t = tot.to(dt).to(gl.float32) + gl.load(res_ptr + offs, mask=mask, other=0.0).to(gl.float32)
+            t = t.to(dt)
+            gl.store(out_ptr + offs, t, mask=mask)
+            tf = t.to(gl.float32)
+            gl.store(xg_ptr + offs, (tf * gl.expand_dims(gl.load(g_ptr + rn).to(gl.float32), 1)).to(dt), mask=mask)
+            gl.store(ss_ptr + pid_n * M + rm, gl.sum(tf * tf, axis=0), mask=rm < M)
+        else:
+            gl.store(out_ptr + offs, tot.to(dt), mask=mask)
+
+    @gluon.jit
+    def _row_rscale(ss_ptr, M, K, eps, pid_m, BLOCK_M: gl.constexpr):
+        """1 / RMS of the program's rows [BLOCK_M] (the accumulator's column layout): rsqrt(mean of squares + eps)
+        from the producer's K / 64 partial sums of squares (ss [K / 64, M])."""
+        MMA: gl.constexpr = mma_layout(BLOCK_M)
+        rt = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
+        rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        tiles = K // 64
+        s = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(0, MMA))
+        for t0 in range(0, tiles, 64):
+            t = t0 + rt
+            m = gl.expand_dims(t < tiles, 1) & gl.expand_dims(rm < M, 0)
+            s += gl.sum(gl.load(ss_ptr + gl.expand_dims(t, 1) * M + gl.expand_dims(rm, 0), mask=m, other=0.0),
+                        axis=0)
+        return gl.rsqrt(s / K + eps)
 
     @gluon.jit
     def program_coords(K, TILES: gl.constexpr, BLOCK_M: gl.constexpr):
@@ -237,10 +274,12 @@ if AVAILABLE:
                            TILES: gl.constexpr, TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                            SPLIT: gl.constexpr, BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr,
                            HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = False, EARLY: gl.constexpr = True,
-                           L2PF: gl.constexpr = 0):
+                           L2PF: gl.constexpr = 0, res_ptr=None, g_ptr=None, xg_ptr=None, ss_ptr=None, eps=0.0,
+                           ADD: gl.constexpr = False, RMS: gl.constexpr = False):
         """y^T [64 rows, BLOCK_M] over the program's TILES K tiles, TPS tiles per pipeline stage, STAGES stages.
         Under PDL: with EARLY the first stages' codes and zero points are loaded before the wait for the previous
-        kernel, and the L2PF tiles after them prefetched into L2."""
+        kernel, and the L2PF tiles after them prefetched into L2. ADD / RMS: the producer and the consumer of an
+        RMSNorm carried by the epilogues (_write_final, _row_rscale; triton_quant.linear_wna16_mma_add_norm_cuda)."""
         ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
         NST: gl.constexpr = TILES // TPS
         pid_n, pid_m, pid_k, kt0, wrow0, xrow = program_coords(K, TILES, BLOCK_M)
@@ -267,6 +306,9 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             if i < NST:
                 _issue_x(x_desc, bars.index(i), x_s.index(i), kt0 + i * TPS, xrow)
+        r = None
+        if RMS:  # read while the first stages land; ss is the previous kernel's output
+            r = _row_rscale(ss_ptr, M, K, eps, pid_m, BLOCK_M)
 
         acc = gl.zeros([64, BLOCK_M], gl.float32, mma_layout(BLOCK_M))
         if PRE:  # the first tile's words in registers before the loop; each stage then loads the next one's
@@ -298,7 +340,8 @@ if AVAILABLE:
         if PDL:  # the K loop is done: the next kernel may start launching
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
-        epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, HAS_BIAS, BF16)
+        epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, HAS_BIAS, BF16,
+                 res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD, RMS)
 
     def layouts(block_m: int, tps: int, dtype=torch.bfloat16):
         gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
@@ -324,18 +367,28 @@ if AVAILABLE:
         return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), tq._locks(x.device)
 
     def linear_wna16_gluon(x, qmma, zw, bias=None, *, tps=2, stages=3, block_m=16, split=1, defer=True, pre=False,
-                           pdl=False, early=True, l2pf=0):
+                           pdl=False, early=True, l2pf=0, add=None, rms=None):
         """x [M, K] bf16/fp16 (rows 16-byte aligned), qmma int16 [N/64, K/128, 2048] (pack_wna16_mma), zw int32
         [K/128, N] (pack_mma_zeros: group size 128), bias [N] or None -> y [M, N] in x's dtype. The K tiles per
-        program (K / 128 / split) must be a multiple of tps."""
+        program (K / 128 / split) must be a multiple of tps.
+        add = (residual [M, N], norm weight [N]): returns (y + residual, (y + residual) * weight, the sums of the
+        squares of y + residual per 64 columns [N / 64, M] float32). rms = (those sums [K / 64, M], eps): y is
+        x W^T times each row's rsqrt(sum / K + eps), then the bias."""
         m, k = x.shape
         n = qmma.shape[0] * 64
         tiles = k // 128 // split
         assert tiles * split * 128 == k and tiles % tps == 0, (k, split, tps)
         out, part, locks = outputs(x, n, split)
         extra = {"PDL": True, "launch_pdl": True} if pdl else {}
+        if add is not None:
+            res, g = add
+            xg = torch.empty_like(out)
+            ss = torch.empty((n // 64, m), dtype=torch.float32, device=x.device)
+            extra.update(res_ptr=res, g_ptr=g, xg_ptr=xg, ss_ptr=ss, ADD=True)
+        if rms is not None:
+            extra.update(ss_ptr=rms[0], eps=float(rms[1]), RMS=True)
         wna16_gluon_kernel[(n // 64, triton.cdiv(m, block_m), split)](
             *descriptors(x, qmma, zw, block_m, tps), qmma, bias if bias is not None else out, out, part, locks, m, n,
             k, TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=x.dtype == torch.bfloat16,
             DEFER=defer, PRE=pre, HAS_BIAS=bias is not None, EARLY=early, L2PF=l2pf, num_warps=4, **extra)
-        return out
+        return (out, xg, ss) if add is not None else out
