@@ -41,8 +41,19 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             **{f"gluon8-{name}": (None, False, {"WNA16_MMA_GLUON_MAX_M": 8, "WNA16_MMA_GLUON": fields})
                for name, fields in (("late", {"early": False}), ("pf8", {"l2pf": 8}), ("pf16", {"l2pf": 16}),
                                     ("s6", {"num_stages": 6}))},
+            # ... up to 8 rows, split-K aiming at 1 / 3 / 4 programs per SM instead of 2 (GemmConfig.waves)
+            **{f"gluon-w{w}": (None, False, {"WNA16_MMA_GLUON": {"waves": w}}) for w in (1, 3, 4)},
             # attention's splits merged by the last one to finish instead of a reduce launch (triton_decode)
-            "serial-attn": (None, False, {"triton_decode.SERIAL_REDUCE": True})}
+            "serial-attn": (None, False, {"triton_decode.SERIAL_REDUCE": True}),
+            # each sequence's attention splits from its own context (triton_decode.DYNAMIC_SPLITS)
+            "dyn-attn": (None, False, {"triton_decode.DYNAMIC_SPLITS": True}),
+            # a build with passes.fuse_norm_epilogue (quant_engine's w4a16-mma+lm+ne) running its ops in the normed
+            # form: the GEMM, then the norm kernel, as without the pass
+            "no-norm-epilogue": (None, False, {"WNA16_NORM_EPILOGUE": False}),
+            "no-norm-epilogue-dyn-attn": (None, False, {"WNA16_NORM_EPILOGUE": False,
+                                                        "triton_decode.DYNAMIC_SPLITS": True}),
+            "dyn-attn-serial": (None, False, {"triton_decode.DYNAMIC_SPLITS": True,
+                                              "triton_decode.SERIAL_REDUCE": True})}
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
 
 

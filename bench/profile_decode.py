@@ -147,8 +147,8 @@ def main() -> None:
     from runtime import LLM, SamplingParams
     from runtime.forward_context import ForwardContext, set_forward_context
 
-    res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variant": args.variant,
-                 "batch": args.batch}
+    what = args.shape if args.artifact is None else f"artifact {args.artifact}"  # --shape only sizes a new build
+    res: dict = {"device": torch.cuda.get_device_name(), "shape": what, "variant": args.variant, "batch": args.batch}
     res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
@@ -216,7 +216,7 @@ def main() -> None:
         print(which, json.dumps(res[which]["us_per_call_by_kind"]), "total us", res[which]["us_per_call_total"])
         for k in res[which]["top_kernels"][:8]:
             print(f"    {k['us_per_call']:>8} us  x{k['launches_per_call']:<6} {k['name']}")
-    print(f"{res['device']}, {args.shape} {args.variant}, batch {args.batch} decode")
+    print(f"{res['device']}, {what} {args.variant}, batch {args.batch} decode")
     places = res["graph_replay_places"]
     print(f"graph replay: {places['kernels_per_call']} kernels, span {places['span_us']} us, "
           f"busy {places['busy_us']} us; us per launch by place in the layer:")
