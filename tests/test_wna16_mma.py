@@ -337,3 +337,33 @@ def test_epilogue_form_computes_the_norm(dtype):
         tf = outs[True][0].float()
         assert torch.allclose(ss.sum(0), tf.pow(2).sum(1), rtol=1e-5)
         check(outs[True][1], outs[False][1], f"m={m} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path, monkeypatch):
+    """Served on a Hopper GPU, the fuse_norm_epilogue build decodes (batch 1, CUDA graphs: the Gluon GEMMs'
+    epilogue form) the greedy tokens of the build without the pass, with the same log-probabilities up to
+    rounding; the prompt's prefill (more rows than the Gluon kernel takes) runs the normed form."""
+    from runtime import LLM, SamplingParams
+    from runtime.ops import triton_quant as tq
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the epilogue form runs on sm_90 only (the Gluon wgmma kernel)")
+    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    builds = {True: _build(recipe, tmp_path / "on", True, norm_epilogue=True),
+              False: _build(recipe, tmp_path / "off", True)}
+    forms = []
+    orig = tq.norm_in_epilogue
+    monkeypatch.setattr(tq, "norm_in_epilogue", lambda m, device: forms.append(orig(m, device)) or forms[-1])
+    runs = {}
+    for fused, res in builds.items():
+        llm = LLM(res.path, device="cuda")
+        out = llm.generate([list(range(3, 40))], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                                 logprobs=0))[0].outputs[0]
+        runs[fused] = out.token_ids, torch.tensor([lp.logprob for lp in out.logprobs])
+        del llm
+    assert True in forms and False in forms, "the decode steps took the epilogue form, the prefill the normed one"
+    assert runs[True][0] == runs[False][0]
+    assert (runs[True][1] - runs[False][1]).abs().max() < 0.05, (runs[True][1], runs[False][1])
