@@ -158,9 +158,9 @@ def test_op_dispatches_to_triton(decode):
 @pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0][-1]}ctx-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}-w{c[7]}")
 def test_decode_with_splits_from_each_context_matches_reference(case, serial, monkeypatch):
-    """Each sequence uses only the splits its own context fills (triton_decode.DYNAMIC_SPLITS): the batches mix
-    sequences of one split (writing the output themselves) and of several, merged by the reduce kernel or by
-    the last split to finish."""
+    """A sequence whose context fits one split's minimum work uses one split (triton_decode.DYNAMIC_SPLITS): the
+    batches mix such sequences (writing the output themselves) and longer ones, merged by the reduce kernel or
+    by the last split to finish."""
     from runtime.ops import triton_decode as td
     from runtime.ops import triton_quant as tq
 
@@ -245,8 +245,8 @@ def _interpreter_main() -> None:
         ([50, 40], [50, 23], 6, 1, 24, 16, 7, None, tp.PrefillConfig(32, 16)),
     ]
     # every case, then the decode ones again with the splits merged by the last split to finish (SERIAL_REDUCE),
-    # and both ways with each sequence using only the splits its context fills (DYNAMIC_SPLITS: the decode cases
-    # mix sequences that use one split, writing the output themselves, and several)
+    # and both ways with a sequence whose context fits one split's minimum using one split (DYNAMIC_SPLITS: the
+    # decode cases mix such sequences, writing the output themselves, and longer ones)
     default = td.DYNAMIC_SPLITS
     runs = ([(c, False, default) for c in cases] + [(c, True, default) for c in cases if c[7] is not None]
             + [(c, ser, not default) for c in cases if c[7] is not None for ser in (False, True)])

@@ -17,10 +17,11 @@ it writes them to partial buffers and ``_decode_reduce_kernel`` merges them:
 ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``. With S == 1 the split writes ``out`` itself.
 The split boundaries are computed on the device from ``seq_lens``, so S is the only host decision and a
 captured CUDA graph stays correct as contexts grow. S is sized for the longest context the launch allows (a
-decode graph's: the model's), so with ``DYNAMIC_SPLITS`` a sequence uses only the splits its own context fills
-with ``min_split`` tiles each, ``S_b = clamp(ceil(span / (BLOCK_N * min_split)), 1, S)``: the other programs
-of (b, h) return at once, and with ``S_b == 1`` the one left writes ``out`` itself and the reduce (or the
-serial merge) skips b. At batch 1 and a short context that is one program per KV head and no merge at all.
+decode graph's: the model's), so a short context leaves most splits empty and still pays for their merge. With
+``DYNAMIC_SPLITS`` a sequence whose context fits one split's minimum work (``span <= BLOCK_N * min_split``)
+uses one split: the other programs of (b, h) return at once, the one left writes ``out`` itself and the
+reduce (or the serial merge) skips b. At batch 1 and a short context that is one program per KV head and no
+merge at all; a longer context keeps all S splits (fewer would lengthen each program's run of tiles).
 
 An fp8/int8 cache reads half the bytes of a bf16 one: the key scale is folded into ``scale`` by the caller
 and the value scale multiplies the output (``v_scale``). Both dots then run in float16 (``WIDE16``): q is
@@ -87,7 +88,7 @@ MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_
 # PDL overlapped the split kernel's tail.
 SERIAL_REDUCE = False
 SERIAL_MAX_SPLITS = 16
-# Splits per sequence from its own context on the device (module docstring), not only from the launch's bound.
+# One split for a sequence whose context fits one split's minimum work, decided on the device (module docstring).
 # Off until it has run on a GPU (its interpreter test and an sm_90 compile pass; tests/test_triton_attention.py
 # has the GPU test, bench/pdl_auto.py's dyn-attn setting the engine A/B).
 DYNAMIC_SPLITS = False
@@ -174,7 +175,7 @@ def _decode_split_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
     n_eff = _splits_used(seq_len - lo, n_splits, SPLIT_SPAN)
-    if s >= n_eff:  # this sequence's context fills fewer splits
+    if s >= n_eff:  # this sequence uses one split (DYNAMIC_SPLITS)
         return
     per = tl.cdiv(tl.cdiv(seq_len - lo, n_eff), BLOCK_N) * BLOCK_N
     s_lo = lo + s * per
@@ -243,9 +244,9 @@ def _write_out(ptrs, acc, l_i, v_scale, mask):
 @triton.jit
 def _splits_used(span, n_splits, SPLIT_SPAN: tl.constexpr):
     """The splits a context of ``span`` positions uses: all n_splits, or with SPLIT_SPAN (DYNAMIC_SPLITS:
-    BLOCK_N * min_split) as many as it fills with SPLIT_SPAN positions each, at least 1."""
+    BLOCK_N * min_split) one where span <= SPLIT_SPAN."""
     if SPLIT_SPAN > 0:
-        return tl.minimum(tl.maximum(tl.cdiv(span, SPLIT_SPAN), 1), n_splits)
+        return tl.where(span <= SPLIT_SPAN, 1, n_splits)
     return n_splits
 
 
