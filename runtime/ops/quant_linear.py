@@ -25,7 +25,7 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
 ``spanda::linear_wna16_mma_add_norm(x, qmma, scales, zeros, perm, bias, group_size, residual, norm_weight, eps)``
 ``spanda::linear_wna16_mma_rms(h, qmma, scales, zeros, perm, bias, group_size, ss, eps)``
     A residual add and RMSNorm between two linear_wna16_mma carried by the two GEMMs (the build's
-    ``norm_epilogue`` pass, in place of linear_wna16_mma -> fused_add_rms_norm -> linear_wna16_mma). The first
+    ``fuse_norm_epilogue`` pass, in place of linear_wna16_mma -> fused_add_rms_norm -> linear_wna16_mma). The first
     returns (y + residual, h, ss), the second takes h and ss, in one of two forms that both ops choose by the
     same rule (``triton_quant.norm_in_epilogue(M, device)``), so the pair always computes the norm:
     *normed*: h = fused_add_rms_norm's normed output, ss unused; the second is a plain linear_wna16_mma.
@@ -162,10 +162,14 @@ def linear_wna16_ref(x, qweight, scales, zeros, perm, bias, bits: int, group_siz
 
 
 def linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size: int):
+    return _wna16_product(x, _mma_weight(qmma, scales, zeros, group_size, x.shape[-1]), perm, bias)
+
+
+def _mma_weight(qmma, scales, zeros, group_size: int, k: int) -> torch.Tensor:
+    """pack_wna16_mma's codes (zero points as bytes or pack_mma_zeros' words) -> the weight [K, N]."""
     if zeros.dtype == torch.int32:  # pack_mma_zeros' words
         zeros = unpack_mma_zeros(zeros, scales.dtype)
-    w = dequantize_codes(unpack_wna16_mma(qmma, x.shape[-1]), scales, zeros, group_size)
-    return _wna16_product(x, w, perm, bias)
+    return dequantize_codes(unpack_wna16_mma(qmma, k), scales, zeros, group_size)
 
 
 def add_norm_outputs(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, epilogue: bool
@@ -197,16 +201,18 @@ def linear_wna16_mma_rms_ref(h, qmma, scales, zeros, perm, bias, group_size: int
                              epilogue: bool = False):
     if not epilogue:
         return linear_wna16_mma_ref(h, qmma, scales, zeros, perm, bias, group_size)
-    if zeros.dtype == torch.int32:
-        zeros = unpack_mma_zeros(zeros, scales.dtype)
-    w = dequantize_codes(unpack_wna16_mma(qmma, h.shape[-1]), scales, zeros, group_size)
-    xf = h.float() if perm is None else h.float()[:, perm.long()]
-    return rms_scaled(xf @ w.float(), ss, eps, bias, h.dtype)
+    return rms_scaled(_wna16_f32(h, _mma_weight(qmma, scales, zeros, group_size, h.shape[-1]), perm), ss, eps, bias,
+                      h.dtype)
+
+
+def _wna16_f32(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """x[:, perm] @ w in float32."""
+    xf = x.float() if perm is None else x.float()[:, perm.long()]
+    return xf @ w.float()
 
 
 def _wna16_product(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None, bias: torch.Tensor | None):
-    xf = x.float() if perm is None else x.float()[:, perm.long()]
-    y = xf @ w
+    y = _wna16_f32(x, w, perm)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

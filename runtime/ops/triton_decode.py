@@ -171,9 +171,7 @@ def _decode_split_kernel(
     if tl.load(qsl_ptr + b + 1) == tok:  # no query token for this sequence this step
         return
     seq_len = tl.load(seq_lens_ptr + b)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(seq_len - window, 0)
+    lo = _context_lo(seq_len, window, HAS_WINDOW)
     n_eff = _splits_used(seq_len - lo, n_splits, SPLIT_SPAN)
     if s >= n_eff:  # this sequence uses one split (DYNAMIC_SPLITS)
         return
@@ -242,6 +240,14 @@ def _write_out(ptrs, acc, l_i, v_scale, mask):
 
 
 @triton.jit
+def _context_lo(seq_len, window, HAS_WINDOW: tl.constexpr):
+    """The first context position a query attends to: seq_len - window with a sliding window, else 0."""
+    if HAS_WINDOW:
+        return tl.maximum(seq_len - window, 0)
+    return 0
+
+
+@triton.jit
 def _splits_used(span, n_splits, SPLIT_SPAN: tl.constexpr):
     """The splits a context of ``span`` positions uses: all n_splits, or with SPLIT_SPAN (DYNAMIC_SPLITS:
     BLOCK_N * min_split) one where span <= SPLIT_SPAN."""
@@ -299,10 +305,7 @@ def _decode_reduce_kernel(
     n_eff = n_splits
     if SPLIT_SPAN > 0:
         seq_len = tl.load(seq_lens_ptr + b)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(seq_len - window, 0)
-        n_eff = _splits_used(seq_len - lo, n_splits, SPLIT_SPAN)
+        n_eff = _splits_used(seq_len - _context_lo(seq_len, window, HAS_WINDOW), n_splits, SPLIT_SPAN)
         if n_eff == 1:  # the split kernel wrote this sequence's output
             return
     s = tl.arange(0, S_PAD)

@@ -1504,16 +1504,16 @@ def norm_in_epilogue(m: int, device: torch.device) -> bool:
 def linear_wna16_mma_add_norm_cuda(x, qmma, scales, zeros, perm, bias, group_size, residual, norm_weight, eps):
     """quant_linear.linear_wna16_mma_add_norm: the epilogue form in the Gluon kernel (or, where that declines,
     the GEMM and the same arithmetic in torch); the normed form as the GEMM and the fused_add_rms_norm kernel."""
-    if norm_in_epilogue(x.shape[0], x.device):
-        if (residual.dtype == x.dtype and norm_weight.dtype == x.dtype and residual.is_contiguous()
-                and residual.shape == (x.shape[0], qmma.shape[0] * 64)):
-            out = _wna16_gluon(x, qmma, zeros, perm, bias, WNA16_MMA_GLUON, add=(residual, norm_weight))
-            if out is not None:
-                return out
-        y = linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
+    epilogue = norm_in_epilogue(x.shape[0], x.device)
+    if epilogue and (residual.dtype == x.dtype and norm_weight.dtype == x.dtype and residual.is_contiguous()
+                     and residual.shape == (x.shape[0], qmma.shape[0] * 64)):
+        out = _wna16_gluon(x, qmma, zeros, perm, bias, WNA16_MMA_GLUON, add=(residual, norm_weight))
+        if out is not None:
+            return out
+    y = linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
+    if epilogue:
         return add_norm_outputs(y, residual, norm_weight, eps, epilogue=True)
     from runtime.ops.triton_elementwise import fused_add_rms_norm_cuda
-    y = linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
     normed, total = fused_add_rms_norm_cuda(y, residual, norm_weight, eps)
     return total, normed, y.new_empty((y.shape[1] // 64, y.shape[0]), dtype=torch.float32)
 
