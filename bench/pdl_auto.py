@@ -52,6 +52,12 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             "no-norm-epilogue": (None, False, {"WNA16_NORM_EPILOGUE": False}),
             "no-norm-epilogue-dyn-attn": (None, False, {"WNA16_NORM_EPILOGUE": False,
                                                         "triton_decode.DYNAMIC_SPLITS": True}),
+            # a build with passes.fuse_silu_epilogue (w4a16-mma+lm+ne+se) running it as the GEMM, then the
+            # silu_and_mul kernel; and everything off (the norm and SiLU kernels, attention sized for the longest)
+            "no-silu-epilogue": (None, False, {"WNA16_SILU_EPILOGUE": False}),
+            "no-silu-epilogue-dyn-attn": (None, False, {"WNA16_SILU_EPILOGUE": False,
+                                                        "triton_decode.DYNAMIC_SPLITS": True}),
+            "no-epilogues": (None, False, {"WNA16_SILU_EPILOGUE": False, "WNA16_NORM_EPILOGUE": False}),
             "dyn-attn-serial": (None, False, {"triton_decode.DYNAMIC_SPLITS": True,
                                               "triton_decode.SERIAL_REDUCE": True})}
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}

@@ -63,6 +63,10 @@ VARIANTS = {
     # pdl_auto's no-norm-epilogue setting runs the same build's ops as the GEMM, then the norm kernel)
     "w4a16-mma+lm+ne": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
                         "passes": {"wna16_mma": True, "fuse_norm_epilogue": True}},
+    # ... and the SiLU-and-multiply carried by the gate_up GEMM's epilogue (passes.fuse_silu_epilogue; pdl_auto's
+    # no-silu-epilogue setting runs the GEMM, then the silu_and_mul kernel)
+    "w4a16-mma+lm+ne+se": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
+                           "passes": {"wna16_mma": True, "fuse_norm_epilogue": True, "fuse_silu_epilogue": True}},
     # programmatic dependent launch of the Triton kernels (runtime/ops/pdl.py): "pdl" True on every launch
     # (SPANDA_PDL=1 outside the bench), False on none (SPANDA_PDL=0); unset: the default, small decode graphs only
     "bf16-pdl": {"pdl": True},

@@ -106,7 +106,7 @@ def linear_wna16_gluon_ws(x, qmma, zw, *, tps=2, stages=3, block_m=16, split=1, 
 
 def compile_sm90(ws: bool, block_m: int, tps: int, stages: int, split: int, tiles: int = 32, maxnreg: int = 128,
                  **flags):
-    """Compile wna16_gluon_kernel (flags: DEFER, PRE, HAS_BIAS, PDL, EARLY, L2PF) or, with ws,
+    """Compile wna16_gluon_kernel (flags: DEFER, PRE, HAS_BIAS, PDL, EARLY, L2PF, ADD, RMS, SILU) or, with ws,
     wna16_gluon_ws_kernel for sm_90 without a GPU (bf16); returns the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -116,16 +116,21 @@ def compile_sm90(ws: bool, block_m: int, tps: int, stages: int, split: int, tile
            **({} if ws else {"w_ptr": "*i16", "b_ptr": "*bf16"}), "out_ptr": "*bf16", "part_ptr": "*fp32",
            "lock_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32"}
+    attrs_extra: tuple[str, ...] = ()
     if not ws:  # the kernel's defaults (a constexpr not given here would be None)
-        flags = {"HAS_BIAS": False, "PDL": False, "EARLY": True, "L2PF": 0, "ADD": False, "RMS": False, **flags}
+        flags = {"HAS_BIAS": False, "PDL": False, "EARLY": True, "L2PF": 0, "ADD": False, "RMS": False,
+                 "SILU": False, **flags}
         if flags["ADD"]:  # the norm carried by the epilogues: its producer's and its consumer's arguments
             sig.update(res_ptr="*bf16", g_ptr="*bf16", xg_ptr="*bf16", ss_ptr="*fp32")
         if flags["RMS"]:
             sig.update(ss_ptr="*fp32", eps="fp32")
+        if flags["SILU"]:  # SiLU-and-multiply carried by the epilogue: the gate | up tiles' exchange buffer
+            sig.update(pair_ptr="*bf16")
+            attrs_extra = ("pair_ptr",)
     const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True, **flags)
     sig.update({k: "constexpr" for k in const})
     attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")
-             + (() if ws else ("w_ptr",))}
+             + (() if ws else ("w_ptr",)) + attrs_extra}
     src = GluonASTSource(fn=wna16_gluon_ws_kernel if ws else wna16_gluon_kernel, signature=sig, constexprs=const,
                          attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -84,7 +84,13 @@ class PassesSection(_Section):
     linear_wna16_mma_rms): on a Hopper GPU, up to 8 rows, the first GEMM's epilogue writes the residual sum, its
     product with the norm weight and partial sums of squares, and the second scales its product by 1 / RMS (one
     launch fewer per norm); elsewhere they run the GEMM and the norm kernel as before. Runs after quantization.
-    Off by default until its kernels have run on a GPU (bench/NOTES-wna16.md)."""
+    Off by default: on the H100 it decodes like the unfused build and is no faster at batch 1, 3% faster at 8 rows
+    (bench/NOTES-wna16.md)."""
+    fuse_silu_epilogue: bool = False
+    """4-bit builds with ``wna16_mma``: the SiLU-and-multiply after the gate_up linear is carried by its GEMM
+    (spanda::linear_wna16_mma_silu): on a Hopper GPU, up to 8 rows, the epilogue writes silu(gate) * up (one
+    launch fewer per layer); elsewhere the GEMM, then the silu_and_mul kernel. Runs after quantization. Off by
+    default: on the H100 it is no faster at batch 1 and slower at 2-4 rows (bench/NOTES-wna16.md)."""
 
     def enabled(self) -> list[str]:
         """Names of enabled passes, in declaration (= application) order."""

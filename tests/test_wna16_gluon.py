@@ -9,7 +9,8 @@ the tile-per-stage, deferred-scale and early-load variants), and through triton_
 WNA16_MMA_GLUON: launched exactly where it applies (with bias, under PDL, in a CUDA graph), the Triton kernels
 otherwise. The residual add + RMSNorm carried by two GEMMs' epilogues (quant_linear.linear_wna16_mma_add_norm /
 _rms): compiled for sm_90 on the CPU (the K loop unchanged, the loads it adds after the PDL wait), and on the GPU
-against the float32 reference of linear -> add -> RMSNorm -> linear.
+against the float32 reference of linear -> add -> RMSNorm -> linear. Likewise the SiLU-and-multiply carried by the
+gate_up GEMM's epilogue (quant_linear.linear_wna16_mma_silu) against silu_and_mul of the reference linear.
 """
 
 from __future__ import annotations
@@ -115,12 +116,14 @@ def test_launcher_selects_it_where_it_applies(monkeypatch):
         check(out, linear_wna16_ref(x, qw, scales, zeros, None, None, 4, 128), "graph")
 
 
-@pytest.mark.parametrize("flags", [{"ADD": True}, {"RMS": True}, {"RMS": True, "HAS_BIAS": True}])
+@pytest.mark.parametrize("flags", [{"ADD": True}, {"RMS": True}, {"RMS": True, "HAS_BIAS": True}, {"SILU": True},
+                                   {"SILU": True, "RMS": True}])
 def test_norm_epilogue_variants_compile_for_hopper(flags):
     """The norm carried by the epilogues (ADD: the producer's residual add, weighted output and sums of squares;
-    RMS: the consumer's 1 / RMS from those sums) adds nothing to the K loop (8 HGMMA, as without), and under PDL
-    every global load it adds (the residual and norm weight, or the sums of squares: the previous kernel's
-    outputs) comes after griddepcontrol.wait (ACQBULK); the kernel without them has no plain global load."""
+    RMS: the consumer's 1 / RMS from those sums) and the SiLU-and-multiply (SILU: the gate and up tiles' exchange)
+    add nothing to the K loop (8 HGMMA, as without), and under PDL every global load they add (the residual and
+    norm weight, the sums of squares, the other tile: the previous kernel's or this one's outputs) comes after
+    griddepcontrol.wait (ACQBULK); the kernel without them has no plain global load."""
     import re
 
     from bench.wna16_gluon import compile_sm90, sass_of
@@ -168,7 +171,7 @@ def test_norm_carried_by_the_epilogues_matches_the_unfused_path_on_gpu(dtype, mo
         y = linear_wna16_ref(x.cpu(), qw1, s1, z1, None, None, 4, 128).cuda()
         total = y + res
         normed = rms_norm_ref(total.float(), nw.float(), eps)
-        return total, linear_wna16_ref(normed.cpu(), qw2.float(), s2.float(), z2, None, bias.float().cpu(), 4,
+        return total, linear_wna16_ref(normed.cpu(), qw2, s2.float(), z2, None, bias.float().cpu(), 4,
                                        128).to(dtype).cuda()
 
     with KernelLaunches(wg, "wna16_gluon_kernel") as gluon, KernelLaunches(te, "_rms_norm_kernel") as norms:
@@ -199,6 +202,78 @@ def test_norm_carried_by_the_epilogues_matches_the_unfused_path_on_gpu(dtype, mo
         total, out = pair(x, res)
     assert norms.n == 1
     check(out, ref_out, "normed form")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_carried_by_the_epilogue_matches_the_unfused_path_on_gpu(dtype, monkeypatch):
+    """linear_wna16_mma_silu (quant_linear) against silu_and_mul of the float32 reference linear: up to 8 rows
+    the Gluon kernel's epilogue pairs each gate tile with its up tile (the silu_and_mul kernel never runs), with
+    split-K (a small N) and without (a wide one), after linear_wna16_mma_add_norm (the norm's epilogue form) and
+    in a CUDA graph replayed twice (the pair counters re-armed); above 8 rows, or switched off, the GEMM and the
+    silu_and_mul kernel."""
+    from runtime.ops import triton_elementwise as te
+    from runtime.ops import triton_quant as tq
+    from runtime.ops import wna16_gluon as wg
+    from runtime.ops.activation import silu_and_mul_ref
+    from runtime.ops.norm import rms_norm_ref
+    from runtime.ops.quant_linear import linear_wna16_ref
+    from tests.conftest import KernelLaunches, capture_graph
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is sm_90 only (wgmma)")
+    g = gen("silu-epilogue", str(dtype))
+    silu = torch.ops.spanda.linear_wna16_mma_silu
+
+    def case(k, n):
+        qw, s, z, _ = wna16_case(k, n, 4, 128, False, dtype, g)
+        return qw, s, z, (pack_wna16_mma(qw).cuda(), s.cuda(), pack_mma_zeros(s, z).cuda())
+
+    def reference(x, qw, s, z):
+        return silu_and_mul_ref(linear_wna16_ref(x.cpu(), qw, s, z, None, None, 4, 128)).cuda()
+
+    with KernelLaunches(wg, "wna16_gluon_kernel") as gluon, KernelLaunches(te, "_silu_and_mul_kernel") as acts:
+        for k, n in ((1024, 256), (256, 17408)):  # split-K over 4 tiles; no split over 272
+            qw, s, z, w = case(k, n)
+            for m in (1, 3, 8, 12):
+                x = torch.randn(m, k, generator=g).to(dtype).cuda()
+                before = (gluon.n, acts.n)
+                out = silu(x, *w, None, None, 128, None, 0.0)
+                fused = m <= tq.WNA16_MMA_GLUON_MAX_M
+                assert (gluon.n - before[0], acts.n - before[1]) == ((1, 0) if fused else (0, 1)), (k, n, m)
+                check(out, reference(x, qw, s, z), f"k{k} n{n} m={m}")
+        # after the norm's producer: the product scaled by 1 / RMS, then the SiLU-and-multiply
+        k1, hidden, eps = 512, 1024, 1e-5
+        qw1, s1, z1, a = case(k1, hidden)
+        qw2, s2, z2, b = case(hidden, 512)
+        nw = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype).cuda()
+        x = torch.randn(2, k1, generator=g).to(dtype).cuda()
+        res = torch.randn(2, hidden, generator=g).to(dtype).cuda()
+
+        def pair():
+            total, h, ss = torch.ops.spanda.linear_wna16_mma_add_norm(x, *a, None, None, 128, res, nw, eps)
+            return silu(h, *b, None, None, 128, ss, eps)
+
+        def pair_reference():
+            total = linear_wna16_ref(x.cpu(), qw1, s1, z1, None, None, 4, 128).cuda() + res
+            normed = rms_norm_ref(total.float(), nw.float(), eps).cpu()
+            y = linear_wna16_ref(normed, qw2, s2.float(), z2, None, None, 4, 128).to(dtype)
+            return silu_and_mul_ref(y).cuda()
+
+        before = (gluon.n, acts.n)
+        check(pair(), pair_reference(), "after the norm's epilogue")
+        assert (gluon.n - before[0], acts.n - before[1]) == (2, 0)
+        graph, out = capture_graph(pair)
+        for _ in range(2):
+            x.copy_(torch.randn(2, k1, generator=g).to(dtype))
+            graph.replay()
+            check(out, pair_reference(), "graph")
+    monkeypatch.setattr(tq, "WNA16_SILU_EPILOGUE", False)
+    with KernelLaunches(te, "_silu_and_mul_kernel") as acts:
+        out = pair()
+    assert acts.n == 1
+    check(out, pair_reference(), "switched off")
 
 
 def test_warp_specialized_twin_compiles_for_hopper():

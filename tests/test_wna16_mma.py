@@ -210,14 +210,16 @@ def ckpt(tmp_path_factory):
                               intermediate_size=256)
 
 
-def _build(recipe, path, mma: bool, norm_epilogue: bool = False):
-    passes = recipe.passes.model_copy(update={"wna16_mma": mma, "fuse_norm_epilogue": norm_epilogue})
+def _build(recipe, path, mma: bool, norm_epilogue: bool = False, silu_epilogue: bool = False):
+    passes = recipe.passes.model_copy(update={"wna16_mma": mma, "fuse_norm_epilogue": norm_epilogue,
+                                              "fuse_silu_epilogue": silu_epilogue})
     return build(recipe.model_copy(update={"passes": passes}), path)
 
 
 def _mma_linears(ops) -> int:
-    """Linears in the tensor-core layout, whether or not the norm between two of them is in their epilogues."""
-    return ops["linear_wna16_mma"] + ops["linear_wna16_mma_add_norm"] + ops["linear_wna16_mma_rms"]
+    """Linears in the tensor-core layout, whether or not the norm or the SiLU is in their epilogues."""
+    return (ops["linear_wna16_mma"] + ops["linear_wna16_mma_add_norm"] + ops["linear_wna16_mma_rms"]
+            + ops["linear_wna16_mma_silu"])
 
 
 @pytest.mark.parametrize("quant,dtype", [(dict(method="rtn", bits=4, group_size=128), "float32"),
@@ -311,6 +313,29 @@ def test_norm_epilogue_pass_pairs_the_linears_around_each_norm(ckpt, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
 
 
+@pytest.mark.parametrize("norm_epilogue", [False, True], ids=["alone", "with-norm-epilogue"])
+def test_silu_epilogue_pass_takes_each_gate_up_and_its_activation(ckpt, tmp_path, norm_epilogue):
+    """passes.fuse_silu_epilogue: each layer's gate_up linear and its silu_and_mul become one
+    linear_wna16_mma_silu (2 layers: 2), reading the norm's sums of squares where fuse_norm_epilogue made the
+    gate_up a linear_wna16_mma_rms. On the CPU it computes the GEMM, then silu_and_mul: the same logits and
+    export-hf as without the pass."""
+    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    assert not recipe.passes.fuse_silu_epilogue  # the recipe's default: off
+    on = _build(recipe, tmp_path / "on", True, norm_epilogue=norm_epilogue, silu_epilogue=True)
+    off = _build(recipe, tmp_path / "off", True, norm_epilogue=norm_epilogue)
+    assert on.manifest["passes"][-1] == "fuse_silu_epilogue" and "fuse_silu_epilogue" not in off.manifest["passes"]
+    ops_on, ops_off = _spanda_ops(on.path), _spanda_ops(off.path)
+    assert ops_on["linear_wna16_mma_silu"] == 2 and ops_off["silu_and_mul"] == 2 and "silu_and_mul" not in ops_on
+    assert _mma_linears(ops_on) == 8
+    rms = "linear_wna16_mma_rms" if norm_epilogue else "linear_wna16_mma"
+    assert ops_on[rms] == ops_off[rms] - 2
+    assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
+    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
+    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_epilogue_form_computes_the_norm(dtype):
     """linear_wna16_mma_add_norm -> linear_wna16_mma_rms in the epilogue form (h = (y + residual) * weight, the
@@ -344,7 +369,8 @@ def test_epilogue_form_computes_the_norm(dtype):
 def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path, monkeypatch):
     """Served on a Hopper GPU, the fuse_norm_epilogue build decodes (batch 1, CUDA graphs: the Gluon GEMMs'
     epilogue form) the greedy tokens of the build without the pass, with the same log-probabilities up to
-    rounding; the prompt's prefill (more rows than the Gluon kernel takes) runs the normed form."""
+    rounding; the prompt's prefill (more rows than the Gluon kernel takes) runs the normed form. Likewise with
+    fuse_silu_epilogue on top (the SiLU-and-multiply in the gate_up GEMM's epilogue)."""
     from runtime import LLM, SamplingParams
     from runtime.ops import triton_quant as tq
 
@@ -353,7 +379,8 @@ def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path,
     recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
     builds = {True: _build(recipe, tmp_path / "on", True, norm_epilogue=True),
-              False: _build(recipe, tmp_path / "off", True)}
+              False: _build(recipe, tmp_path / "off", True),
+              "silu": _build(recipe, tmp_path / "silu", True, norm_epilogue=True, silu_epilogue=True)}
     forms = []
     orig = tq.norm_in_epilogue
     monkeypatch.setattr(tq, "norm_in_epilogue", lambda m, device: forms.append(orig(m, device)) or forms[-1])
@@ -365,5 +392,6 @@ def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path,
         runs[fused] = out.token_ids, torch.tensor([lp.logprob for lp in out.logprobs])
         del llm
     assert True in forms and False in forms, "the decode steps took the epilogue form, the prefill the normed one"
-    assert runs[True][0] == runs[False][0]
-    assert (runs[True][1] - runs[False][1]).abs().max() < 0.05, (runs[True][1], runs[False][1])
+    for fused in (True, "silu"):  # the norm in the epilogues; and the SiLU-and-multiply in gate_up's too
+        assert runs[fused][0] == runs[False][0], fused
+        assert (runs[fused][1] - runs[False][1]).abs().max() < 0.05, (fused, runs[fused][1], runs[False][1])

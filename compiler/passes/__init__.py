@@ -8,6 +8,7 @@ from compiler.passes.fusion import (
     fuse_norm_epilogue,
     fuse_qkv,
     fuse_rope_kv_write,
+    fuse_silu_epilogue,
 )
 from compiler.passes.quantize import pack_wna16_mma
 
@@ -21,7 +22,7 @@ PASSES = (
 )
 # after quantization (its W8A8 linears), run by the build when the recipe enables it
 POST_QUANT_PASSES = (("fuse_act_quant", fuse_act_quant), ("wna16_mma", pack_wna16_mma),
-                     ("fuse_norm_epilogue", fuse_norm_epilogue))
+                     ("fuse_norm_epilogue", fuse_norm_epilogue), ("fuse_silu_epilogue", fuse_silu_epilogue))
 
 __all__ = ["PASSES", "POST_QUANT_PASSES", "fuse_act_mul", "fuse_act_quant", "fuse_add_rmsnorm", "fuse_gate_up",
-           "fuse_norm_epilogue", "fuse_qkv", "fuse_rope_kv_write", "pack_wna16_mma"]
+           "fuse_norm_epilogue", "fuse_qkv", "fuse_rope_kv_write", "fuse_silu_epilogue", "pack_wna16_mma"]

@@ -12,6 +12,9 @@
   (o_proj -> post-attention norm -> gate_up, down -> next input norm -> qkv) -> spanda::linear_wna16_mma_add_norm
   and spanda::linear_wna16_mma_rms: the two GEMMs' epilogues carry the residual add and the norm where the Hopper
   decode GEMM runs (quant_linear's module docstring), one launch fewer per norm.
+- ``fuse_silu_epilogue`` (after ``fuse_norm_epilogue``): ``linear_wna16_mma(_rms) -> silu_and_mul`` (gate_up ->
+  SiLU-and-multiply) -> spanda::linear_wna16_mma_silu: where the Hopper decode GEMM runs, its epilogue computes
+  silu(gate) * up, one launch fewer per layer.
 Each pass returns how many sites it rewrote; the build records the passes that applied.
 """
 
@@ -274,6 +277,34 @@ def fuse_norm_epilogue(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype 
             outs[1].replace_all_uses_with(total)
             graph.erase_node(outs[1])
         graph.erase_node(normed)
+        graph.erase_node(node)
+        graph.erase_node(prod)
+        count += 1
+    finalize(gm)
+    return count
+
+
+def fuse_silu_epilogue(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype | None = None) -> int:
+    """Runs after the wna16_mma and fuse_norm_epilogue passes; see the module docstring. A silu_and_mul
+    qualifies when its input is a linear_wna16_mma (or linear_wna16_mma_rms) used by nothing else whose halves
+    are whole 64-row tiles (N % 128 == 0)."""
+    count = 0
+    graph = gm.graph
+    mma, rms = spanda.linear_wna16_mma.default, spanda.linear_wna16_mma_rms.default
+    for node in list(graph.nodes):
+        if not is_call(node, spanda.silu_and_mul.default):
+            continue
+        prod = node.args[0]
+        if not (isinstance(prod, fx.Node) and (is_call(prod, mma) or is_call(prod, rms)) and len(prod.users) == 1):
+            continue
+        qmma = prod.args[1]
+        if qmma.op != "get_attr" or attr_tensor(gm, qmma).shape[0] % 2:
+            continue
+        ss, eps = (prod.args[7], prod.args[8]) if is_call(prod, rms) else (None, 0.0)
+        with graph.inserting_before(node):
+            fused = graph.call_function(spanda.linear_wna16_mma_silu.default, (*prod.args[:7], ss, eps))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
         graph.erase_node(node)
         graph.erase_node(prod)
         count += 1

@@ -18,6 +18,7 @@ OPS = (
     "spanda::linear_wna16_mma",
     "spanda::linear_wna16_mma_add_norm",
     "spanda::linear_wna16_mma_rms",
+    "spanda::linear_wna16_mma_silu",
     "spanda::linear_fp8",
     "spanda::linear_int8",
     "spanda::rms_norm_quant",

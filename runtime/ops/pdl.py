@@ -50,7 +50,7 @@ def hopper(device: torch.device) -> bool:
 
 
 TRITON_GEMMS = frozenset({"linear_wna16", "linear_wna16_mma", "linear_wna16_mma_add_norm", "linear_wna16_mma_rms",
-                          "linear_fp8", "linear_int8", "linear_w8a8"})
+                          "linear_wna16_mma_silu", "linear_fp8", "linear_int8", "linear_w8a8"})
 
 
 def graph_max_batch(gm: torch.nn.Module) -> int:

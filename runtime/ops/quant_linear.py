@@ -35,6 +35,13 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
     That is the norm with its weight moved into x and 1 / RMS applied after the product: equal but for rounding
     (h is rounded once, where the norm rounds x / RMS and then its product with the weight).
 
+``spanda::linear_wna16_mma_silu(x, qmma, scales, zeros, perm, bias, group_size, ss, eps)``
+    silu_and_mul of a gate | up linear_wna16_mma (N = 2 I, I % 64 == 0): [T, I] = silu(gate) * up, each rounded
+    as silu_and_mul rounds it (the build's ``fuse_silu_epilogue`` pass). With ss (not None) it is
+    linear_wna16_mma_rms's product instead, in the same two forms. On the Hopper decode GEMM the epilogue
+    computes it: the programs of gate tile j and up tile j exchange their tiles and the second writes the
+    result; elsewhere the GEMM, then the silu_and_mul kernel. The weights are stored as for linear_wna16_mma.
+
 ``spanda::linear_fp8(x, weight, weight_scale, input_scale, bias)``  (FP8 W8A8, E4M3)
     weight        float8_e4m3fn [N, K];  weight_scale float32 [N] (per channel) or [1] (per tensor)
     input_scale   float32 [1] (static, from calibration) or None (dynamic: one scale per token)
@@ -205,6 +212,14 @@ def linear_wna16_mma_rms_ref(h, qmma, scales, zeros, perm, bias, group_size: int
                       h.dtype)
 
 
+def linear_wna16_mma_silu_ref(x, qmma, scales, zeros, perm, bias, group_size: int, ss, eps: float,
+                              epilogue: bool = False):
+    if ss is None:
+        return silu_and_mul_ref(linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size))
+    return silu_and_mul_ref(linear_wna16_mma_rms_ref(x, qmma, scales, zeros, perm, bias, group_size, ss, eps,
+                                                     epilogue))
+
+
 def _wna16_f32(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """x[:, perm] @ w in float32."""
     xf = x.float() if perm is None else x.float()[:, perm.long()]
@@ -319,6 +334,18 @@ def linear_wna16_mma_rms(h: torch.Tensor, qmma: torch.Tensor, scales: torch.Tens
 @linear_wna16_mma_rms.register_fake
 def _linear_wna16_mma_rms_fake(h, qmma, scales, zeros, perm, bias, group_size, ss, eps):
     return _out(h, qmma.shape[0] * MMA_ROWS)
+
+
+@torch.library.custom_op("spanda::linear_wna16_mma_silu", mutates_args=())
+def linear_wna16_mma_silu(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          perm: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
+                          ss: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return linear_wna16_mma_silu_ref(x, qmma, scales, zeros, perm, bias, group_size, ss, eps)
+
+
+@linear_wna16_mma_silu.register_fake
+def _linear_wna16_mma_silu_fake(x, qmma, scales, zeros, perm, bias, group_size, ss, eps):
+    return _out(x, qmma.shape[0] * MMA_ROWS // 2)
 
 
 @torch.library.custom_op("spanda::linear_fp8", mutates_args=())

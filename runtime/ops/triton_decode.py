@@ -89,8 +89,9 @@ MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_
 SERIAL_REDUCE = False
 SERIAL_MAX_SPLITS = 16
 # One split for a sequence whose context fits one split's minimum work, decided on the device (module docstring).
-# Off until it has run on a GPU (its interpreter test and an sm_90 compile pass; tests/test_triton_attention.py
-# has the GPU test, bench/pdl_auto.py's dyn-attn setting the engine A/B).
+# Off: correct on the H100 (tests/test_triton_attention.py's GPU test), but the 8B engines were no faster with
+# it (bf16 5.971 against 5.968 ms, W4A16 2.246 against 2.214 per batch-1 step: the reduce launch was already
+# overlapped under PDL; bench/results/pdl-epilogues-8b-h100.json, bench/pdl_auto.py's dyn-attn setting).
 DYNAMIC_SPLITS = False
 
 

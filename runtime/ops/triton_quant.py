@@ -1185,8 +1185,13 @@ WNA16_MMA_GLUON_MAX_M = 8
 # The residual add + RMSNorm between two W4A16 linears carried by the Gluon kernel's epilogues where it runs
 # (quant_linear.linear_wna16_mma_add_norm / _rms, the epilogue form; norm_in_epilogue); False: the normed form
 # (the GEMM, then the fused_add_rms_norm kernel), for A/B. The ops exist only in builds with
-# passes.fuse_norm_epilogue, off by default: the kernels have compiled for sm_90 but not yet run on a GPU.
+# passes.fuse_norm_epilogue, off by default: correct on the H100, and no faster at batch 1 (the GEMMs' early
+# weight loads under PDL already hid the norm kernels; bench/results/pdl-epilogues-8b-h100.json).
 WNA16_NORM_EPILOGUE = True
+# SiLU-and-multiply carried by the gate | up GEMM's epilogue where the Gluon kernel runs (the build's
+# passes.fuse_silu_epilogue: quant_linear.linear_wna16_mma_silu); False: the GEMM, then the silu_and_mul kernel.
+# Off by default in the recipe for the same reason (and slower at 2-4 rows: the pair exchange).
+WNA16_SILU_EPILOGUE = True
 # ... and for more rows (wna16_mma_config): the same tiles with block_m 32, 64, 128
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
@@ -1470,11 +1475,11 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
 
 
 def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
-                 bias: torch.Tensor | None, cfg: GemmConfig, add=None, rms=None):
+                 bias: torch.Tensor | None, cfg: GemmConfig, add=None, rms=None, silu=False):
     """linear_wna16_mma_cuda through runtime/ops/wna16_gluon.py's kernel where it applies (sm_90: wgmma; Gluon,
     1 to 16 rows, zero points as pack_mma_zeros' words, no act-order, x's rows 16-byte aligned); None otherwise.
     block_m 8 up to 8 rows, else 16; the split of gluon_split. add / rms: wna16_gluon.linear_wna16_gluon's (the
-    norm carried by the epilogues)."""
+    norm carried by the epilogues), silu (SiLU-and-multiply carried by the epilogue: twice the tile counters)."""
     from runtime.ops import wna16_gluon as wg  # imports Gluon: only when a Gluon config is asked for
 
     m, k = x.shape
@@ -1483,12 +1488,13 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
         return None
     block_m = 8 if m <= 8 else 16
     tiles_mn, k_tiles = qmma.shape[0] * triton.cdiv(m, block_m), k // 128
-    if tiles_mn > LOCK_SLOTS or k_tiles % cfg.tps:
+    slots = tiles_mn * 3 // 2 if silu else tiles_mn  # silu: a pair counter per two tiles after the split-K ones
+    if slots > LOCK_SLOTS or k_tiles % cfg.tps or (silu and qmma.shape[0] % 2):
         return None
     split = gluon_split(cfg, tiles_mn, k_tiles, x.device)
     return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
                                  block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)),
-                                 early=cfg.early, l2pf=cfg.l2pf, add=add, rms=rms)
+                                 early=cfg.early, l2pf=cfg.l2pf, add=add, rms=rms, silu=silu)
 
 
 def norm_in_epilogue(m: int, device: torch.device) -> bool:
@@ -1528,6 +1534,26 @@ def linear_wna16_mma_rms_cuda(h, qmma, scales, zeros, perm, bias, group_size, ss
         if out is not None:
             return out
     return rms_scaled(linear_wna16_mma_cuda(h, qmma, scales, zeros, perm, None, group_size), ss, eps, bias, h.dtype)
+
+
+def linear_wna16_mma_silu_cuda(x, qmma, scales, zeros, perm, bias, group_size, ss, eps):
+    """quant_linear.linear_wna16_mma_silu: up to WNA16_MMA_GLUON_MAX_M rows on sm_90 (WNA16_SILU_EPILOGUE) the
+    Gluon kernel's epilogue computes silu(gate) * up (with ss, in the norm's epilogue form where the producer took
+    it: norm_in_epilogue); otherwise the GEMM (linear_wna16_mma_rms_cuda with ss, else linear_wna16_mma_cuda),
+    then the silu_and_mul kernel."""
+    m = x.shape[0]
+    rms = ss is not None and norm_in_epilogue(m, x.device)  # else x is already normed (or there is no norm)
+    if (WNA16_SILU_EPILOGUE and 0 < m <= WNA16_MMA_GLUON_MAX_M and x.device.type == "cuda"
+            and (not rms or ss.dtype == torch.float32 and ss.is_contiguous() and ss.shape == (x.shape[1] // 64, m))):
+        out = _wna16_gluon(x, qmma, zeros, perm, bias, WNA16_MMA_GLUON, rms=(ss, eps) if rms else None, silu=True)
+        if out is not None:
+            return out
+    if ss is None:
+        y = linear_wna16_mma_cuda(x, qmma, scales, zeros, perm, bias, group_size)
+    else:
+        y = linear_wna16_mma_rms_cuda(x, qmma, scales, zeros, perm, bias, group_size, ss, eps)
+    from runtime.ops.triton_elementwise import silu_and_mul_cuda
+    return silu_and_mul_cuda(y)
 
 
 def gluon_split(cfg: GemmConfig, tiles_mn: int, k_tiles: int, device: torch.device) -> int:
@@ -1816,6 +1842,7 @@ if AVAILABLE:
     torch.library.register_kernel("spanda::linear_wna16_mma", "cuda", _wna16_mma_op)
     torch.library.register_kernel("spanda::linear_wna16_mma_add_norm", "cuda", linear_wna16_mma_add_norm_cuda)
     torch.library.register_kernel("spanda::linear_wna16_mma_rms", "cuda", linear_wna16_mma_rms_cuda)
+    torch.library.register_kernel("spanda::linear_wna16_mma_silu", "cuda", linear_wna16_mma_silu_cuda)
     torch.library.register_kernel("spanda::linear_fp8", "cuda", _fp8_op)
     torch.library.register_kernel("spanda::linear_int8", "cuda", _int8_op)
     torch.library.register_kernel("spanda::linear_w8a8", "cuda", linear_w8a8_cuda)

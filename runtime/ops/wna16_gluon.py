@@ -16,6 +16,9 @@ from the compiler:
   griddepcontrol.wait: only x, the outputs and the split-K counters depend on the previous kernel, so the weight
   stream starts while the norm, RoPE, attention or SiLU-mul before it still runs (EARLY).
 
+The epilogue can also carry the residual add + RMSNorm between two such GEMMs (ADD / RMS) and the SiLU-and-multiply
+of a gate | up product (SILU); both are correct on the H100 and no faster at batch 1 (bench/NOTES-wna16.md 9).
+
 On one H100 (bench/results/quant-gemm-gluon-h100.json), per 8B decoder layer with L2 emptied: 68.5 us at one row
 (block_m 8, one tile per stage, 4 stages, PRE) against 78.0 for the Triton TMA kernel; at 16 rows 75.2 against
 75.5. Selected by triton_quant.wna16_mma_config up to WNA16_MMA_GLUON_MAX_M rows (8): the 8B W4A16+lm_head engine's
@@ -173,11 +176,13 @@ if AVAILABLE:
     @gluon.jit
     def epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M: gl.constexpr,
                  SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr, res_ptr=None, g_ptr=None,
-                 xg_ptr=None, ss_ptr=None, r=None, ADD: gl.constexpr = False, RMS: gl.constexpr = False):
+                 xg_ptr=None, ss_ptr=None, r=None, ADD: gl.constexpr = False, RMS: gl.constexpr = False,
+                 pair_ptr=None, SILU: gl.constexpr = False):
         """y^T [64 rows, BLOCK_M] to out (+ bias), through the serial split-K of triton_quant._split_k: the partial
         stored, the tile's finished programs counted on lock_ptr, the last one summing all partials in a fixed
         order and re-arming the counter. The norm carried by the epilogues (_write_final): RMS scales the sum
-        by r (a row's 1 / RMS) before the bias; ADD writes the residual sum instead of y."""
+        by r (a row's 1 / RMS) before the bias; ADD writes the residual sum instead of y. SILU: silu(gate) * up
+        of a gate | up product (_silu_pair)."""
         MMA: gl.constexpr = mma_layout(BLOCK_M)
         rn = pid_n * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
         rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
@@ -192,19 +197,21 @@ if AVAILABLE:
                 for k in gl.static_range(1, SPLIT):
                     tot += gl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
                 gl.atomic_xchg(lock_ptr + pid_n * gl.num_programs(1) + pid_m, 0)
-                _write_final(tot, b_ptr, out_ptr, offs, mask, rn, rm, M, pid_n, HAS_BIAS, BF16, res_ptr, g_ptr,
-                             xg_ptr, ss_ptr, r, ADD, RMS)
+                _write_final(tot, b_ptr, out_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m, HAS_BIAS, BF16, res_ptr,
+                             g_ptr, xg_ptr, ss_ptr, r, ADD, RMS, pair_ptr, lock_ptr, SILU)
         else:
-            _write_final(acc, b_ptr, out_ptr, offs, mask, rn, rm, M, pid_n, HAS_BIAS, BF16, res_ptr, g_ptr, xg_ptr,
-                         ss_ptr, r, ADD, RMS)
+            _write_final(acc, b_ptr, out_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m, HAS_BIAS, BF16, res_ptr, g_ptr,
+                         xg_ptr, ss_ptr, r, ADD, RMS, pair_ptr, lock_ptr, SILU)
 
     @gluon.jit
-    def _write_final(tot, b_ptr, out_ptr, offs, mask, rn, rm, M, pid_n, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
-                     res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD: gl.constexpr, RMS: gl.constexpr):
+    def _write_final(tot, b_ptr, out_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m, HAS_BIAS: gl.constexpr,
+                     BF16: gl.constexpr, res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD: gl.constexpr, RMS: gl.constexpr,
+                     pair_ptr, lock_ptr, SILU: gl.constexpr):
         """A tile's finished sum (float32 y^T) to memory. RMS: times r [BLOCK_M] first (the consumer of a norm
         carried by the epilogues). ADD (its producer): y rounded, plus the residual, is the new residual stream
         (out), and also written times the norm weight (xg: what the consumer multiplies), with the sums of its
-        squares over this tile's 64 columns (ss [N / 64, M], float32), from which the consumer's r comes."""
+        squares over this tile's 64 columns (ss [N / 64, M], float32), from which the consumer's r comes.
+        SILU: y rounded goes to _silu_pair instead of out."""
         dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         if RMS:
             tot = tot * gl.expand_dims(r, 0)
@@ -217,8 +224,39 @@ if AVAILABLE:
             tf = t.to(gl.float32)
             gl.store(xg_ptr + offs, (tf * gl.expand_dims(gl.load(g_ptr + rn).to(gl.float32), 1)).to(dt), mask=mask)
             gl.store(ss_ptr + pid_n * M + rm, gl.sum(tf * tf, axis=0), mask=rm < M)
+        elif SILU:
+            _silu_pair(tot.to(dt), pair_ptr, out_ptr, lock_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m)
         else:
             gl.store(out_ptr + offs, tot.to(dt), mask=mask)
+
+    @gluon.jit
+    def _silu_pair(y, pair_ptr, out_ptr, lock_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m):
+        """SiLU-and-multiply carried by the epilogue of a gate | up GEMM (N = 2 I, I % 64 == 0): the program of
+        gate tile j (rows 64 j .. 64 j + 63) and the one of up tile j (the same rows + I) each store their y (the
+        model dtype, as the unfused GEMM rounds it) to pair [M, N], then count on the pair's counter (after the
+        split-K counters: N / 64 * grid_m + j * grid_m + pid_m). The second to arrive reads the other's tile,
+        writes out [M, I] = silu(gate) * up rounded as every silu_and_mul kernel does, and re-arms the counter.
+        The same store, barrier and acq_rel atomic order as the serial split-K."""
+        half = N // 2
+        gl.store(pair_ptr + offs, y, mask=mask)
+        gl.thread_barrier()
+        grid_m = gl.num_programs(1)
+        j = pid_n % (half // 64)
+        slot = lock_ptr + (N // 64) * grid_m + j * grid_m + pid_m
+        done = gl.atomic_add(slot, 1, sem="acq_rel")
+        if done == 1:
+            mine = y.to(gl.float32)
+            if pid_n >= half // 64:  # this program has the up tile
+                u = mine
+                g = gl.load(pair_ptr + offs - half, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
+            else:
+                g = mine
+                u = gl.load(pair_ptr + offs + half, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
+            act = (g / (1.0 + gl.exp(-g))).to(y.dtype).to(gl.float32)
+            col = j * 64 + (rn - pid_n * 64)
+            gl.store(out_ptr + gl.expand_dims(rm, 0).to(gl.int64) * half + gl.expand_dims(col, 1),
+                     (act * u).to(y.dtype), mask=mask)
+            gl.atomic_xchg(slot, 0)
 
     @gluon.jit
     def _row_rscale(ss_ptr, M, K, eps, pid_m, BLOCK_M: gl.constexpr):
@@ -275,11 +313,13 @@ if AVAILABLE:
                            SPLIT: gl.constexpr, BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr,
                            HAS_BIAS: gl.constexpr = False, PDL: gl.constexpr = False, EARLY: gl.constexpr = True,
                            L2PF: gl.constexpr = 0, res_ptr=None, g_ptr=None, xg_ptr=None, ss_ptr=None, eps=0.0,
-                           ADD: gl.constexpr = False, RMS: gl.constexpr = False):
+                           ADD: gl.constexpr = False, RMS: gl.constexpr = False, pair_ptr=None,
+                           SILU: gl.constexpr = False):
         """y^T [64 rows, BLOCK_M] over the program's TILES K tiles, TPS tiles per pipeline stage, STAGES stages.
         Under PDL: with EARLY the first stages' codes and zero points are loaded before the wait for the previous
         kernel, and the L2PF tiles after them prefetched into L2. ADD / RMS: the producer and the consumer of an
-        RMSNorm carried by the epilogues (_write_final, _row_rscale; triton_quant.linear_wna16_mma_add_norm_cuda)."""
+        RMSNorm carried by the epilogues (_write_final, _row_rscale; triton_quant.linear_wna16_mma_add_norm_cuda).
+        SILU: out is silu(gate) * up of the gate | up product (_silu_pair; triton_quant.linear_wna16_mma_silu_cuda)."""
         ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
         NST: gl.constexpr = TILES // TPS
         pid_n, pid_m, pid_k, kt0, wrow0, xrow = program_coords(K, TILES, BLOCK_M)
@@ -341,7 +381,7 @@ if AVAILABLE:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, HAS_BIAS, BF16,
-                 res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD, RMS)
+                 res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD, RMS, pair_ptr, SILU)
 
     def layouts(block_m: int, tps: int, dtype=torch.bfloat16):
         gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
@@ -367,19 +407,26 @@ if AVAILABLE:
         return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), tq._locks(x.device)
 
     def linear_wna16_gluon(x, qmma, zw, bias=None, *, tps=2, stages=3, block_m=16, split=1, defer=True, pre=False,
-                           pdl=False, early=True, l2pf=0, add=None, rms=None):
+                           pdl=False, early=True, l2pf=0, add=None, rms=None, silu=False):
         """x [M, K] bf16/fp16 (rows 16-byte aligned), qmma int16 [N/64, K/128, 2048] (pack_wna16_mma), zw int32
         [K/128, N] (pack_mma_zeros: group size 128), bias [N] or None -> y [M, N] in x's dtype. The K tiles per
         program (K / 128 / split) must be a multiple of tps.
         add = (residual [M, N], norm weight [N]): returns (y + residual, (y + residual) * weight, the sums of the
         squares of y + residual per 64 columns [N / 64, M] float32). rms = (those sums [K / 64, M], eps): y is
-        x W^T times each row's rsqrt(sum / K + eps), then the bias."""
+        x W^T times each row's rsqrt(sum / K + eps), then the bias. silu: y is gate | up (N / 2 % 64 == 0); returns
+        silu(gate) * up [M, N / 2] (with rms: of the scaled product)."""
+        from runtime.ops import triton_quant as tq
         m, k = x.shape
         n = qmma.shape[0] * 64
         tiles = k // 128 // split
         assert tiles * split * 128 == k and tiles % tps == 0, (k, split, tps)
         out, part, locks = outputs(x, n, split)
         extra = {"PDL": True, "launch_pdl": True} if pdl else {}
+        if silu:
+            slots = n // 64 * triton.cdiv(m, block_m)
+            assert n % 128 == 0 and add is None and slots * 3 // 2 <= tq.LOCK_SLOTS, (n, slots)
+            pair, out, locks = out, torch.empty((m, n // 2), dtype=x.dtype, device=x.device), tq._locks(x.device)
+            extra.update(pair_ptr=pair, SILU=True)
         if add is not None:
             res, g = add
             xg = torch.empty_like(out)
