@@ -129,10 +129,12 @@ def compile_sm90(ws: bool, block_m: int, tps: int, stages: int, split: int, tile
             attrs_extra = ("pair_ptr",)
     const = dict(TILES=tiles, TPS=tps, STAGES=stages, BLOCK_M=block_m, SPLIT=split, BF16=True, **flags)
     sig.update({k: "constexpr" for k in const})
-    attrs = {(k,): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")
+    fn = wna16_gluon_ws_kernel if ws else wna16_gluon_kernel
+    # the launcher's specialization of 16-byte aligned pointers and multiples of 16, keyed by argument position
+    # (keyed by name they were silently dropped)
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")
              + (() if ws else ("w_ptr",)) + attrs_extra}
-    src = GluonASTSource(fn=wna16_gluon_ws_kernel if ws else wna16_gluon_kernel, signature=sig, constexprs=const,
-                         attrs=attrs)
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, **({"maxnreg": maxnreg} if ws else {})})
 
