@@ -216,6 +216,19 @@ def _build(recipe, path, mma: bool, norm_epilogue: bool = False, silu_epilogue: 
     return build(recipe.model_copy(update={"passes": passes}), path)
 
 
+def _assert_same_export(on, off, tmp_path) -> None:
+    """export-hf of the two builds writes the same tensors."""
+    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
+    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+
+
+def _bf16_asym_recipe(ckpt):
+    """RTN int4 g128, asymmetric, in bf16: the zero points as pack_mma_zeros' words (what the Gluon kernel reads)."""
+    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+
+
 def _mma_linears(ops) -> int:
     """Linears in the tensor-core layout, whether or not the norm or the SiLU is in their epilogues."""
     return (ops["linear_wna16_mma"] + ops["linear_wna16_mma_add_norm"] + ops["linear_wna16_mma_rms"]
@@ -238,9 +251,7 @@ def test_mma_artifact_matches_the_plain_one(ckpt, tmp_path, quant, dtype):
     ops_on, ops_off = _spanda_ops(on.path), _spanda_ops(off.path)
     assert ops_off["linear_wna16"] == 8 and _mma_linears(ops_on) == 8 and "linear_wna16" not in ops_on
     assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
-    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
-    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+    _assert_same_export(on, off, tmp_path)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
@@ -298,8 +309,7 @@ def test_norm_epilogue_pass_pairs_the_linears_around_each_norm(ckpt, tmp_path):
     linear_wna16_mma_add_norm -> linear_wna16_mma_rms (2 layers: 3 pairs); the first qkv (its norm reads the
     embedding) and the last down (the final norm feeds the bf16 lm_head) stay. On the CPU both ops take the
     normed form: the same logits and export-hf as without the pass."""
-    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    recipe = _bf16_asym_recipe(ckpt)
     on, off = _build(recipe, tmp_path / "on", True, norm_epilogue=True), _build(recipe, tmp_path / "off", True)
     assert on.manifest["passes"][-1] == "fuse_norm_epilogue" and "fuse_norm_epilogue" not in off.manifest["passes"]
     assert not recipe.passes.fuse_norm_epilogue  # the recipe's default: off
@@ -308,9 +318,7 @@ def test_norm_epilogue_pass_pairs_the_linears_around_each_norm(ckpt, tmp_path):
     assert tuple(ops_on[op] for op in pair) == (2, 3, 3)
     assert ops_on["fused_add_rms_norm"] == ops_off["fused_add_rms_norm"] - 3 and ops_off["linear_wna16_mma"] == 8
     assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
-    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
-    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+    _assert_same_export(on, off, tmp_path)
 
 
 @pytest.mark.parametrize("norm_epilogue", [False, True], ids=["alone", "with-norm-epilogue"])
@@ -319,8 +327,7 @@ def test_silu_epilogue_pass_takes_each_gate_up_and_its_activation(ckpt, tmp_path
     linear_wna16_mma_silu (2 layers: 2), reading the norm's sums of squares where fuse_norm_epilogue made the
     gate_up a linear_wna16_mma_rms. On the CPU it computes the GEMM, then silu_and_mul: the same logits and
     export-hf as without the pass."""
-    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    recipe = _bf16_asym_recipe(ckpt)
     assert not recipe.passes.fuse_silu_epilogue  # the recipe's default: off
     on = _build(recipe, tmp_path / "on", True, norm_epilogue=norm_epilogue, silu_epilogue=True)
     off = _build(recipe, tmp_path / "off", True, norm_epilogue=norm_epilogue)
@@ -331,9 +338,7 @@ def test_silu_epilogue_pass_takes_each_gate_up_and_its_activation(ckpt, tmp_path
     rms = "linear_wna16_mma_rms" if norm_epilogue else "linear_wna16_mma"
     assert ops_on[rms] == ops_off[rms] - 2
     assert torch.equal(_artifact_logits(on.path), _artifact_logits(off.path))
-    hf_on, hf_off = export_hf(on.path, tmp_path / "hf-on"), export_hf(off.path, tmp_path / "hf-off")
-    a, b = load_file(str(hf_on / "model.safetensors")), load_file(str(hf_off / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "export-hf differs"
+    _assert_same_export(on, off, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -376,11 +381,10 @@ def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path,
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the epilogue form runs on sm_90 only (the Gluon wgmma kernel)")
-    recipe = _recipe(ckpt, method="rtn", bits=4, group_size=128, symmetric=False)
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
-    builds = {True: _build(recipe, tmp_path / "on", True, norm_epilogue=True),
-              False: _build(recipe, tmp_path / "off", True),
-              "silu": _build(recipe, tmp_path / "silu", True, norm_epilogue=True, silu_epilogue=True)}
+    recipe = _bf16_asym_recipe(ckpt)
+    builds = {"norm": _build(recipe, tmp_path / "on", True, norm_epilogue=True),
+              "off": _build(recipe, tmp_path / "off", True),
+              "norm+silu": _build(recipe, tmp_path / "silu", True, norm_epilogue=True, silu_epilogue=True)}
     forms = []
     orig = tq.norm_in_epilogue
     monkeypatch.setattr(tq, "norm_in_epilogue", lambda m, device: forms.append(orig(m, device)) or forms[-1])
@@ -392,6 +396,6 @@ def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path,
         runs[fused] = out.token_ids, torch.tensor([lp.logprob for lp in out.logprobs])
         del llm
     assert True in forms and False in forms, "the decode steps took the epilogue form, the prefill the normed one"
-    for fused in (True, "silu"):  # the norm in the epilogues; and the SiLU-and-multiply in gate_up's too
-        assert runs[fused][0] == runs[False][0], fused
-        assert (runs[fused][1] - runs[False][1]).abs().max() < 0.05, (fused, runs[fused][1], runs[False][1])
+    for fused in ("norm", "norm+silu"):  # the norm in the epilogues; and the SiLU-and-multiply in gate_up's too
+        assert runs[fused][0] == runs["off"][0], fused
+        assert (runs[fused][1] - runs["off"][1]).abs().max() < 0.05, (fused, runs[fused][1], runs["off"][1])

@@ -182,6 +182,28 @@ def fuse_rope_kv_write(gm: fx.GraphModule, plan: WeightPlan) -> int:
     return count
 
 
+def _x_readers(out: fx.Node, targets) -> list[fx.Node] | None:
+    """The users of ``out`` if there are some and each is a call to one of ``targets`` reading ``out`` as its x (the
+    first argument, and only there); None otherwise."""
+    users = list(out.users)
+    if not users or any(u.op != "call_function" or u.target not in targets or u.args[0] is not out
+                        or out in u.args[1:] for u in users):
+        return None
+    return users
+
+
+def _replace_each(graph: fx.Graph, nodes: list[fx.Node], target, prefix: tuple, keep: tuple[int, ...],
+                  suffix: tuple = ()) -> None:
+    """Each node replaced, where it stands, by a call to ``target`` on ``prefix``, the node's arguments at the
+    positions ``keep``, then ``suffix``."""
+    for node in nodes:
+        with graph.inserting_before(node):
+            new = graph.call_function(target, (*prefix, *(node.args[i] for i in keep), *suffix))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
 _W8A8 = {spanda.linear_fp8.default: False, spanda.linear_int8.default: True}  # op -> int8
 _QUANT_PRODUCERS = {spanda.rms_norm.default: spanda.rms_norm_quant.default,
                     spanda.fused_add_rms_norm.default: spanda.fused_add_rms_norm_quant.default,
@@ -204,9 +226,8 @@ def fuse_act_quant(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
             out = outs[0]
         else:
             out = node
-        linears = list(out.users)
-        if not linears or any(u.op != "call_function" or u.target not in _W8A8 or u.args[0] is not out
-                              or out in u.args[1:] for u in linears):
+        linears = _x_readers(out, _W8A8)
+        if linears is None:
             continue
         kinds = {_W8A8[u.target] for u in linears}
         scales = {u.args[3] for u in linears}  # the input_scale node (static) or None (dynamic)
@@ -222,14 +243,8 @@ def fuse_act_quant(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype) -> 
             codes, x_scale = getitem(graph, q, 0), getitem(graph, q, 1)
             if fused_add:
                 total = getitem(graph, q, 2)
-        for lin in linears:
-            _, weight, weight_scale, _, bias = lin.args
-            with graph.inserting_before(lin):
-                new = graph.call_function(spanda.linear_w8a8.default, (codes, x_scale, weight, weight_scale, bias,
-                                                                       dtype))
-            new.meta.update(lin.meta)
-            lin.replace_all_uses_with(new)
-            graph.erase_node(lin)
+        # linear_fp8 / _int8 (x, weight, weight_scale, input_scale, bias) -> linear_w8a8 on the codes
+        _replace_each(graph, linears, spanda.linear_w8a8.default, (codes, x_scale), (1, 2, 4), (dtype,))
         if fused_add:
             for u in list(node.users):
                 if u is not out:
@@ -259,20 +274,15 @@ def fuse_norm_epilogue(gm: fx.GraphModule, plan: WeightPlan, dtype: torch.dtype 
             continue
         prod, residual = pick[0]
         normed = outs[0]
-        linears = list(normed.users)
-        if not linears or any(not is_call(u, mma) or u.args[0] is not normed or normed in u.args[1:]
-                              for u in linears):
+        linears = _x_readers(normed, (mma,))
+        if linears is None:
             continue
         with graph.inserting_before(node):
             fused = graph.call_function(spanda.linear_wna16_mma_add_norm.default, (*prod.args, residual, weight, eps))
             total, h, ss = (getitem(graph, fused, i) for i in range(3))
         fused.meta.update(prod.meta)
-        for lin in linears:
-            with graph.inserting_before(lin):
-                new = graph.call_function(spanda.linear_wna16_mma_rms.default, (h, *lin.args[1:], ss, eps))
-            new.meta.update(lin.meta)
-            lin.replace_all_uses_with(new)
-            graph.erase_node(lin)
+        # linear_wna16_mma (x, qmma, scales, zeros, perm, bias, group_size) -> linear_wna16_mma_rms on h
+        _replace_each(graph, linears, spanda.linear_wna16_mma_rms.default, (h,), tuple(range(1, 7)), (ss, eps))
         if 1 in outs:
             outs[1].replace_all_uses_with(total)
             graph.erase_node(outs[1])

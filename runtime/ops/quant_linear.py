@@ -215,9 +215,10 @@ def linear_wna16_mma_rms_ref(h, qmma, scales, zeros, perm, bias, group_size: int
 def linear_wna16_mma_silu_ref(x, qmma, scales, zeros, perm, bias, group_size: int, ss, eps: float,
                               epilogue: bool = False):
     if ss is None:
-        return silu_and_mul_ref(linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size))
-    return silu_and_mul_ref(linear_wna16_mma_rms_ref(x, qmma, scales, zeros, perm, bias, group_size, ss, eps,
-                                                     epilogue))
+        y = linear_wna16_mma_ref(x, qmma, scales, zeros, perm, bias, group_size)
+    else:
+        y = linear_wna16_mma_rms_ref(x, qmma, scales, zeros, perm, bias, group_size, ss, eps, epilogue)
+    return silu_and_mul_ref(y)
 
 
 def _wna16_f32(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:

@@ -1488,8 +1488,7 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
         return None
     block_m = 8 if m <= 8 else 16
     tiles_mn, k_tiles = qmma.shape[0] * triton.cdiv(m, block_m), k // 128
-    slots = tiles_mn * 3 // 2 if silu else tiles_mn  # silu: a pair counter per two tiles after the split-K ones
-    if slots > LOCK_SLOTS or k_tiles % cfg.tps or (silu and qmma.shape[0] % 2):
+    if wg.counter_slots(tiles_mn, silu) > LOCK_SLOTS or k_tiles % cfg.tps or (silu and qmma.shape[0] % 2):
         return None
     split = gluon_split(cfg, tiles_mn, k_tiles, x.device)
     return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
@@ -1524,12 +1523,18 @@ def linear_wna16_mma_add_norm_cuda(x, qmma, scales, zeros, perm, bias, group_siz
     return total, normed, y.new_empty((y.shape[1] // 64, y.shape[0]), dtype=torch.float32)
 
 
+def _ss_ready(ss: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether the producer's sums of squares can be read by the Gluon kernel for the rows of h: [K / 64, M]
+    float32, contiguous."""
+    return ss.dtype == torch.float32 and ss.is_contiguous() and ss.shape == (h.shape[1] // 64, h.shape[0])
+
+
 def linear_wna16_mma_rms_cuda(h, qmma, scales, zeros, perm, bias, group_size, ss, eps):
     """quant_linear.linear_wna16_mma_rms: the epilogue form in the Gluon kernel (or the GEMM, then the scaling in
     torch); the normed form is linear_wna16_mma."""
     if not norm_in_epilogue(h.shape[0], h.device):
         return linear_wna16_mma_cuda(h, qmma, scales, zeros, perm, bias, group_size)
-    if ss.dtype == torch.float32 and ss.is_contiguous() and ss.shape == (h.shape[1] // 64, h.shape[0]):
+    if _ss_ready(ss, h):
         out = _wna16_gluon(h, qmma, zeros, perm, bias, WNA16_MMA_GLUON, rms=(ss, eps))
         if out is not None:
             return out
@@ -1541,10 +1546,8 @@ def linear_wna16_mma_silu_cuda(x, qmma, scales, zeros, perm, bias, group_size, s
     Gluon kernel's epilogue computes silu(gate) * up (with ss, in the norm's epilogue form where the producer took
     it: norm_in_epilogue); otherwise the GEMM (linear_wna16_mma_rms_cuda with ss, else linear_wna16_mma_cuda),
     then the silu_and_mul kernel."""
-    m = x.shape[0]
-    rms = ss is not None and norm_in_epilogue(m, x.device)  # else x is already normed (or there is no norm)
-    if (WNA16_SILU_EPILOGUE and 0 < m <= WNA16_MMA_GLUON_MAX_M and x.device.type == "cuda"
-            and (not rms or ss.dtype == torch.float32 and ss.is_contiguous() and ss.shape == (x.shape[1] // 64, m))):
+    rms = ss is not None and norm_in_epilogue(x.shape[0], x.device)  # else x is already normed (or there is no norm)
+    if WNA16_SILU_EPILOGUE and x.shape[0] <= WNA16_MMA_GLUON_MAX_M and (not rms or _ss_ready(ss, x)):
         out = _wna16_gluon(x, qmma, zeros, perm, bias, WNA16_MMA_GLUON, rms=(ss, eps) if rms else None, silu=True)
         if out is not None:
             return out

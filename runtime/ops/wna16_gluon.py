@@ -39,6 +39,8 @@ except ImportError:  # CPU-only install, or a Triton without Gluon: triton_quant
 AVAILABLE = gluon is not None
 
 if AVAILABLE:
+    from runtime.ops.triton_quant import silu_mul_rounded  # the rounding of every silu_and_mul kernel
+
     ASM_BF16_TEXT = """{
         .reg .b32 t, u, r0, r1, r2, r3;
         and.b32 u, $9, 0xFF80FF80;
@@ -225,12 +227,12 @@ if AVAILABLE:
             gl.store(xg_ptr + offs, (tf * gl.expand_dims(gl.load(g_ptr + rn).to(gl.float32), 1)).to(dt), mask=mask)
             gl.store(ss_ptr + pid_n * M + rm, gl.sum(tf * tf, axis=0), mask=rm < M)
         elif SILU:
-            _silu_pair(tot.to(dt), pair_ptr, out_ptr, lock_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m)
+            _silu_pair(tot.to(dt), pair_ptr, out_ptr, lock_ptr, offs, mask, rn, rm, N, pid_n, pid_m)
         else:
             gl.store(out_ptr + offs, tot.to(dt), mask=mask)
 
     @gluon.jit
-    def _silu_pair(y, pair_ptr, out_ptr, lock_ptr, offs, mask, rn, rm, M, N, pid_n, pid_m):
+    def _silu_pair(y, pair_ptr, out_ptr, lock_ptr, offs, mask, rn, rm, N, pid_n, pid_m):
         """SiLU-and-multiply carried by the epilogue of a gate | up GEMM (N = 2 I, I % 64 == 0): the program of
         gate tile j (rows 64 j .. 64 j + 63) and the one of up tile j (the same rows + I) each store their y (the
         model dtype, as the unfused GEMM rounds it) to pair [M, N], then count on the pair's counter (after the
@@ -252,10 +254,9 @@ if AVAILABLE:
             else:
                 g = mine
                 u = gl.load(pair_ptr + offs + half, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
-            act = (g / (1.0 + gl.exp(-g))).to(y.dtype).to(gl.float32)
             col = j * 64 + (rn - pid_n * 64)
             gl.store(out_ptr + gl.expand_dims(rm, 0).to(gl.int64) * half + gl.expand_dims(col, 1),
-                     (act * u).to(y.dtype), mask=mask)
+                     silu_mul_rounded(g, u, y.dtype), mask=mask)
             gl.atomic_xchg(slot, 0)
 
     @gluon.jit
@@ -397,6 +398,11 @@ if AVAILABLE:
                 TensorDescriptor.from_tensor(qmma.view(torch.int32).view(-1, 128), [8 * tps, 128], wl),
                 TensorDescriptor.from_tensor(zw, [tps, 64], zl))
 
+    def counter_slots(tiles_mn: int, silu: bool) -> int:
+        """The tile counters one launch of tiles_mn output tiles uses: one per tile (serial split-K), and with silu
+        one more per gate | up pair after them (_silu_pair)."""
+        return tiles_mn * 3 // 2 if silu else tiles_mn
+
     def outputs(x, n: int, split: int) -> tuple:
         """(out [M, N], the split-K partials or out, the tile counters or out)."""
         from runtime.ops import triton_quant as tq
@@ -423,8 +429,8 @@ if AVAILABLE:
         out, part, locks = outputs(x, n, split)
         extra = {"PDL": True, "launch_pdl": True} if pdl else {}
         if silu:
-            slots = n // 64 * triton.cdiv(m, block_m)
-            assert n % 128 == 0 and add is None and slots * 3 // 2 <= tq.LOCK_SLOTS, (n, slots)
+            slots = counter_slots(n // 64 * triton.cdiv(m, block_m), True)
+            assert n % 128 == 0 and add is None and slots <= tq.LOCK_SLOTS, (n, slots)
             pair, out, locks = out, torch.empty((m, n // 2), dtype=x.dtype, device=x.device), tq._locks(x.device)
             extra.update(pair_ptr=pair, SILU=True)
         if add is not None:
