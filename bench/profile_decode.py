@@ -122,7 +122,29 @@ def launch_positions(fn, layers: int, iters: int = 20) -> dict:
         ms = [[m for e, m in zip(c, mc) if e.name == name] for c, mc in zip(calls, marg)]
         out["marginal_places"][name[:80]] = [round(sum(d[j] for d in ms for j in range(p, n, k)) / (iters * layers), 2)
                                              for p in range(k)]
+    out["layer_timeline"] = layer_timeline(calls, marg, layers)
     return out
+
+
+def layer_timeline(calls, marg, layers: int) -> list[dict]:
+    """The kernels of the middle decoder layer in launch order (from its first norm to the next layer's), each
+    one's start, end and marginal time in microseconds after the layer's first kernel starts, averaged over the
+    calls: where the layer's time goes between its GEMMs (the gaps no per-kernel total shows). Empty where the
+    norms are not two kernels per layer plus the final one (a build with passes.fuse_norm_epilogue)."""
+    rows: list[list[tuple]] = []
+    for c, mc in zip(calls, marg):
+        norms = [i for i, e in enumerate(c) if kind_of(e.name) == "norm"]
+        if len(norms) != 2 * layers + 1:
+            return []
+        lo, hi = norms[2 * (layers // 2)], norms[2 * (layers // 2) + 2]
+        t0 = c[lo].time_range.start
+        rows.append([(c[i].name, c[i].time_range.start - t0, c[i].time_range.end - t0, mc[i]) for i in range(lo, hi)])
+    if len({tuple(r[0] for r in row) for row in rows}) != 1:
+        return []
+    n = len(rows)
+    return [{"name": rows[0][j][0][:60], **{k: round(sum(r[j][f] for r in rows) / n, 2)
+                                            for f, k in ((1, "start"), (2, "end"), (3, "marginal"))}}
+            for j in range(len(rows[0]))]
 
 
 def gemm_weight_bytes(gm: torch.nn.Module) -> int:
@@ -223,6 +245,9 @@ def main() -> None:
     for name, us in places["places"].items():
         print(f"    {us}  marginal {places['marginal_places'][name]}  {name}")
     print("marginal us by kind:", json.dumps(places["marginal_by_kind"]))
+    print("the middle layer's kernels (us after its first one starts): start, end, marginal")
+    for row in places["layer_timeline"]:
+        print(f"    {row['start']:>7} {row['end']:>7} {row['marginal']:>6}  {row['name']}")
     for k in ("copy_bw_TBps", "graph_replay_ms", "engine_step_ms", "host_ms_per_step", "gemm_weight_GB",
               "gemm_roofline_us", "gemm_achieved_TBps"):
         print(f"{k:>20}  {res.get(k)}")
