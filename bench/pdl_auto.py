@@ -43,6 +43,10 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
                                     ("s6", {"num_stages": 6}))},
             # ... up to 8 rows, split-K aiming at 1 / 3 / 4 programs per SM instead of 2 (GemmConfig.waves)
             **{f"gluon-w{w}": (None, False, {"WNA16_MMA_GLUON": {"waves": w}}) for w in (1, 3, 4)},
+            # RoPE + KV write and decode attention reading their inputs, tables and earlier KV before the PDL wait
+            # (triton_rope_cache / triton_decode EARLY_LOADS), both and attention's alone
+            "early-attn": (None, False, {"triton_decode.EARLY_LOADS": True, "triton_rope_cache.EARLY_LOADS": True}),
+            "early-decode": (None, False, {"triton_decode.EARLY_LOADS": True}),
             # attention's splits merged by the last one to finish instead of a reduce launch (triton_decode)
             "serial-attn": (None, False, {"triton_decode.SERIAL_REDUCE": True}),
             # each sequence's attention splits from its own context (triton_decode.DYNAMIC_SPLITS)

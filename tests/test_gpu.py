@@ -99,13 +99,18 @@ def fp8_artifact(checkpoints, tmp_path_factory):
     return _tiny_bf16_build(checkpoints, tmp_path_factory.mktemp("fp8") / "art", "fp8")
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("which", ["bf16", "fp8"])
-def test_programmatic_dependent_launch_gives_the_same_tokens(which, request, monkeypatch):
+def test_programmatic_dependent_launch_gives_the_same_tokens(which, early, request, monkeypatch):
     """Programmatic dependent launch (runtime/ops/pdl.py): by default the Triton kernels of the decode graphs of
     up to AUTO_MAX_BATCH sequences of a quantized model (its linears Triton GEMMs; none of a bf16 one), with
-    SPANDA_PDL=1 every Triton kernel, launch with PDL, each waiting for the previous kernel first thing; the
-    tokens of ordinary launches (SPANDA_PDL=0) either way."""
+    SPANDA_PDL=1 every Triton kernel, launch with PDL, each waiting for the previous kernel first thing (with
+    ``early``: RoPE + KV write and decode attention read the step's inputs, tables and earlier steps' KV before
+    that wait, their EARLY_LOADS); the tokens of ordinary launches (SPANDA_PDL=0) either way."""
     from runtime.ops import pdl
+
+    for mod in ("triton_decode", "triton_rope_cache"):
+        monkeypatch.setattr(f"runtime.ops.{mod}.EARLY_LOADS", early)
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90 or later")

@@ -217,6 +217,39 @@ def test_every_tuning_config_is_correct():
         assert rel_err(out.view(t, -1).cpu(), ref) < 1e-2, pcfg
 
 
+def _split_kernel_sass(early: bool) -> str:
+    """_decode_split_kernel compiled for sm_90 without a GPU (bf16 cache, 4 query heads per KV head of 128, pages
+    of 16, tiles of 64, split, PDL) and disassembled."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bench.wna16_gluon import sass_of
+    from runtime.ops import triton_decode as td
+
+    sig = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "lock_ptr")}
+    sig.update({name: "*i32" for name in ("block_tables_ptr", "seq_lens_ptr", "qsl_ptr")})
+    sig.update({name: "*fp32" for name in ("part_m_ptr", "part_l_ptr", "part_acc_ptr")})
+    sig.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_cslot", "stride_bt", "stride_ot",
+                                         "stride_oh", "group", "head_dim", "window", "n_splits")})
+    sig.update(scale_log2="fp32", v_scale="fp32")
+    const = dict(PAGE=16, G_PAD=16, D_PAD=128, BLOCK_N=64, HAS_WINDOW=False, SPLIT=True, PDL=True, WIDE16=False,
+                 ASM=False, INT8=False, SERIAL=False, S_PAD=1, SPLIT_SPAN=0, EARLY=early)
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=td._decode_split_kernel, signature=sig, constexprs=const)
+    return sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its sm_90 compiler and nvdisasm ship with it)")
+def test_early_loads_are_issued_before_the_pdl_wait():
+    """Compiled for sm_90: launched with PDL the split kernel loads nothing before griddepcontrol.wait (ACQBULK);
+    with EARLY_LOADS the first tile's block-table, K and V loads come before it (as many as a tile of the loop)."""
+    late, early = _split_kernel_sass(False), _split_kernel_sass(True)
+    assert late[:late.index("ACQBULK")].count("LDG") == 0
+    before = early[:early.index("ACQBULK")].count("LDG")
+    assert before >= late.count("LDG") // 2, (before, late.count("LDG"))
+
+
 # ------------------------------------------------------------------ CPU: the kernels under the interpreter
 
 def _interpreter_main() -> None:
@@ -270,7 +303,47 @@ def _interpreter_main() -> None:
         assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, ser, dyn, err)
     from runtime.ops import triton_quant as tq
     assert not tq._locks(torch.device("cpu")).any(), "the serial merge left a counter armed"
+    _early_loads_under_a_stand_in_for_pdl(interp, cases, ta, td)
     print("interpreter ok")
+
+
+def _early_loads_under_a_stand_in_for_pdl(interp, cases, ta, td) -> None:
+    """The decode kernels launched with PDL, with and without EARLY_LOADS, where the previous kernel
+    (rope_and_cache, which writes the step's token into the cache) finishes only at each program's wait: before
+    every program the new tokens' K / V rows are NaN again, and the program's wait (pdl_enter) writes those of its
+    (sequence, KV head). A kernel that read them before its wait would return NaN."""
+    builder = interp.interpreter_builder
+    saved = builder.set_grid_idx, td.pdl_enter, td.launch_kwargs, td.EARLY_LOADS
+    for early in (True, False):
+        for seq_lens, qls, h, hkv, d, page, window, dcfg, _ in [c for c in cases if c[7] is not None]:
+            q, k, v, cache, meta = make_case(seq_lens, qls, h, hkv, d, page, torch.float16, seed=len(seq_lens) + 1)
+            with set_forward_context(ForwardContext([cache.float()], meta)):
+                ref = torch.ops.spanda.paged_attention(q.float(), k.float(), v.float(), 0, h, hkv, d, d**-0.5, window)
+            rows = cache.view(2, -1, hkv, d)
+            new = torch.stack([k, v]).view(2, -1, hkv, d)
+            slots, qsl, waits = meta.slot_mapping, meta.query_start_loc_host, []
+
+            def poisoned(x, y, z, rows=rows, slots=slots):
+                rows[:, slots] = float("nan")
+                saved[0](x, y, z)
+
+            def wait(rows=rows, new=new, slots=slots, qsl=qsl, waits=waits, hkv=hkv):
+                kv_head, b, _ = builder.grid_idx
+                if kv_head < hkv and qsl[b + 1] > qsl[b]:  # a split program with a token (the reduce: no cache)
+                    rows[:, slots[qsl[b]], kv_head] = new[:, qsl[b], kv_head]
+                    waits.append(b)
+
+            builder.set_grid_idx, td.pdl_enter = poisoned, wait
+            td.launch_kwargs, td.EARLY_LOADS = (lambda device: {"PDL": True}), early
+            try:
+                out = torch.full((q.shape[0], h, d), float("nan"), dtype=q.dtype)
+                ta.attend(q.view(-1, h, d), cache, meta, d**-0.5, window, out, decode_cfg=dcfg)
+            finally:
+                builder.set_grid_idx, td.pdl_enter, td.launch_kwargs, td.EARLY_LOADS = saved
+            assert waits, "no program waited"
+            out = out.view(q.shape[0], -1)
+            err = rel_err(out, ref)
+            assert not out.isnan().any() and err < 2e-3, (seq_lens, early, err)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton) so the interpreter is absent")

@@ -23,6 +23,13 @@ uses one split: the other programs of (b, h) return at once, the one left writes
 reduce (or the serial merge) skips b. At batch 1 and a short context that is one program per KV head and no
 merge at all; a longer context keeps all S splits (fewer would lengthen each program's run of tiles).
 
+Launched with PDL (runtime/ops/pdl.py) the kernel waits for the previous one (rope_and_cache, which writes the
+step's token into the cache) before it touches memory. With ``EARLY_LOADS`` it first reads what earlier steps
+and the step's inputs wrote: the sequence's bounds, its first tile's block-table entries and K / V (the whole
+context at a short one) and the new token's slot; after the wait only q and the new token's K / V row, which
+replaces that position in the tile. The chain of dependent loads (bounds, block table, K, V) then runs while the
+previous kernel does.
+
 An fp8/int8 cache reads half the bytes of a bf16 one: the key scale is folded into ``scale`` by the caller
 and the value scale multiplies the output (``v_scale``). Both dots then run in float16 (``WIDE16``): q is
 rounded to float16 (clamped to its range), the codes widen to float16 exactly, and p (in [0, 1]) is rounded to
@@ -93,6 +100,9 @@ SERIAL_MAX_SPLITS = 16
 # it (bf16 5.971 against 5.968 ms, W4A16 2.246 against 2.214 per batch-1 step: the reduce launch was already
 # overlapped under PDL; bench/results/pdl-epilogues-8b-h100.json, bench/pdl_auto.py's dyn-attn setting).
 DYNAMIC_SPLITS = False
+# Under PDL, each split's first K / V tile read before the wait for the previous kernel (module docstring). Off
+# until measured: bench/pdl_auto.py's early-attn settings (not yet run on a GPU).
+EARLY_LOADS = False
 
 
 def _pow2_bucket(n: int) -> int:
@@ -152,6 +162,40 @@ def _codes_f16(x, INT8: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col, d_mask, PAGE: tl.constexpr,
+             BLOCK_N: tl.constexpr, ASM: tl.constexpr, QDT: tl.constexpr):
+    """The K / V tile of context positions [start, start + BLOCK_N) ∩ [.., s_hi) through the block table: K in
+    QDT, V in QDT or (ASM) its uint8 codes; and the mask of the positions in range."""
+    pos = start + tl.arange(0, BLOCK_N)
+    valid = pos < s_hi
+    blk = tl.load(bt_row + pos // PAGE, mask=valid, other=0)
+    slot = blk.to(tl.int64) * PAGE + pos % PAGE
+    offs = slot[:, None] * stride_cslot + kv_col[None, :]
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(QDT)  # q's dtype (float16): exact
+    if ASM:  # V's bytes, widened by _codes_f16 in the layout they were loaded in (module docstring)
+        v = tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=kv_mask, other=0)
+    else:
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(QDT)
+    return k, v, valid
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2, ASM: tl.constexpr, INT8: tl.constexpr):
+    """One K / V tile into the running (m, l, acc) of the split (base-2 online softmax)."""
+    if ASM:
+        v = _codes_f16(v, INT8)
+    qk = tl.dot(q, tl.trans(k)) * scale_log2
+    qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr,
@@ -161,9 +205,9 @@ def _decode_split_kernel(
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False, WIDE16: tl.constexpr = False, ASM: tl.constexpr = False,
     INT8: tl.constexpr = False, SERIAL: tl.constexpr = False, S_PAD: tl.constexpr = 1,
-    SPLIT_SPAN: tl.constexpr = 0,
+    SPLIT_SPAN: tl.constexpr = 0, EARLY: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+    if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -185,35 +229,45 @@ def _decode_split_kernel(
     g_mask = g < group
     d_mask = d < head_dim
     head = h * group + g
+    QDT: tl.constexpr = tl.float16 if WIDE16 else q_ptr.dtype.element_ty
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    kv_col = h * head_dim + d
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    first = s_lo
+    if EARLY:
+        # EARLY (module docstring): the split's first tile and the new token's slot are read before the wait for
+        # the previous kernel (they come from earlier steps and the step's inputs), then the new token's K / V
+        # row, which that kernel (rope_and_cache) wrote, after it
+        k0, v0, valid0 = _load_kv(k_cache_ptr, v_cache_ptr, bt_row, s_lo, s_hi, stride_cslot, kv_col, d_mask, PAGE,
+                                  BLOCK_N, ASM, QDT)
+        last = seq_len - 1
+        new_slot = tl.load(bt_row + last // PAGE).to(tl.int64) * PAGE + last % PAGE
+        if PDL:
+            pdl_enter()
+        mine = (last >= s_lo) & (last < s_hi) & (last < s_lo + BLOCK_N)  # the new token is in this first tile
+        new_offs = new_slot * stride_cslot + kv_col
+        k_new = tl.load(k_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
+        if ASM:
+            v_new = tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + new_offs, mask=d_mask & mine, other=0)
+        else:
+            v_new = tl.load(v_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
+        is_new = (s_lo + tl.arange(0, BLOCK_N)) == last
+        k0 = tl.where(is_new[:, None], k_new[None, :], k0)
+        v0 = tl.where(is_new[:, None], v_new[None, :], v0)
+        first = s_lo + BLOCK_N
     q = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if WIDE16:  # an 8-bit cache: both dots in float16
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    kv_col = h * head_dim + d
-    for start in range(s_lo, s_hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < s_hi
-        blk = tl.load(bt_row + pos // PAGE, mask=valid, other=0)
-        slot = blk.to(tl.int64) * PAGE + pos % PAGE
-        offs = slot[:, None] * stride_cslot + kv_col[None, :]
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # q's dtype (float16): exact
-        if ASM:  # V's bytes, widened by _codes_f16 in the layout they were loaded in (module docstring)
-            v = _codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=kv_mask, other=0), INT8)
-        else:
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if EARLY:
+        if s_lo < s_hi:
+            m_i, l_i, acc = _attend_tile(q, k0, v0, valid0, m_i, l_i, acc, scale_log2, ASM, INT8)
+    for start in range(first, s_hi, BLOCK_N):
+        k, v, valid = _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col, d_mask, PAGE,
+                               BLOCK_N, ASM, QDT)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2, ASM, INT8)
 
     out_offs = tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -371,7 +425,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         page, group, head_dim, sliding_window or 0, n_splits, scale * log2e, float(v_scale),
         G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=cfg.block_n, HAS_WINDOW=bool(sliding_window), SPLIT=split,
         WIDE16=wide16, ASM=asm, INT8=kv_cache.dtype == torch.int8, SERIAL=serial,
-        S_PAD=triton.next_power_of_2(n_splits) if serial else 1, SPLIT_SPAN=span, num_warps=cfg.num_warps,
+        S_PAD=triton.next_power_of_2(n_splits) if serial else 1, SPLIT_SPAN=span, EARLY=EARLY_LOADS,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_kwargs(q.device),
     )
     if split and not serial:

@@ -4,7 +4,8 @@ One program per token: cos/sin of its position (rounded to the activation dtype,
 every q head rotated to the output, every k head rotated straight into the cache row
 ``slot_mapping[t]`` and v copied beside it (slot < 0: a padding token, nothing written). An fp8/int8 cache
 gets the rotated keys (rounded to the activation dtype, as the reference) and the values quantized with the
-layer's scales (``triton_attention._quantize_kv``).
+layer's scales (``triton_attention._quantize_kv``). Launched with PDL the kernel waits for the previous
+one first; with ``EARLY_LOADS`` after reading the position, slot and cos / sin (the step's inputs and a table).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ if AVAILABLE:
     from runtime.ops.triton_quant import pdl_enter
 else:  # CPU-only install: nothing here is launched
     tl = None
+
+
+# Under PDL, the token's position, slot and cos / sin read before the wait for the previous kernel (the qkv
+# projection, whose output is all this kernel waits for). Off until measured: bench/pdl_auto.py's early-attn
+# settings (not yet run on a GPU).
+EARLY_LOADS = False
 
 
 @_jit
@@ -52,8 +59,9 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
                        stride_q, stride_k, stride_v, stride_c, k_scale, v_scale,
                        n_q: tl.constexpr, n_k: tl.constexpr, head_dim: tl.constexpr, half: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+                       BLOCK_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False,
+                       EARLY: tl.constexpr = False):
+    if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -63,6 +71,8 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
     dt = qo_ptr.dtype.element_ty
     cos = tl.load(cs_ptr + pos * stride_c + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_c + half + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    if PDL and EARLY:  # the step's inputs and the table read, now q, k, v of the previous kernel
+        pdl_enter()
     _rotate_heads(q_ptr + t * stride_q, qo_ptr + t * (n_q * head_dim), cos, sin, d, dmask, n_q, head_dim, half,
                   BLOCK_HQ)
     if slot >= 0:
@@ -100,7 +110,7 @@ def rope_and_cache_cuda(positions, q, k, v, cos_sin_cache, layer_idx: int, head_
             q2.stride(0), k2.stride(0), v2.stride(0), cache.stride(0), float(ks), float(vs),
             n_q=n_q, n_k=num_kv_heads, head_dim=head_dim, half=half, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_D=bd,
             BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), QUANT=kv_quant_mode(kv_cache.dtype),
-            num_warps=min(8, _warps(2 * bq * bd)), **launch_kwargs(q.device))
+            EARLY=EARLY_LOADS, num_warps=min(8, _warps(2 * bq * bd)), **launch_kwargs(q.device))
     return qo
 
 
