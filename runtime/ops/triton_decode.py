@@ -163,9 +163,9 @@ def _codes_f16(x, INT8: tl.constexpr):
 
 @triton.jit
 def _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col, d_mask, PAGE: tl.constexpr,
-             BLOCK_N: tl.constexpr, ASM: tl.constexpr, QDT: tl.constexpr):
-    """The K / V tile of context positions [start, start + BLOCK_N) ∩ [.., s_hi) through the block table: K in
-    QDT, V in QDT or (ASM) its uint8 codes; and the mask of the positions in range."""
+             BLOCK_N: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr, QDT: tl.constexpr):
+    """The K / V tile of context positions [start, start + BLOCK_N) ∩ [.., s_hi) through the block table, in QDT;
+    and the mask of the positions in range."""
     pos = start + tl.arange(0, BLOCK_N)
     valid = pos < s_hi
     blk = tl.load(bt_row + pos // PAGE, mask=valid, other=0)
@@ -174,17 +174,15 @@ def _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col
     kv_mask = valid[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(QDT)  # q's dtype (float16): exact
     if ASM:  # V's bytes, widened by _codes_f16 in the layout they were loaded in (module docstring)
-        v = tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=kv_mask, other=0)
+        v = _codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=kv_mask, other=0), INT8)
     else:
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(QDT)
     return k, v, valid
 
 
 @triton.jit
-def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2, ASM: tl.constexpr, INT8: tl.constexpr):
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2):
     """One K / V tile into the running (m, l, acc) of the split (base-2 online softmax)."""
-    if ASM:
-        v = _codes_f16(v, INT8)
     qk = tl.dot(q, tl.trans(k)) * scale_log2
     qk = tl.where(valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -241,7 +239,7 @@ def _decode_split_kernel(
         # the previous kernel (they come from earlier steps and the step's inputs), then the new token's K / V
         # row, which that kernel (rope_and_cache) wrote, after it
         k0, v0, valid0 = _load_kv(k_cache_ptr, v_cache_ptr, bt_row, s_lo, s_hi, stride_cslot, kv_col, d_mask, PAGE,
-                                  BLOCK_N, ASM, QDT)
+                                  BLOCK_N, ASM, INT8, QDT)
         last = seq_len - 1
         new_slot = tl.load(bt_row + last // PAGE).to(tl.int64) * PAGE + last % PAGE
         if PDL:
@@ -250,7 +248,8 @@ def _decode_split_kernel(
         new_offs = new_slot * stride_cslot + kv_col
         k_new = tl.load(k_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
         if ASM:
-            v_new = tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + new_offs, mask=d_mask & mine, other=0)
+            v_new = _codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + new_offs, mask=d_mask & mine,
+                                       other=0), INT8)
         else:
             v_new = tl.load(v_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
         is_new = (s_lo + tl.arange(0, BLOCK_N)) == last
@@ -263,11 +262,11 @@ def _decode_split_kernel(
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     if EARLY:
         if s_lo < s_hi:
-            m_i, l_i, acc = _attend_tile(q, k0, v0, valid0, m_i, l_i, acc, scale_log2, ASM, INT8)
+            m_i, l_i, acc = _attend_tile(q, k0, v0, valid0, m_i, l_i, acc, scale_log2)
     for start in range(first, s_hi, BLOCK_N):
         k, v, valid = _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col, d_mask, PAGE,
-                               BLOCK_N, ASM, QDT)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2, ASM, INT8)
+                               BLOCK_N, ASM, INT8, QDT)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, scale_log2)
 
     out_offs = tok.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
