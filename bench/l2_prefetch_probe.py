@@ -55,6 +55,17 @@ def weight(n: int, k: int, dev):
     return qmma, scales, zw
 
 
+def spin_cycles_per_us() -> float:
+    """torch.cuda._sleep's cycles per microsecond on this GPU (timed over a 10 ms spin)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(10**6)
+    start.record()
+    torch.cuda._sleep(2 * 10**7)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 10**7 / (start.elapsed_time(end) * 1e3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spin-us", type=float, default=10.0)
@@ -63,7 +74,7 @@ def main() -> None:
     dev = torch.device("cuda")
     o, gu = weight(4096, 4096, dev), weight(28672, 4096, dev)
     x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
-    cycles = int(args.spin_us * torch.cuda.get_device_properties(dev).clock_rate * 1e-3)  # clock_rate in kHz
+    cycles = int(args.spin_us * spin_cycles_per_us())
 
     def gemms():
         y = tq.linear_wna16_mma_cuda(x, *o, None, None, 128)
