@@ -27,25 +27,18 @@ from bench.quant_gemm import graph_us  # noqa: E402
 from runtime.ops import l2_prefetch  # noqa: E402
 from runtime.ops import triton_quant as tq  # noqa: E402
 from runtime.ops.quant_linear import pack_mma_zeros  # noqa: E402
-from runtime.ops.triton_rope_cache import _l2_prefetch_segment  # noqa: E402
+from runtime.ops.triton_rope_cache import _l2_prefetch  # noqa: E402
 
 
 @triton.jit
 def _prefetch_kernel(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, PF: tl.constexpr, PIECE: tl.constexpr,
                      LANES: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64)
-    _l2_prefetch_segment(a0, n0, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a1, n1, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a2, n2, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a3, n3, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a4, n4, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a5, n5, p, PF, PIECE, LANES)
+    _l2_prefetch(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, tl.program_id(0).to(tl.int64), PF, PIECE, LANES)
 
 
 def prefetch(segs, programs: int) -> None:
-    segs = segs + [(0, 0)] * (l2_prefetch.MAX_SEGMENTS - len(segs))
-    args = [v for seg in segs for v in seg]
-    _prefetch_kernel[(programs,)](*args, PF=programs, PIECE=l2_prefetch.PIECE, LANES=128, num_warps=4)
+    _prefetch_kernel[(programs,)](**l2_prefetch.kernel_args(segs), PF=programs, PIECE=l2_prefetch.PIECE, LANES=128,
+                                  num_warps=4)
 
 
 def weight(n: int, k: int, dev):

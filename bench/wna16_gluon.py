@@ -151,6 +151,16 @@ def sass_of(kern) -> str:
         return subprocess.run([str(nvdis), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def triton_sass_sm90(fn, signature: dict, constexprs: dict, **options) -> str:
+    """A Triton kernel compiled for sm_90 without a GPU and disassembled (signature: argument -> type, the
+    constexprs' entries added as "constexpr")."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
+
+
 def compile_only(block_m: int, tps: int, stages: int, split: int, defer: bool, pre: bool = False, tiles: int = 32,
                  bias: bool = False, pdl: bool = False):
     """wna16_gluon_kernel compiled for sm_90 without a GPU: (kernel, SASS, counts of a few instructions)."""

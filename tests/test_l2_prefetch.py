@@ -56,23 +56,16 @@ def test_off_or_without_a_gpu_nothing_is_prefetched(monkeypatch):
 
 
 def _rope_sass(pf: int) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from bench.wna16_gluon import sass_of
+    from bench.wna16_gluon import triton_sass_sm90
     from runtime.ops import triton_rope_cache as trc
 
-    fn = trc._rope_cache_kernel
     sig = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "cs_ptr", "qo_ptr", "kc_ptr", "vc_ptr")}
     sig.update(pos_ptr="*i64", slot_ptr="*i64", stride_q="i32", stride_k="i32", stride_v="i32", stride_c="i32",
                k_scale="fp32", v_scale="fp32", T="i32")
     sig.update({f"{c}{i}": "i64" for i in range(6) for c in "an"})
     const = dict(n_q=32, n_k=8, head_dim=128, half=64, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=64, BLOCK_KV=1024, QUANT=0,
                  PDL=True, EARLY=False, PF=pf, PIECE=65536, LANES=256)
-    sig.update({k: "constexpr" for k in const})
-    src = ASTSource(fn=fn, signature=sig, constexprs=const)
-    return sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}))
+    return triton_sass_sm90(trc._rope_cache_kernel, sig, const, num_warps=8)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its sm_90 compiler and nvdisasm ship with it)")

@@ -220,11 +220,7 @@ def test_every_tuning_config_is_correct():
 def _split_kernel_sass(early: bool) -> str:
     """_decode_split_kernel compiled for sm_90 without a GPU (bf16 cache, 4 query heads per KV head of 128, pages
     of 16, tiles of 64, split, PDL) and disassembled."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from bench.wna16_gluon import sass_of
+    from bench.wna16_gluon import triton_sass_sm90
     from runtime.ops import triton_decode as td
 
     sig = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "lock_ptr")}
@@ -235,9 +231,7 @@ def _split_kernel_sass(early: bool) -> str:
     sig.update(scale_log2="fp32", v_scale="fp32")
     const = dict(PAGE=16, G_PAD=16, D_PAD=128, BLOCK_N=64, HAS_WINDOW=False, SPLIT=True, PDL=True, WIDE16=False,
                  ASM=False, INT8=False, SERIAL=False, S_PAD=1, SPLIT_SPAN=0, EARLY=early)
-    sig.update({k: "constexpr" for k in const})
-    src = ASTSource(fn=td._decode_split_kernel, signature=sig, constexprs=const)
-    return sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}))
+    return triton_sass_sm90(td._decode_split_kernel, sig, const, num_warps=4, num_stages=3)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its sm_90 compiler and nvdisasm ship with it)")

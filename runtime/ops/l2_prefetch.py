@@ -17,6 +17,8 @@ its KV caches (``KVCaches.l2_prefetch``), where the op finds it through the forw
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 # Megabytes of each layer's post-attention weights prefetched into L2 during its attention (0: off). Off until
@@ -43,17 +45,10 @@ def weights_after_attention(gm: torch.fx.GraphModule) -> dict[int, list[torch.Te
             continue
         for arg in node.args:
             if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                t = _attr(gm, arg.target)
+                t = attrgetter(arg.target)(gm)
                 if isinstance(t, torch.Tensor) and not any(t is u for u in table[layer]):
                     table[layer].append(t)
     return table
-
-
-def _attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def segments(tensors: list[torch.Tensor], budget_bytes: int) -> list[tuple[int, int]]:
@@ -72,6 +67,12 @@ def segments(tensors: list[torch.Tensor], budget_bytes: int) -> list[tuple[int, 
             out.append((t.data_ptr(), n))
             left -= n
     return out
+
+
+def kernel_args(segs: list[tuple[int, int]]) -> dict[str, int]:
+    """The prefetch kernels' arguments a0, n0, ... a5, n5 (address, bytes) of ``segs``, padded with empty ones."""
+    segs = segs + [(0, 0)] * (MAX_SEGMENTS - len(segs))
+    return {f"{c}{i}": v for i, seg in enumerate(segs) for c, v in zip("an", seg)}
 
 
 def layer_segments(layer_idx: int, device: torch.device) -> list[tuple[int, int]]:

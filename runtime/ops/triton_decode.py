@@ -244,7 +244,7 @@ def _decode_split_kernel(
         new_slot = tl.load(bt_row + last // PAGE).to(tl.int64) * PAGE + last % PAGE
         if PDL:
             pdl_enter()
-        mine = (last >= s_lo) & (last < s_hi) & (last < s_lo + BLOCK_N)  # the new token is in this first tile
+        mine = (last >= s_lo) & (last < s_lo + BLOCK_N)  # the new token is in this first tile
         new_offs = new_slot * stride_cslot + kv_col
         k_new = tl.load(k_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
         if ASM:

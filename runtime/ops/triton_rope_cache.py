@@ -74,6 +74,19 @@ def _l2_prefetch_segment(addr, nbytes, p, PF: tl.constexpr, PIECE: tl.constexpr,
 
 
 @_jit
+def _l2_prefetch(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, p, PF: tl.constexpr, PIECE: tl.constexpr,
+                 LANES: tl.constexpr):
+    """Program p of PF: its share of the l2_prefetch.MAX_SEGMENTS (address, bytes) segments (l2_prefetch.kernel_args;
+    unused ones 0 bytes)."""
+    _l2_prefetch_segment(a0, n0, p, PF, PIECE, LANES)
+    _l2_prefetch_segment(a1, n1, p, PF, PIECE, LANES)
+    _l2_prefetch_segment(a2, n2, p, PF, PIECE, LANES)
+    _l2_prefetch_segment(a3, n3, p, PF, PIECE, LANES)
+    _l2_prefetch_segment(a4, n4, p, PF, PIECE, LANES)
+    _l2_prefetch_segment(a5, n5, p, PF, PIECE, LANES)
+
+
+@_jit
 def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, kc_ptr, vc_ptr,
                        stride_q, stride_k, stride_v, stride_c, k_scale, v_scale,
                        n_q: tl.constexpr, n_k: tl.constexpr, head_dim: tl.constexpr, half: tl.constexpr,
@@ -85,13 +98,7 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
     t = tl.program_id(0).to(tl.int64)
     if PF > 0:  # programs T.. only prefetch weights into L2 (runtime/ops/l2_prefetch.py), no wait: they read no
         if t >= T:  # kernel's output, and the token programs' waits still order the chain
-            p = t - T
-            _l2_prefetch_segment(a0, n0, p, PF, PIECE, LANES)
-            _l2_prefetch_segment(a1, n1, p, PF, PIECE, LANES)
-            _l2_prefetch_segment(a2, n2, p, PF, PIECE, LANES)
-            _l2_prefetch_segment(a3, n3, p, PF, PIECE, LANES)
-            _l2_prefetch_segment(a4, n4, p, PF, PIECE, LANES)
-            _l2_prefetch_segment(a5, n5, p, PF, PIECE, LANES)
+            _l2_prefetch(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, t - T, PF, PIECE, LANES)
             return
     if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter()
@@ -140,9 +147,8 @@ def rope_and_cache_cuda(positions, q, k, v, cos_sin_cache, layer_idx: int, head_
         pdl = launch_kwargs(q.device)  # only under PDL (small decode batches): prefill reads the weights anyway
         segs = l2_prefetch.layer_segments(layer_idx, q.device) if pdl else []
         pf = l2_prefetch.PROGRAMS if segs else 0
-        segs = segs + [(0, 0)] * (l2_prefetch.MAX_SEGMENTS - len(segs))
-        prefetch = dict(T=t, **{f"{c}{i}": v for i, seg in enumerate(segs) for c, v in zip("an", seg)}, PF=pf,
-                        PIECE=l2_prefetch.PIECE, LANES=32 * warps) if pf else {}
+        prefetch = dict(T=t, **l2_prefetch.kernel_args(segs), PF=pf, PIECE=l2_prefetch.PIECE,
+                        LANES=32 * warps) if pf else {}
         _rope_cache_kernel[(t + pf,)](
             positions.contiguous(), slots, q2, k2, v2, cache, qo, kv_cache[0], kv_cache[1],
             q2.stride(0), k2.stride(0), v2.stride(0), cache.stride(0), float(ks), float(vs),
