@@ -52,6 +52,11 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             **{f"l2pf{mb}": (None, False, {"l2_prefetch.L2_PREFETCH_MB": mb}) for mb in (8, 24, 40)},
             "l2pf24-early": (None, False, {"l2_prefetch.L2_PREFETCH_MB": 24, "triton_decode.EARLY_LOADS": True,
                                            "triton_rope_cache.EARLY_LOADS": True}),
+            # where the kernels let the next one launch (pdl.TRIGGER): the short kernels before their wait (2), and
+            # the Gluon W4A16 GEMM too, once its first stages are issued (3)
+            **{f"trigger{t}": (None, False, {"pdl.TRIGGER": t}) for t in (2, 3)},
+            "trigger3-early": (None, False, {"pdl.TRIGGER": 3, "triton_decode.EARLY_LOADS": True,
+                                             "triton_rope_cache.EARLY_LOADS": True}),
             # attention's splits merged by the last one to finish instead of a reduce launch (triton_decode)
             "serial-attn": (None, False, {"triton_decode.SERIAL_REDUCE": True}),
             # each sequence's attention splits from its own context (triton_decode.DYNAMIC_SPLITS)

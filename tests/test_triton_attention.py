@@ -321,7 +321,7 @@ def _early_loads_under_a_stand_in_for_pdl(interp, cases, ta, td) -> None:
                 rows[:, slots] = float("nan")
                 saved[0](x, y, z)
 
-            def wait(rows=rows, new=new, slots=slots, qsl=qsl, waits=waits, hkv=hkv):
+            def wait(*_pdl, rows=rows, new=new, slots=slots, qsl=qsl, waits=waits, hkv=hkv):
                 kv_head, b, _ = builder.grid_idx
                 if kv_head < hkv and qsl[b + 1] > qsl[b]:  # a split program with a token (the reduce: no cache)
                     rows[:, slots[qsl[b]], kv_head] = new[:, qsl[b], kv_head]

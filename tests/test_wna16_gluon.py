@@ -51,6 +51,36 @@ def test_under_pdl_the_weights_are_read_before_the_wait():
     assert before_wait()[2] == before_wait(EARLY=False)[2]  # the same loads, only moved
 
 
+def test_where_it_lets_the_next_kernel_launch():
+    """griddepcontrol.launch_dependents (PREEXIT) once the K loop's last wgmma is issued (pdl.TRIGGER 1, 2), or
+    at pdl.TRIGGER 3 before the wait (ACQBULK), after the first stages' loads; never twice."""
+    from bench.wna16_gluon import compile_sm90, sass_of
+
+    for level in (1, 2, 3):
+        sass = sass_of(compile_sm90(False, 8, 1, 3, 1, 16, DEFER=True, PRE=True, PDL=level))
+        assert sass.count("PREEXIT") == 1, level
+        at, wait = sass.index("PREEXIT"), sass.index("ACQBULK")
+        if level < 3:
+            assert at > sass.rindex("HGMMA"), level
+        else:
+            assert sass[:at].count("UTMALDG") == 6 and at < wait and "HGMMA" not in sass[:at]
+
+
+def test_short_kernels_let_the_next_one_launch_before_their_wait_at_trigger_2():
+    """pdl_enter, the start of the short kernels under PDL: launch_dependents (PREEXIT) after the wait (ACQBULK)
+    at pdl.TRIGGER 1, before it from 2; nothing read before either (sm_90 compiles of the SiLU-and-multiply
+    kernel)."""
+    from bench.wna16_gluon import triton_sass_sm90
+    from runtime.ops import triton_elementwise as te
+
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32"}
+    for level in (1, 2):
+        sass = triton_sass_sm90(te._silu_and_mul_kernel, sig, {"inter": 1024, "BLOCK": 1024, "PDL": level})
+        at, wait = sass.index("PREEXIT"), sass.index("ACQBULK")
+        assert (at < wait) == (level >= 2), level
+        assert "LDG" not in sass[:max(at, wait)], level
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -72,7 +102,9 @@ def test_matches_the_reference_on_gpu(dtype):
                        dict(block_m=16, tps=1, stages=4, split=2, defer=True, pre=False),
                        dict(block_m=16, tps=2, stages=2, split=2, defer=False, pre=True),
                        # launched with PDL: weights loaded before the wait, and up to 4 more tiles prefetched
-                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=1, pre=True, pdl=True, l2pf=4)):
+                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=1, pre=True, pdl=True, l2pf=4),
+                       # ... letting the next kernel launch before its wait (pdl.TRIGGER 3), split-K
+                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=2, pre=True, pdl=3)):
                 check(linear_wna16_gluon(x, qmma, zw, **kw), ref, f"k{k} n{n} m{m} {kw}")
 
 

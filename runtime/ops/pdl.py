@@ -33,6 +33,11 @@ if MODE not in ("auto", "0", "1"):
     raise ValueError(f"SPANDA_PDL={MODE!r}: expected auto, 0 or 1")
 ENABLED = MODE == "1"  # every Triton launch (benches and tests set it)
 AUTO_MAX_BATCH = 4 if MODE == "auto" else 0  # decode graphs of up to this many sequences (0: none)
+# Where a kernel lets the next one launch (the value of the kernels' PDL constexpr): 1, the short kernels after
+# their wait and the GEMMs once their K loop is done; 2, the short kernels before their wait (the next kernel's
+# programs become resident and issue their own early loads while the previous GEMM still finishes); 3, also the
+# Gluon W4A16 GEMM before its wait, after issuing its first stages (bench/pdl_auto.py's trigger2 / trigger3).
+TRIGGER = 1
 _GRAPH = [False]  # inside decode_graph() of a small enough batch
 _CAPABILITY: dict[torch.device, tuple[int, int]] = {}
 
@@ -75,5 +80,5 @@ def decode_graph(batch: int, max_batch: int):
 
 def launch_kwargs(device: torch.device) -> dict:
     """Extra launch arguments of a Triton kernel that has a ``PDL`` constexpr: PDL on (sm_90+; ENABLED, or a small
-    decode graph) or {}."""
-    return {"PDL": True, "launch_pdl": True} if (ENABLED or _GRAPH[0]) and hopper(device) else {}
+    decode graph), the constexpr being TRIGGER, or {}."""
+    return {"PDL": TRIGGER, "launch_pdl": True} if (ENABLED or _GRAPH[0]) and hopper(device) else {}

@@ -206,7 +206,7 @@ def _decode_split_kernel(
     SPLIT_SPAN: tl.constexpr = 0, EARLY: tl.constexpr = False,
 ):
     if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     h = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
@@ -243,7 +243,7 @@ def _decode_split_kernel(
         last = seq_len - 1
         new_slot = tl.load(bt_row + last // PAGE).to(tl.int64) * PAGE + last % PAGE
         if PDL:
-            pdl_enter()
+            pdl_enter(PDL)
         mine = (last >= s_lo) & (last < s_lo + BLOCK_N)  # the new token is in this first tile
         new_offs = new_slot * stride_cslot + kv_col
         k_new = tl.load(k_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
@@ -350,7 +350,7 @@ def _decode_reduce_kernel(
     """Grid (Hq, B): merges the partial (m, l, acc) of the splits one query head used (_splits_used), all
     loaded at once; a sequence that used one split has its output already."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     hq = tl.program_id(0)
     b = tl.program_id(1)
     tok = tl.load(qsl_ptr + b)

@@ -67,7 +67,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, in_sc
     the model dtype, never stored) is quantized as _quant_codes does and written as codes to q_ptr, scales to
     qs_ptr [n_rows]."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     cmask = cols < width
@@ -122,7 +122,7 @@ def _silu_mul_quant_kernel(x_ptr, q_ptr, qs_ptr, in_scale_ptr, stride_x, inter: 
     """Row t of silu(gate) * up (as _silu_and_mul_kernel rounds it), whole (BLOCK >= inter), quantized by
     _quant_codes."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < inter
@@ -137,7 +137,7 @@ def _silu_mul_amax_kernel(x_ptr, h_ptr, amax_ptr, stride_x, inter: tl.constexpr,
     """silu_and_mul_quant's first half for few rows: chunk c of row t of silu(gate) * up (as
     _silu_and_mul_kernel rounds it) to h [T, inter] and (dynamic) its |max| to amax [T, CHUNKS]."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
@@ -155,7 +155,7 @@ def _quant_chunks_kernel(h_ptr, amax_ptr, q_ptr, qs_ptr, in_scale_ptr, inter: tl
     """silu_and_mul_quant's second half: chunk c of row t of h quantized with the row's scale (act_scale of the
     largest of its chunks' maxima: the row's |max|), so every chunk quantizes in parallel; chunk 0 writes it."""
     if PDL:
-        pdl_enter()
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     if STATIC:
@@ -175,7 +175,7 @@ def _quant_chunks_kernel(h_ptr, amax_ptr, q_ptr, qs_ptr, in_scale_ptr, inter: tl
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, c] = (silu(x[t, c]).to(dtype) * x[t, inter + c]).to(dtype) for one BLOCK chunk of row t."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -207,7 +207,7 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, qo_ptr, ko_ptr, stride_q, s
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """Token t: cos/sin = cache[positions[t]] rounded to q's dtype, then every q head and every k head."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)

@@ -141,11 +141,17 @@ def _jit(fn=None, **kw):
 # ---------------------------------------------------------------------------------------------- kernels
 
 @_jit
-def pdl_enter():
+def pdl_enter(PDL: tl.constexpr = 1):
     """The start of a short kernel launched with PDL (runtime/ops/pdl.py): wait for the previous kernel (nothing
-    is touched before this), then let the next one launch."""
-    gdc_wait()
-    gdc_launch_dependents()
+    is touched before this) and let the next one launch, in the order pdl.TRIGGER (the kernel's PDL) asks: after
+    the wait (1), or before it (2 and up), so that the next kernel's programs are resident and issue their own
+    early loads while this one still waits."""
+    if PDL >= 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    else:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @_jit(do_not_specialize=["M"])
@@ -1022,7 +1028,7 @@ def _split_reduce_kernel(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, SPLIT: 
     """out = (sum_s part[s]) [* xs[row] * ws[col]] [+ bias], rounded to out's dtype. The sum runs in the
     partials' dtype (float32, or int32: exact), in split order."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
@@ -1073,7 +1079,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, stride_xm, K: tl.const
     is loaded once and kept in registers; wider rows are read twice, BLOCK columns at a time (|x| max, then
     the codes)."""
     if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     cols = tl.arange(0, BLOCK)
@@ -1492,7 +1498,7 @@ def _wna16_gluon(x: torch.Tensor, qmma: torch.Tensor, zeros: torch.Tensor, perm:
         return None
     split = gluon_split(cfg, tiles_mn, k_tiles, x.device)
     return wg.linear_wna16_gluon(x, qmma, zeros.contiguous(), bias, tps=cfg.tps, stages=cfg.num_stages,
-                                 block_m=block_m, split=split, pre=cfg.pre, pdl=bool(launch_kwargs(x.device)),
+                                 block_m=block_m, split=split, pre=cfg.pre, pdl=launch_kwargs(x.device).get("PDL", 0),
                                  early=cfg.early, l2pf=cfg.l2pf, add=add, rms=rms, silu=silu)
 
 

@@ -101,7 +101,7 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
             _l2_prefetch(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, t - T, PF, PIECE, LANES)
             return
     if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        pdl_enter()
+        pdl_enter(PDL)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -110,7 +110,7 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, k
     cos = tl.load(cs_ptr + pos * stride_c + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_c + half + d, mask=dmask, other=0.0).to(dt).to(tl.float32)
     if PDL and EARLY:  # the step's inputs and the table read, now q, k, v of the previous kernel
-        pdl_enter()
+        pdl_enter(PDL)
     _rotate_heads(q_ptr + t * stride_q, qo_ptr + t * (n_q * head_dim), cos, sin, d, dmask, n_q, head_dim, half,
                   BLOCK_HQ)
     if slot >= 0:

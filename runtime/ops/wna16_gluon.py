@@ -318,7 +318,8 @@ if AVAILABLE:
                            SILU: gl.constexpr = False):
         """y^T [64 rows, BLOCK_M] over the program's TILES K tiles, TPS tiles per pipeline stage, STAGES stages.
         Under PDL: with EARLY the first stages' codes and zero points are loaded before the wait for the previous
-        kernel, and the L2PF tiles after them prefetched into L2. ADD / RMS: the producer and the consumer of an
+        kernel, and the L2PF tiles after them prefetched into L2; the next kernel may launch once the K loop is done
+        (PDL 1, 2) or once the first stages are issued (3: pdl.TRIGGER). ADD / RMS: the producer and the consumer of an
         RMSNorm carried by the epilogues (_write_final, _row_rscale; triton_quant.linear_wna16_mma_add_norm_cuda).
         SILU: out is silu(gate) * up of the gate | up product (_silu_pair; triton_quant.linear_wna16_mma_silu_cuda)."""
         ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
@@ -341,6 +342,9 @@ if AVAILABLE:
         # EARLY: the first stages' weights (and L2PF more tiles into L2) are read before the wait for the previous
         # kernel; only x, the outputs and the split-K counters depend on it, so the weight stream starts while that
         # kernel still runs
+        if PDL >= 3:  # pdl.TRIGGER 3: the next kernel may start launching now, not after the K loop
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
         if PDL and EARLY:
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
@@ -378,7 +382,7 @@ if AVAILABLE:
                        wrow0 + nxt * 8 * TPS, kt0 + nxt * TPS, pid_n, xrow)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
-        if PDL:  # the K loop is done: the next kernel may start launching
+        if PDL and PDL < 3:  # the K loop is done: the next kernel may start launching
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, HAS_BIAS, BF16,
@@ -420,14 +424,15 @@ if AVAILABLE:
         add = (residual [M, N], norm weight [N]): returns (y + residual, (y + residual) * weight, the sums of the
         squares of y + residual per 64 columns [N / 64, M] float32). rms = (those sums [K / 64, M], eps): y is
         x W^T times each row's rsqrt(sum / K + eps), then the bias. silu: y is gate | up (N / 2 % 64 == 0); returns
-        silu(gate) * up [M, N / 2] (with rms: of the scaled product)."""
+        silu(gate) * up [M, N / 2] (with rms: of the scaled product). pdl: launched with PDL, the level being
+        pdl.TRIGGER (False / 0: without)."""
         from runtime.ops import triton_quant as tq
         m, k = x.shape
         n = qmma.shape[0] * 64
         tiles = k // 128 // split
         assert tiles * split * 128 == k and tiles % tps == 0, (k, split, tps)
         out, part, locks = outputs(x, n, split)
-        extra = {"PDL": True, "launch_pdl": True} if pdl else {}
+        extra = {"PDL": int(pdl), "launch_pdl": True} if pdl else {}
         if silu:
             slots = counter_slots(n // 64 * triton.cdiv(m, block_m), True)
             assert n % 128 == 0 and add is None and slots <= tq.LOCK_SLOTS, (n, slots)
