@@ -47,11 +47,6 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             # (triton_rope_cache / triton_decode EARLY_LOADS), both and attention's alone
             "early-attn": (None, False, {"triton_decode.EARLY_LOADS": True, "triton_rope_cache.EARLY_LOADS": True}),
             "early-decode": (None, False, {"triton_decode.EARLY_LOADS": True}),
-            # the RoPE + KV write kernel's extra programs prefetching the first 8 / 24 / 40 MB of what the layer
-            # reads after attention into L2 (runtime/ops/l2_prefetch.py), and 24 MB with early-attn
-            **{f"l2pf{mb}": (None, False, {"l2_prefetch.L2_PREFETCH_MB": mb}) for mb in (8, 24, 40)},
-            "l2pf24-early": (None, False, {"l2_prefetch.L2_PREFETCH_MB": 24, "triton_decode.EARLY_LOADS": True,
-                                           "triton_rope_cache.EARLY_LOADS": True}),
             # where the kernels let the next one launch (pdl.TRIGGER): the short kernels before their wait (2), and
             # the Gluon W4A16 GEMM too, once its first stages are issued (3)
             **{f"trigger{t}": (None, False, {"pdl.TRIGGER": t}) for t in (2, 3)},

@@ -53,13 +53,11 @@ class AttentionMetadata:
 class KVCaches(list):
     """The per-layer cache tensors of a runner, with ``scales``: each layer's (k_scale, v_scale) when the cache
     is quantized (fp8/int8), else None. The scales travel with the tensors, so every ForwardContext built over
-    them (eager steps, CUDA-graph capture) sees them; so does ``l2_prefetch`` (runtime/ops/l2_prefetch.py:
-    each layer's tensors read after its attention), which the model runner sets."""
+    them (eager steps, CUDA-graph capture) sees them."""
 
     def __init__(self, caches: Iterable[torch.Tensor], scales: Sequence[tuple[float, float]] | None = None):
         super().__init__(caches)
         self.scales = None if scales is None else [(float(k), float(v)) for k, v in scales]
-        self.l2_prefetch: dict[int, list[torch.Tensor]] | None = None
         if self.scales is not None and len(self.scales) != len(self):
             raise ValueError(f"{len(self.scales)} KV scale pairs for {len(self)} layers")
 

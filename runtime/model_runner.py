@@ -22,7 +22,6 @@ import torch
 import runtime.ops  # noqa: F401  (registers torch.ops.spanda.* before the graph loads)
 from artifacts.store import Artifact
 from runtime.forward_context import AttentionMetadata, ForwardContext, KVCaches, set_forward_context
-from runtime.ops import l2_prefetch
 from runtime.ops.attention import KV_QUANT_MAX
 from runtime.scheduler import SchedulerOutput
 from runtime.weight_loader import load_weights
@@ -123,8 +122,6 @@ class ModelRunner:
                         device=device)
             for _ in range(s.num_layers)
         ], _kv_scales(artifact, s.dtype))
-        # what each layer reads after its attention, for runtime/ops/l2_prefetch.py (used only when it is on)
-        self.kv_caches.l2_prefetch = l2_prefetch.weights_after_attention(self.graph)
         self.act_dtype = getattr(torch, artifact.manifest.model.config.get("dtype", "float32"))
         self.load_seconds["kv_alloc"] = time.perf_counter() - t
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, s.page_size,

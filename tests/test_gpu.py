@@ -99,21 +99,19 @@ def fp8_artifact(checkpoints, tmp_path_factory):
     return _tiny_bf16_build(checkpoints, tmp_path_factory.mktemp("fp8") / "art", "fp8")
 
 
-@pytest.mark.parametrize("extra", ["none", "early", "l2pf", "trigger"])
+@pytest.mark.parametrize("extra", ["none", "early", "trigger"])
 @pytest.mark.parametrize("which", ["bf16", "fp8"])
 def test_programmatic_dependent_launch_gives_the_same_tokens(which, extra, request, monkeypatch):
     """Programmatic dependent launch (runtime/ops/pdl.py): by default the Triton kernels of the decode graphs of
     up to AUTO_MAX_BATCH sequences of a quantized model (its linears Triton GEMMs; none of a bf16 one), with
     SPANDA_PDL=1 every Triton kernel, launch with PDL, each waiting for the previous kernel first thing (with
     ``early``: RoPE + KV write and decode attention read the step's inputs, tables and earlier steps' KV before
-    that wait, their EARLY_LOADS; with ``l2pf``: the RoPE + KV write kernel's extra programs prefetch the
-    layer's later weights into L2, runtime/ops/l2_prefetch.py; with ``trigger``: every kernel lets the next one
-    launch before its wait, pdl.TRIGGER 3); the tokens of ordinary launches (SPANDA_PDL=0) either way."""
-    from runtime.ops import l2_prefetch, pdl
+    that wait, their EARLY_LOADS; with ``trigger``: every kernel lets the next one launch before its wait,
+    pdl.TRIGGER 3); the tokens of ordinary launches (SPANDA_PDL=0) either way."""
+    from runtime.ops import pdl
 
     for mod in ("triton_decode", "triton_rope_cache"):
         monkeypatch.setattr(f"runtime.ops.{mod}.EARLY_LOADS", extra == "early")
-    monkeypatch.setattr(l2_prefetch, "L2_PREFETCH_MB", 24 if extra == "l2pf" else 0)
     monkeypatch.setattr(pdl, "TRIGGER", 3 if extra == "trigger" else 1)
 
     if torch.cuda.get_device_capability()[0] < 9:

@@ -100,8 +100,11 @@ SERIAL_MAX_SPLITS = 16
 # it (bf16 5.971 against 5.968 ms, W4A16 2.246 against 2.214 per batch-1 step: the reduce launch was already
 # overlapped under PDL; bench/results/pdl-epilogues-8b-h100.json, bench/pdl_auto.py's dyn-attn setting).
 DYNAMIC_SPLITS = False
-# Under PDL, each split's first K / V tile read before the wait for the previous kernel (module docstring). Off
-# until measured: bench/pdl_auto.py's early-attn settings (not yet run on a GPU).
+# Under PDL, each split's first K / V tile read before the wait for the previous kernel (module docstring). Off:
+# correct on the H100, and no faster there with triton_rope_cache.EARLY_LOADS (8B W4A16+lm_head engine, GPU time
+# of one batch-1 decode-graph replay 2.210 ms against 2.209 / 2.184 without; bench/results/pdl-l2pf-early-8b-h100
+# .json). Kept for the A/B with pdl.TRIGGER 3 (bench/pdl_auto.py's trigger3-early), where the attention kernels
+# are resident earlier.
 EARLY_LOADS = False
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from runtime.forward_context import get_forward_context
-from runtime.ops import l2_prefetch
 from runtime.ops.attention import attend_ref
 from runtime.ops.pdl import launch_kwargs
 from runtime.ops.rope_cache import rope_and_cache_ref
@@ -31,8 +30,7 @@ else:  # CPU-only install: nothing here is launched
 
 
 # Under PDL, the token's position, slot and cos / sin read before the wait for the previous kernel (the qkv
-# projection, whose output is all this kernel waits for). Off until measured: bench/pdl_auto.py's early-attn
-# settings (not yet run on a GPU).
+# projection, whose output is all this kernel waits for). Off: no faster on the H100 (triton_decode.EARLY_LOADS).
 EARLY_LOADS = False
 
 
@@ -56,52 +54,15 @@ def _rotate_heads_quant(src, dst, cos, sin, d, dmask, n_heads: tl.constexpr, hea
 
 
 @_jit
-def _l2_prefetch_segment(addr, nbytes, p, PF: tl.constexpr, PIECE: tl.constexpr, LANES: tl.constexpr):
-    """Program p of PF: bulk L2 prefetches of its share of the nbytes (a multiple of 16) at address addr, PIECE
-    bytes per instruction, issued by the first lane of each warp (runtime/ops/l2_prefetch.py)."""
-    per = tl.cdiv(tl.cdiv(nbytes, PF), 16) * 16
-    lo = p * per
-    hi = tl.minimum(lo + per, nbytes)
-    lane = tl.arange(0, LANES)
-    warps: tl.constexpr = LANES // 32
-    for r in range(tl.cdiv(per, PIECE * warps)):
-        off = lo + (r * warps + lane // 32).to(tl.int64) * PIECE
-        size = tl.minimum(hi - off, PIECE)
-        go = ((lane % 32) == 0) & (size > 0)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; } mov.b32 $0, 0;",
-            "=r,l,r,r", [addr + off, size.to(tl.int32), go.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_jit
-def _l2_prefetch(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, p, PF: tl.constexpr, PIECE: tl.constexpr,
-                 LANES: tl.constexpr):
-    """Program p of PF: its share of the l2_prefetch.MAX_SEGMENTS (address, bytes) segments (l2_prefetch.kernel_args;
-    unused ones 0 bytes)."""
-    _l2_prefetch_segment(a0, n0, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a1, n1, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a2, n2, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a3, n3, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a4, n4, p, PF, PIECE, LANES)
-    _l2_prefetch_segment(a5, n5, p, PF, PIECE, LANES)
-
-
-@_jit
 def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, kc_ptr, vc_ptr,
                        stride_q, stride_k, stride_v, stride_c, k_scale, v_scale,
                        n_q: tl.constexpr, n_k: tl.constexpr, head_dim: tl.constexpr, half: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr = False,
-                       EARLY: tl.constexpr = False, T=0, a0=0, n0=0, a1=0, n1=0, a2=0, n2=0, a3=0, n3=0, a4=0,
-                       n4=0, a5=0, n5=0, PF: tl.constexpr = 0, PIECE: tl.constexpr = 65536,
-                       LANES: tl.constexpr = 128):
-    t = tl.program_id(0).to(tl.int64)
-    if PF > 0:  # programs T.. only prefetch weights into L2 (runtime/ops/l2_prefetch.py), no wait: they read no
-        if t >= T:  # kernel's output, and the token programs' waits still order the chain
-            _l2_prefetch(a0, n0, a1, n1, a2, n2, a3, n3, a4, n4, a5, n5, t - T, PF, PIECE, LANES)
-            return
+                       EARLY: tl.constexpr = False):
     if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
         pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -143,18 +104,12 @@ def rope_and_cache_cuda(positions, q, k, v, cos_sin_cache, layer_idx: int, head_
     if t:
         n_q, half = q.shape[1] // head_dim, head_dim // 2
         bq, bk, bd = (triton.next_power_of_2(x) for x in (n_q, num_kv_heads, half))
-        warps = min(8, _warps(2 * bq * bd))
-        pdl = launch_kwargs(q.device)  # only under PDL (small decode batches): prefill reads the weights anyway
-        segs = l2_prefetch.layer_segments(layer_idx, q.device) if pdl else []
-        pf = l2_prefetch.PROGRAMS if segs else 0
-        prefetch = dict(T=t, **l2_prefetch.kernel_args(segs), PF=pf, PIECE=l2_prefetch.PIECE,
-                        LANES=32 * warps) if pf else {}
-        _rope_cache_kernel[(t + pf,)](
+        _rope_cache_kernel[(t,)](
             positions.contiguous(), slots, q2, k2, v2, cache, qo, kv_cache[0], kv_cache[1],
             q2.stride(0), k2.stride(0), v2.stride(0), cache.stride(0), float(ks), float(vs),
             n_q=n_q, n_k=num_kv_heads, head_dim=head_dim, half=half, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_D=bd,
             BLOCK_KV=triton.next_power_of_2(num_kv_heads * head_dim), QUANT=kv_quant_mode(kv_cache.dtype),
-            EARLY=EARLY_LOADS, num_warps=warps, **prefetch, **pdl)
+            EARLY=EARLY_LOADS, num_warps=min(8, _warps(2 * bq * bd)), **launch_kwargs(q.device))
     return qo
 
 
