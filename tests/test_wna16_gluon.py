@@ -104,7 +104,9 @@ def test_matches_the_reference_on_gpu(dtype):
                        # launched with PDL: weights loaded before the wait, and up to 4 more tiles prefetched
                        dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=1, pre=True, pdl=True, l2pf=4),
                        # ... letting the next kernel launch before its wait (pdl.TRIGGER 3), split-K
-                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=2, pre=True, pdl=3)):
+                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=2, split=2, pre=True, pdl=3),
+                       # ... with as many stages as the program has K tiles or more (all loaded before the wait)
+                       dict(block_m=8 if m <= 8 else 16, tps=1, stages=8, split=1, pre=True, pdl=3)):
                 check(linear_wna16_gluon(x, qmma, zw, **kw), ref, f"k{k} n{n} m{m} {kw}")
 
 
