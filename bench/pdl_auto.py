@@ -52,8 +52,8 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             **{f"trigger{t}": (None, False, {"pdl.TRIGGER": t}) for t in (2, 3)},
             "trigger3-early": (None, False, {"pdl.TRIGGER": 3, "triton_decode.EARLY_LOADS": True,
                                              "triton_rope_cache.EARLY_LOADS": True}),
-            # ... with 6 / 8 stages: each program of o (8 K tiles at the 8B shape) then loads its whole slice of the
-            # weights before its wait, while the attention kernels run
+            # ... with 6 / 8 stages for every shape: each program of qkv (8 K tiles at the 8B shape on 132 SMs; o's
+            # have 4) then loads its whole slice of the weights before its wait
             **{f"trigger3-s{st}": (None, False, {"pdl.TRIGGER": 3, "WNA16_MMA_GLUON": {"num_stages": st}})
                for st in (6, 8)},
             # attention's splits merged by the last one to finish instead of a reduce launch (triton_decode)
