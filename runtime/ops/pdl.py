@@ -9,8 +9,8 @@ launched while the current one finishes: its programs start, then wait in ``grid
 ``gdc_wait``), which returns once every program of the previous kernel has exited and its memory operations
 are visible. Every kernel launched this way waits first thing, before it reads or writes any memory, so
 the results are those of ordinary launches; what overlaps is launch latency and setup. Each kernel also
-signals ``gdc_launch_dependents`` (elementwise kernels at once, GEMMs once their K loop is done) so that the
-next launch need not wait for its exit. Kernels that are not Triton's (cuBLAS, torch) launch as before and
+signals ``gdc_launch_dependents`` (elementwise kernels right after their wait, GEMMs once their K loop is done;
+earlier at higher ``TRIGGER`` levels) so that the next launch need not wait for its exit. Kernels that are not Triton's (cuBLAS, torch) launch as before and
 order the chain as before.
 
 Why ``auto`` stops at small batches and leaves bf16 models alone (H200, 8B shape): async tok/s without / with
