@@ -10,6 +10,7 @@ time) beside the measured copy bandwidth. Prints a table and the top host functi
 
     python bench/profile_decode.py --shape 8b --out bench/results/profile-decode-8b-h100.json
     python bench/profile_decode.py --shape 8b --variant w4a16-mma --out ...  (a quant_engine.py build)
+    python bench/profile_decode.py --artifact /tmp/keep/w4a16-mma+lm --variant w4a16-mma+lm --setting trigger3
 """
 
 from __future__ import annotations
@@ -164,13 +165,25 @@ def main() -> None:
                     help="a build of bench/quant_engine.py's VARIANTS (quantization, passes) for the built artifact; "
                          "its kernel overrides apply while the engine loads and runs (also with --artifact)")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together (the graph bucket timed)")
+    ap.add_argument("--setting", default="auto",
+                    help="a setting of bench/pdl_auto.py (PDL on which graphs, pdl.TRIGGER, kernel A/B flags), applied "
+                         "with the variant's kernel overrides while the engine loads and runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from bench.pdl_auto import SETTINGS
+    from runtime.ops import pdl
+
+    if args.setting not in SETTINGS:  # checked before minutes of building
+        ap.error(f"--setting {args.setting!r}: one of {', '.join(SETTINGS)}")
+    max_batch, pdl.ENABLED, setting_kernels = SETTINGS[args.setting]
+    if max_batch is not None:
+        pdl.AUTO_MAX_BATCH = max_batch
     from runtime import LLM, SamplingParams
     from runtime.forward_context import ForwardContext, set_forward_context
 
     what = args.shape if args.artifact is None else f"artifact {args.artifact}"  # --shape only sizes a new build
-    res: dict = {"device": torch.cuda.get_device_name(), "shape": what, "variant": args.variant, "batch": args.batch}
+    res: dict = {"device": torch.cuda.get_device_name(), "shape": what, "variant": args.variant,
+                 "setting": args.setting, "batch": args.batch}
     res["copy_bw_TBps"] = round(copy_bandwidth() / 1e12, 3)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
@@ -185,8 +198,8 @@ def main() -> None:
                 art = build_variant(tmp / "hf", tmp / "art", args.variant, max(8, args.batch))
         from bench.quant_engine import VARIANTS, kernel_overrides
 
-        # the graphs are captured at load: the variant's kernel overrides hold until the end
-        stack.enter_context(kernel_overrides(VARIANTS.get(args.variant, {}).get("kernels", {})))
+        # the graphs are captured at load: the variant's kernel overrides, then the setting's, hold until the end
+        stack.enter_context(kernel_overrides({**VARIANTS.get(args.variant, {}).get("kernels", {}), **setting_kernels}))
         llm = LLM(art, gpu_memory_utilization=0.5)
         eng = llm.engine
         graphs = eng.runner.graphs
@@ -238,7 +251,7 @@ def main() -> None:
         print(which, json.dumps(res[which]["us_per_call_by_kind"]), "total us", res[which]["us_per_call_total"])
         for k in res[which]["top_kernels"][:8]:
             print(f"    {k['us_per_call']:>8} us  x{k['launches_per_call']:<6} {k['name']}")
-    print(f"{res['device']}, {what} {args.variant}, batch {args.batch} decode")
+    print(f"{res['device']}, {what} {args.variant} ({args.setting}), batch {args.batch} decode")
     places = res["graph_replay_places"]
     print(f"graph replay: {places['kernels_per_call']} kernels, span {places['span_us']} us, "
           f"busy {places['busy_us']} us; us per launch by place in the layer:")
