@@ -10,8 +10,8 @@ launched while the current one finishes: its programs start, then wait in ``grid
 are visible. Every kernel launched this way waits first thing, before it reads or writes any memory, so
 the results are those of ordinary launches; what overlaps is launch latency and setup. Each kernel also
 signals ``gdc_launch_dependents`` (elementwise kernels right after their wait, GEMMs once their K loop is done;
-earlier at higher ``TRIGGER`` levels) so that the next launch need not wait for its exit. Kernels that are not Triton's (cuBLAS, torch) launch as before and
-order the chain as before.
+earlier at higher ``TRIGGER`` levels) so that the next launch need not wait for its exit. Kernels that are not
+Triton's (cuBLAS, torch) launch as before and order the chain as before.
 
 Why ``auto`` stops at small batches and leaves bf16 models alone (H200, 8B shape): async tok/s without / with
 PDL on every launch (bench/results/quant-engine-8b-h200-pdl-ab-*.json), batch 1 bf16 210.9 / 214.4, FP8
