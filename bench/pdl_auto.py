@@ -14,6 +14,7 @@ of one artifact alternate, so a repeated one (name#2) shows the run-to-run sprea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -76,6 +77,22 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
 
 
+@contextlib.contextmanager
+def applied(variant: str, setting: str):
+    """The setting (SETTINGS) in force for the duration, over the variant's own kernel overrides
+    (quant_engine.VARIANTS): PDL's reach (pdl.AUTO_MAX_BATCH, pdl.ENABLED) and the kernel overrides."""
+    from runtime.ops import pdl
+
+    max_batch, enabled, kernels = SETTINGS[setting]
+    saved = pdl.AUTO_MAX_BATCH, pdl.ENABLED
+    pdl.AUTO_MAX_BATCH, pdl.ENABLED = saved[0] if max_batch is None else max_batch, enabled
+    try:
+        with q.kernel_overrides({**q.VARIANTS.get(variant, {}).get("kernels", {}), **kernels}):
+            yield
+    finally:
+        pdl.AUTO_MAX_BATCH, pdl.ENABLED = saved
+
+
 def measure(llm, buckets=(1, 2, 4, 8, 16)) -> dict:
     from runtime import SamplingParams
 
@@ -111,7 +128,6 @@ def measure(llm, buckets=(1, 2, 4, 8, 16)) -> dict:
 
 def main() -> None:
     from runtime import LLM
-    from runtime.ops import pdl
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b", choices=["1b", "8b"])
@@ -131,7 +147,6 @@ def main() -> None:
             ap.error(f"--plan {p!r}: VARIANT=SETTING,... with settings from {', '.join(SETTINGS)}")
         plans[variant] = settings
     res: dict = {"device": torch.cuda.get_device_name(), "shape": args.shape, "rows": []}
-    auto = pdl.AUTO_MAX_BATCH
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_checkpoint(args.shape, tmp / "hf")
@@ -142,17 +157,11 @@ def main() -> None:
             print(f"{variant} built in {time.perf_counter() - t:.0f} s", flush=True)
             seen: dict[str, int] = {}
             for setting in plans.get(variant, "auto").split(","):
-                max_batch, enabled, kernels = SETTINGS[setting]
-                pdl.AUTO_MAX_BATCH, pdl.ENABLED = auto if max_batch is None else max_batch, enabled
                 seen[setting] = seen.get(setting, 0) + 1
                 label = setting + (f"#{seen[setting]}" if seen[setting] > 1 else "")
-                try:
-                    # the variant's own kernel overrides (quant_engine.VARIANTS), then the setting's
-                    with q.kernel_overrides({**q.VARIANTS.get(variant, {}).get("kernels", {}), **kernels}):
-                        llm = LLM(str(art), gpu_memory_utilization=0.5)
-                        r = {"variant": variant, "setting": label, **measure(llm)}
-                finally:
-                    pdl.AUTO_MAX_BATCH, pdl.ENABLED = auto, False
+                with applied(variant, setting):
+                    llm = LLM(str(art), gpu_memory_utilization=0.5)
+                    r = {"variant": variant, "setting": label, **measure(llm)}
                 print(json.dumps(r), flush=True)
                 res["rows"].append(r)
                 if args.out:

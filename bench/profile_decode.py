@@ -170,14 +170,10 @@ def main() -> None:
                          "with the variant's kernel overrides while the engine loads and runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from bench.pdl_auto import SETTINGS
-    from runtime.ops import pdl
+    from bench.pdl_auto import SETTINGS, applied
 
     if args.setting not in SETTINGS:  # checked before minutes of building
         ap.error(f"--setting {args.setting!r}: one of {', '.join(SETTINGS)}")
-    max_batch, pdl.ENABLED, setting_kernels = SETTINGS[args.setting]
-    if max_batch is not None:
-        pdl.AUTO_MAX_BATCH = max_batch
     from runtime import LLM, SamplingParams
     from runtime.forward_context import ForwardContext, set_forward_context
 
@@ -196,10 +192,8 @@ def main() -> None:
                 from bench.quant_engine import build as build_variant
 
                 art = build_variant(tmp / "hf", tmp / "art", args.variant, max(8, args.batch))
-        from bench.quant_engine import VARIANTS, kernel_overrides
-
         # the graphs are captured at load: the variant's kernel overrides, then the setting's, hold until the end
-        stack.enter_context(kernel_overrides({**VARIANTS.get(args.variant, {}).get("kernels", {}), **setting_kernels}))
+        stack.enter_context(applied(args.variant, args.setting))
         llm = LLM(art, gpu_memory_utilization=0.5)
         eng = llm.engine
         graphs = eng.runner.graphs

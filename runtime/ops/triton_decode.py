@@ -165,6 +165,17 @@ def _codes_f16(x, INT8: tl.constexpr):
 
 
 @triton.jit
+def _kv_at(k_cache_ptr, v_cache_ptr, offs, mask, ASM: tl.constexpr, INT8: tl.constexpr, QDT: tl.constexpr):
+    """K and V at the cache offsets offs (any shape), in QDT."""
+    k = tl.load(k_cache_ptr + offs, mask=mask, other=0.0).to(QDT)  # q's dtype (float16): exact
+    if ASM:  # V's bytes, widened by _codes_f16 in the layout they were loaded in (module docstring)
+        v = _codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0), INT8)
+    else:
+        v = tl.load(v_cache_ptr + offs, mask=mask, other=0.0).to(QDT)
+    return k, v
+
+
+@triton.jit
 def _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col, d_mask, PAGE: tl.constexpr,
              BLOCK_N: tl.constexpr, ASM: tl.constexpr, INT8: tl.constexpr, QDT: tl.constexpr):
     """The K / V tile of context positions [start, start + BLOCK_N) ∩ [.., s_hi) through the block table, in QDT;
@@ -174,12 +185,7 @@ def _load_kv(k_cache_ptr, v_cache_ptr, bt_row, start, s_hi, stride_cslot, kv_col
     blk = tl.load(bt_row + pos // PAGE, mask=valid, other=0)
     slot = blk.to(tl.int64) * PAGE + pos % PAGE
     offs = slot[:, None] * stride_cslot + kv_col[None, :]
-    kv_mask = valid[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(QDT)  # q's dtype (float16): exact
-    if ASM:  # V's bytes, widened by _codes_f16 in the layout they were loaded in (module docstring)
-        v = _codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=kv_mask, other=0), INT8)
-    else:
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(QDT)
+    k, v = _kv_at(k_cache_ptr, v_cache_ptr, offs, valid[:, None] & d_mask[None, :], ASM, INT8, QDT)
     return k, v, valid
 
 
@@ -248,13 +254,8 @@ def _decode_split_kernel(
         if PDL:
             pdl_enter(PDL)
         mine = (last >= s_lo) & (last < s_lo + BLOCK_N)  # the new token is in this first tile
-        new_offs = new_slot * stride_cslot + kv_col
-        k_new = tl.load(k_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
-        if ASM:
-            v_new = _codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.uint8)) + new_offs, mask=d_mask & mine,
-                                       other=0), INT8)
-        else:
-            v_new = tl.load(v_cache_ptr + new_offs, mask=d_mask & mine, other=0.0).to(QDT)
+        k_new, v_new = _kv_at(k_cache_ptr, v_cache_ptr, new_slot * stride_cslot + kv_col, d_mask & mine, ASM, INT8,
+                              QDT)
         is_new = (s_lo + tl.arange(0, BLOCK_N)) == last
         k0 = tl.where(is_new[:, None], k_new[None, :], k0)
         v0 = tl.where(is_new[:, None], v_new[None, :], v0)

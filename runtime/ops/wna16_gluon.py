@@ -309,6 +309,17 @@ if AVAILABLE:
                                   dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _pdl_wait():
+        """griddepcontrol.wait: until the previous kernel has exited and its writes are visible (runtime/ops/pdl.py)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _pdl_launch_dependents():
+        """griddepcontrol.launch_dependents: the next kernel may start launching (runtime/ops/pdl.py)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
     def wna16_gluon_kernel(x_desc, w_desc, z_desc, w_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                            TILES: gl.constexpr, TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                            SPLIT: gl.constexpr, BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr,
@@ -330,8 +341,7 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         if PDL and not EARLY:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                      pack=1)
+            _pdl_wait()
         for i in gl.static_range(STAGES):
             if i < NST:
                 _issue_weights(w_desc, z_desc, x_desc, bars.index(i), w_s.index(i), z_s.index(i),
@@ -343,11 +353,9 @@ if AVAILABLE:
         # kernel; only x, the outputs and the split-K counters depend on it, so the weight stream starts while that
         # kernel still runs
         if PDL >= 3:  # pdl.TRIGGER 3: the next kernel may start launching now, not after the K loop
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            _pdl_launch_dependents()
         if PDL and EARLY:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                      pack=1)
+            _pdl_wait()
         for i in gl.static_range(STAGES):
             if i < NST:
                 _issue_x(x_desc, bars.index(i), x_s.index(i), kt0 + i * TPS, xrow)
@@ -383,8 +391,7 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         if PDL and PDL < 3:  # the K loop is done: the next kernel may start launching
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            _pdl_launch_dependents()
         epilogue(acc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, pid_n, pid_m, pid_k, BLOCK_M, SPLIT, HAS_BIAS, BF16,
                  res_ptr, g_ptr, xg_ptr, ss_ptr, r, ADD, RMS, pair_ptr, SILU)
 
