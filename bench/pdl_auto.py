@@ -5,7 +5,8 @@ GEMM's configuration for narrow weights (triton_quant.FP8_DECODE_NARROW) against
 Per setting the engine is loaded again (its graphs captured under that setting) and measured: greedy tokens of
 one prompt (the settings that only change launches must agree), async decode tok/s at batch 1 / 4 / 16
 (bench/quant_engine.py's decode_rate; at batch 1 also with the prefill excluded: decode_only_rate), and the GPU
-time of one replay of each bucket's decode graph (1, 2, 4, 8, 16) with that many sequences decoding. Settings
+time of one replay of each bucket's decode graph (1, 2, 4, 8, 16) with that many sequences decoding, and the time
+to the first token of one fresh prompt of 256 and of 1000 tokens (prefill_ms_p256 / _p1000). Settings
 of one artifact alternate, so a repeated one (name#2) shows the run-to-run spread.
 
     python bench/pdl_auto.py --variants fp8,w4a16-mma,bf16 --out bench/results/pdl-auto-8b-h200.json
@@ -31,6 +32,14 @@ from artifacts.manifest import MANIFEST_NAME  # noqa: E402
 from bench import quant_engine as q  # noqa: E402
 from bench.engine import make_checkpoint  # noqa: E402
 from bench.quant_gemm import dumps  # noqa: E402
+
+
+def _prefill(block_m: int, row_blocks: int, stages: int):
+    from runtime.ops.triton_quant import GemmConfig
+
+    return GemmConfig(block_m, 64, 128, num_stages=stages, serial=True, wide=True, row_blocks=row_blocks,
+                      scale_acc=False, m_fast=True)
+
 
 WIDE = {"FP8_DECODE_NARROW": {"block_k": 128, "waves": 1}}  # FP8_DECODE on every shape (before NARROW)
 # setting -> (AUTO_MAX_BATCH or None for the default, ENABLED, kernel overrides)
@@ -73,7 +82,11 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
                                                         "triton_decode.DYNAMIC_SPLITS": True}),
             "no-epilogues": (None, False, {"WNA16_SILU_EPILOGUE": False, "WNA16_NORM_EPILOGUE": False}),
             "dyn-attn-serial": (None, False, {"triton_decode.DYNAMIC_SPLITS": True,
-                                              "triton_decode.SERIAL_REDUCE": True})}
+                                              "triton_decode.SERIAL_REDUCE": True}),
+            # W4A16 prefill through _wna16_mma_wide_kernel (triton_quant.WNA16_MMA_PREFILL; read prefill_ms_p256 /
+            # p1000): 2 or 1 64-row blocks per program, the scale in the weight, a weight block's row tiles together
+            **{f"prefill-m{bm}r{rb}": (None, False, {"WNA16_MMA_PREFILL": _prefill(bm, rb, st)})
+               for bm, rb, st in ((128, 2, 2), (128, 1, 2), (64, 2, 3))}}
 PLANS = {"fp8": "nopdl-wide,auto,nopdl,auto", "w4a16-mma": "nopdl,auto", "bf16": "nopdl,auto"}
 
 
@@ -104,6 +117,9 @@ def measure(llm, buckets=(1, 2, 4, 8, 16)) -> dict:
     for bs in (1, 4, 16):
         r[f"bs{bs}_async"] = round(q.decode_rate(llm, bs, new=256 if bs == 1 else 128), 1)
     r["bs1_decode_only"] = round(q.decode_only_rate(llm, 1), 1)  # prefill excluded (1 / TPOT)
+    for n in (256, 1000):  # one fresh prompt's prefill and first token (no prefix-cache hit): the GEMMs at M = n
+        r[f"prefill_ms_p{n}"] = round(1000 * min(q._generate_s(llm, [torch.randint(100, 1000, (n,)).tolist()], 1)
+                                                 for _ in range(4)), 2)
     graphs = eng.runner.graphs
     r["pdl_max_batch"] = graphs.pdl_max_batch
     for bs in buckets:

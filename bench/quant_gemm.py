@@ -189,6 +189,18 @@ def decode_candidates(m: int) -> dict[str, list]:
     w4 += [(f"mma m16 x{wv} ldg fold", g(16, 64, 128, num_warps=4, num_stages=1, serial=True, waves=wv, ldg=True,
                                          scale_acc=False), "mma-meta") for wv in (2, 4)]  # the scale in the weight
     w4 += [("mma ldg r128", tq.WNA16_MMA_LDG, "mma-meta")]  # ... as WNA16_MMA_LDG: tile pairs, 128 registers
+    if m > 16:  # prefill: _wna16_mma_wide_kernel (row_blocks 64-row blocks per program sharing each x tile; fold:
+        # the scale in the weight, chained accumulators; mfast: a weight block's row tiles run together)
+        w4 += [(f"mma wide m{bm} r{rb}{' fold' if fold else ''}{' mfast' if mf else ''} s{st}",
+                g(bm, 64, 128, num_warps=4, num_stages=st, serial=True, wide=True, row_blocks=rb, scale_acc=not fold,
+                  m_fast=mf), "mma-meta")
+               for bm, rb, fold, mf, st in (
+                   (128, 1, False, False, 2), (128, 1, True, False, 2), (128, 1, True, True, 2),
+                   (128, 1, True, True, 3), (128, 2, True, False, 2), (128, 2, True, True, 2), (64, 2, True, True, 3),
+                   (64, 2, True, False, 3), (64, 1, True, True, 4), (256, 1, True, True, 2), (32, 4, True, True, 3),
+                   (64, 2, False, True, 3))
+               if bm <= max(32, 1 << (m - 1).bit_length())]
+        w4 += [("mma wide auto tma", dataclasses.replace(tq.wna16_mma_config(m), tma=True), "mma-meta")]
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
     w4 += [("mma auto cp.async", dataclasses.replace(tq.WNA16_MMA, tma=False), "mma-meta")] if m <= 16 else []
     base = tq.wna16_config(16, 4096, 4096, 4)

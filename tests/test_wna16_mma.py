@@ -10,7 +10,9 @@ Both: the TMA variant (_wna16_mma_tma_kernel) on a 16-byte aligned x with the ze
 call checked to launch it exactly when the launcher's rules say it applies (the interpreter reads TMA
 descriptors as plain block loads with zero fill); likewise the plain-load variant (_wna16_mma_ldg_kernel,
 GemmConfig.ldg) on any x, and the Gluon kernel (runtime/ops/wna16_gluon.py, GemmConfig.gluon: sm_90 only, up to
-16 rows, aligned x; elsewhere the TMA kernel's configuration runs instead).
+16 rows, aligned x; elsewhere the TMA kernel's configuration runs instead), and the prefill kernel
+(_wna16_mma_wide_kernel, GemmConfig.wide: several 64-row blocks per program, the scale folded into the weight).
+CPU, compiled for sm_90 (ptxas ships with Triton): the prefill kernel keeps its wgmma asynchronous.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def test_layout_refuses_shapes_it_cannot_hold():
 CASES = [  # k, n, group size, act-order, bias
     (256, 128, 128, False, True), (384, 64, 128, True, False), (512, 192, -1, False, True),
     (256, 64, -1, True, True),
-    (128, 64, 128, False, False)]  # one group: the zero-point words still hold it (not the per-channel path)
+    (128, 64, 128, False, False),  # one group: the zero-point words still hold it (not the per-channel path)
+    (256, 256, 128, False, True)]  # four 64-row blocks: the prefill kernel's row_blocks 4
 
 
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
@@ -103,12 +106,12 @@ def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, 
     from runtime.ops import wna16_gluon as wg
 
     with (KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tq, "_wna16_mma_ldg_kernel") as ldg,
-          KernelLaunches(wg, "wna16_gluon_kernel") as glu):
-        _run_cases(tq, tma, ldg, glu, device, dtype, ms, configs, g, graph)
+          KernelLaunches(wg, "wna16_gluon_kernel") as glu, KernelLaunches(tq, "_wna16_mma_wide_kernel") as wide):
+        _run_cases(tq, tma, ldg, glu, wide, device, dtype, ms, configs, g, graph)
 
 
-def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches, device: str, dtype: torch.dtype,
-               ms, configs, g: torch.Generator, graph: bool) -> None:
+def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches, wide: KernelLaunches, device: str,
+               dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool) -> None:
     sm90 = device != "cpu" and torch.cuda.get_device_capability()[0] == 9
     for k, n, gs, act, has_bias in CASES:
         qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)
@@ -121,10 +124,10 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
             ref = linear_wna16_ref(x, qw, s, z, perm, bias, 4, gs)
             for cfg in configs:
                 # a TMA config (the default up to 16 rows) takes the TMA kernel only for a 16-byte aligned x
-                for xx in (x, x.contiguous()) if cfg is None or cfg.tma else (x,):
+                for xx in (x, x.contiguous()) if cfg is None or cfg.tma or cfg.wide else (x,):
                     for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
                         what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype} {xx.stride()}"
-                        before, before_ldg, before_glu = tma.n, ldg.n, glu.n
+                        before, before_ldg, before_glu, before_wide = tma.n, ldg.n, glu.n, wide.n
                         out = tq.linear_wna16_mma_cuda(xx, packed, s, zeros, perm, bias, gs, config=cfg)
                         check(out, ref, what)
                         eff = cfg or tq.wna16_mma_config(m)
@@ -137,9 +140,12 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
                         if eff.gluon and not want_glu:
                             eff = tq._without_gluon(m)
                         words = not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
-                        want_ldg = words and eff.ldg and not want_glu  # any x: plain loads
-                        want = words and not eff.ldg and eff.tma and aligned and not want_glu
+                        # the prefill kernel: TMA (aligned x), whole groups of row_blocks 64-row blocks
+                        want_wide = words and eff.wide and aligned and not want_glu and n % (64 * eff.row_blocks) == 0
+                        want_ldg = words and eff.ldg and not want_glu and not want_wide  # any x: plain loads
+                        want = words and not eff.ldg and eff.tma and aligned and not want_glu and not want_wide
                         assert ldg.n - before_ldg == int(want_ldg), f"{what}: ldg kernel launched {ldg.n - before_ldg}"
+                        assert wide.n - before_wide == int(want_wide), f"{what}: prefill kernel: {wide.n - before_wide}"
                         assert tma.n - before == int(want), f"{what}: TMA kernel launched {tma.n - before} times"
                         assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
             if graph:  # the zero points as words where they can be: up to 16 rows the TMA kernel, descriptors kept
@@ -162,14 +168,67 @@ def _interpreter_main() -> None:
                cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None,
                cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, split=3, serial=True, ldg=True),
-               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tq.WNA16_MMA_LDG, tq.WNA16_MMA_GLUON]
+               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tq.WNA16_MMA_LDG, tq.WNA16_MMA_GLUON,
+               cfg(32, 64, 128, split=1, wide=True),
+               cfg(16, 64, 128, split=2, wide=True, row_blocks=2, scale_acc=False),
+               cfg(16, 64, 128, split=2, serial=True, wide=True, row_blocks=2, m_fast=True),
+               cfg(32, 64, 128, split=3, serial=True, wide=True, row_blocks=4, m_fast=True, scale_acc=False)]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
+    # the launcher's own choice with a prefill configuration set: the wide kernel from 17 rows, block_m capped
+    tq.WNA16_MMA_PREFILL = cfg(128, 64, 128, wide=True, row_blocks=2, scale_acc=False, m_fast=True)
+    assert [tq.wna16_mma_config(m).block_m for m in (17, 40, 300)] == [32, 64, 128]
+    run_cases("cpu", torch.float16, (5, 40), [None], g)
     print("interpreter ok")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs on the CPU)")
 def test_kernel_under_interpreter():
     run_under_interpreter("tests.test_wna16_mma", timeout=600)
+
+
+def _wide_ptxas(block_m: int, rb: int, fold: bool, stages: int) -> tuple[str, str]:
+    """_wna16_mma_wide_kernel compiled for sm_90 without a GPU (bf16, 32 K tiles): (SASS, ptxas -v's report)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bench.wna16_gluon import sass_of
+    from runtime.ops import triton_quant as tq
+
+    fn = tq._wna16_mma_wide_kernel
+    sig = {"x_desc": f"tensordesc<bf16[{block_m}, 128]>", "w_desc": "tensordesc<i16[8, 256]>",
+           "z_desc": "tensordesc<i32[1, 64]>", "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
+           "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
+    const = dict(TILES=32, HAS_BIAS=False, SPLIT=1, SERIAL=False, BLOCK_M=block_m, RB=rb, FOLD=fold, M_FAST=True,
+                 ASM=True, BF16=True, MAGIC=tq.MMA_MAGIC[torch.bfloat16], PDL=0)
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")}
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kern.asm["ptx"])
+        f.flush()
+        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
+                             text=True, check=True)
+    return sass_of(kern), res.stdout + res.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its sm_90 compiler, ptxas and nvdisasm ship with it)")
+@pytest.mark.parametrize("block_m,rb", [(128, 2), (64, 2), (128, 1)])
+def test_prefill_kernel_keeps_wgmma_asynchronous(block_m, rb):
+    """With the scale folded in (FOLD), every block's operand is dequantized before the first wgmma of the K tile:
+    ptxas then issues the tile's 8 * rb wgmma without waiting between them (one wait, at the tile's end), with
+    no serialization warning (C7512 / C7513: an operand register defined while a wgmma is in flight) and no spills."""
+    sass, report = _wide_ptxas(block_m, rb, True, 2)
+    assert "Potential Performance Loss" not in report, report
+    assert "0 bytes spill stores" in report, report
+    waits = [ln.split("0x")[-1].strip(" ;") for ln in sass.splitlines() if "WARPGROUP.DEPBAR" in ln]
+    assert sass.count("HGMMA.64x") == 8 * rb, sass.count("HGMMA.64x")
+    assert waits.count("0") == 1, waits  # only the tile's last wait drains the queue
 
 
 @pytest.mark.gpu
@@ -188,7 +247,10 @@ def test_kernel_on_gpu(dtype):
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, waves=4, serial=True, ldg=True),
                cfg(32, 64, 128, split=2, ldg=True), cfg(16, 64, 128, serial=True, ldg=True, scale_acc=False),
                cfg(16, 64, 128, split=3, serial=True, ldg=True, maxnreg=128), tq.WNA16_MMA_GLUON,
-               cfg(8, 64, 128, num_stages=3, split=2, serial=True, gluon=True, tps=2, pre=True)]
+               cfg(8, 64, 128, num_stages=3, split=2, serial=True, gluon=True, tps=2, pre=True),
+               cfg(128, 64, 128, num_stages=2, wide=True, row_blocks=2, scale_acc=False, m_fast=True),
+               cfg(64, 64, 128, num_stages=3, split=3, serial=True, wide=True),
+               cfg(32, 64, 128, num_stages=3, wide=True, row_blocks=4, scale_acc=False)]
     run_cases("cuda", dtype, (1, 3, 16, 33, 257), configs, gen("mma-gpu", dtype), graph=True)
     if torch.cuda.get_device_capability()[0] >= 9:  # and launched with programmatic dependent launch
         from runtime.ops import pdl

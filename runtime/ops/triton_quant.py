@@ -33,7 +33,10 @@ linear_wna16_mma (W4A16, the codes in quant_linear.pack_wna16_mma's layout: Hopp
     docstring), the same kernel from 1 to DEQUANT_MM_MIN_M rows (block_m 16 to 128), split-K as above;
     from DEQUANT_MM_MIN_M rows _wna16_mma_dequant_kernel writes W [N, K] and cuBLAS multiplies. Up to 16
     rows (``GemmConfig.tma``), on sm_90+, with the zero points as words, no act-order and a 16-byte aligned
-    x: _wna16_mma_tma_kernel, the same arithmetic with the codes, x and the words brought in by TMA.
+    x: _wna16_mma_tma_kernel, the same arithmetic with the codes, x and the words brought in by TMA. Up to 8
+    rows on sm_90 the Gluon kernel (runtime/ops/wna16_gluon.py). For prefill, where set (WNA16_MMA_PREFILL,
+    not yet a default), _wna16_mma_wide_kernel: the TMA kernel with several 64-row blocks per program sharing
+    each x tile, the scale folded into the weight.
 
 linear_fp8 (FP8 W8A8, E4M3)
     A Triton kernel per row of x (amax, scale = amax / 448 rounded as torch on CUDA rounds it, clamp,
@@ -63,7 +66,7 @@ linear_int8 (INT8 W8A8, symmetric)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -512,13 +515,13 @@ def _wna16_mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, GROUP
 
 
 @_jit
-def _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N,
+def _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, tile, pid_k, M, N,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
-    """The W4A16 mma kernels' end: y^T [64 rows rn, BLOCK_M rows rm of x] through split-K to out (+ bias)."""
+    """The W4A16 mma kernels' end: y^T [64 rows rn, BLOCK_M rows rm of x] through split-K to out (+ bias);
+    tile: the output tile's index among the launch's (its split-K counter)."""
     offs = rm[None, :].to(tl.int64) * N + rn[:, None]
     mask = m_mask[None, :] & (rn < N)[:, None]
-    finish, acc = _split_k(acc, part_ptr, lock_ptr, pid_n * tl.num_programs(1) + pid_m, pid_k, offs, mask, M, N,
-                           SPLIT, SERIAL)
+    finish, acc = _split_k(acc, part_ptr, lock_ptr, tile, pid_k, offs, mask, M, N, SPLIT, SERIAL)
     if finish:
         _store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
 
@@ -571,8 +574,8 @@ def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, par
         gdc_launch_dependents()
     if not GROUPED:
         acc = acc * s[:, None]
-    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
-                SERIAL)
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n * tl.num_programs(1) + pid_m, pid_k,
+                M, N, HAS_BIAS, SPLIT, SERIAL)
 
 
 @_jit(do_not_specialize=["M"])
@@ -603,8 +606,106 @@ def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock
         acc += tl.dot(a, tl.trans(b)) * sr.to(tl.float32)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
-    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
-                SERIAL)
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n * tl.num_programs(1) + pid_m, pid_k,
+                M, N, HAS_BIAS, SPLIT, SERIAL)
+
+
+@_jit
+def _wide_operand(w_desc, z_desc, bj, kt, KT, zz, dt: tl.constexpr, FOLD: tl.constexpr, ASM: tl.constexpr,
+                  BF16: tl.constexpr, MAGIC: tl.constexpr):
+    """The 64-row block bj's K tile kt in _wna16_mma_wide_kernel: its codes and words by TMA, dequantized into
+    the wgmma register operand [64, 128]; FOLD: times the group scale, rounded once. Returns it and the scales."""
+    words = w_desc.load([(bj * KT + kt) * 8, 0]).reshape(2, 4, 8, 4, 8)  # pack_wna16_mma's v, w, g, t, r
+    zw = z_desc.load([kt, bj * 64])  # [1, 64]: row 16 w + 8 v + g of the block
+    zr = zw.reshape(4, 2, 8).permute(1, 0, 2).reshape(2, 4, 8, 1, 1)  # [v, w, g] as _mma_load's zr
+    if FOLD:
+        a, sr = _mma_operand(words, zr, zr, zz, dt, True, True, ASM, BF16, MAGIC, True)
+    else:
+        a, sr = _mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, ASM, BF16, MAGIC, True)
+    return a, sr
+
+
+@_jit
+def _wide_product(acc, a, b, sr, FOLD: tl.constexpr):
+    """acc + a @ b^T: FOLD, into the chained accumulator (the scale is in a); else scaled per row in float32."""
+    if FOLD:
+        acc = tl.dot(a, tl.trans(b), acc)
+    else:
+        acc += tl.dot(a, tl.trans(b)) * sr.to(tl.float32)
+    return acc
+
+
+@_jit
+def _wide_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, bj, pid_m, tiles_m, pid_k, M, N,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
+    """_mma_finish for the 64-row block bj of _wna16_mma_wide_kernel (its split-K counter: bj, pid_m)."""
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, bj * 64 + tl.arange(0, 64), m_mask,
+                bj * tiles_m + pid_m, pid_k, M, N, HAS_BIAS, SPLIT, SERIAL)
+
+
+@_jit(do_not_specialize=["M"])
+def _wna16_mma_wide_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, TILES: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                           RB: tl.constexpr, FOLD: tl.constexpr, M_FAST: tl.constexpr, ASM: tl.constexpr,
+                           BF16: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr = False):
+    """_wna16_mma_tma_kernel for prefill-sized M (GemmConfig.wide): each program multiplies RB (1, 2 or 4)
+    adjacent 64-row weight blocks by one x tile [BLOCK_M, 128] per K tile, so x (the large operand from 32 rows
+    on: 32 KB a tile at BLOCK_M 128 against a block's 4 KB of codes) crosses from L2 once for RB blocks: at
+    M = 256 on an 8B layer a 64-row program moves about 16x more x than codes. FOLD: the group scale in the
+    weight ((q - z) * s rounded once, _wna16_mma_dequant_kernel's and so cuBLAS-after-dequantization's
+    numerics), one chained accumulator per block, which lets the wgmma of one block run while the next block
+    dequantizes; otherwise each tile's product is scaled in float32 as in the decode kernels. M_FAST: the grid's
+    first axis walks the row tiles, so the programs reading one weight block run together and its codes come
+    from HBM once (else once per row tile when the weight is larger than L2). Grid (N / (64 RB), tiles of M,
+    split), or its first two axes swapped with M_FAST; 4 warps (one warpgroup, RB accumulators [64, BLOCK_M])."""
+    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
+        gdc_wait()
+    if M_FAST:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    KT = K // 128
+    acc0 = tl.zeros((64, BLOCK_M), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # each tile's, in _mma_operand
+    for t in tl.range(0, TILES):
+        kt = pid_k * TILES + t
+        b = x_desc.load([pid_m * BLOCK_M, kt * 128])  # [BLOCK_M, 128]; rows past M arrive as zeros
+        # every block's operand before the first product: ptxas serializes wgmma (C7513) when a register operand
+        # is defined while an earlier wgmma is in flight
+        a0, s0 = _wide_operand(w_desc, z_desc, pid_n * RB, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
+        if RB > 1:
+            a1, s1 = _wide_operand(w_desc, z_desc, pid_n * RB + 1, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
+        if RB > 2:
+            a2, s2 = _wide_operand(w_desc, z_desc, pid_n * RB + 2, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
+            a3, s3 = _wide_operand(w_desc, z_desc, pid_n * RB + 3, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
+        acc0 = _wide_product(acc0, a0, b, s0, FOLD)
+        if RB > 1:
+            acc1 = _wide_product(acc1, a1, b, s1, FOLD)
+        if RB > 2:
+            acc2 = _wide_product(acc2, a2, b, s2, FOLD)
+            acc3 = _wide_product(acc3, a3, b, s3, FOLD)
+    if PDL:  # the K loop is done: the next kernel may start launching
+        gdc_launch_dependents()
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    _wide_finish(acc0, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB, pid_m, tiles_m, pid_k, M, N,
+                 HAS_BIAS, SPLIT, SERIAL)
+    if RB > 1:
+        _wide_finish(acc1, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB + 1, pid_m, tiles_m, pid_k, M,
+                     N, HAS_BIAS, SPLIT, SERIAL)
+    if RB > 2:
+        _wide_finish(acc2, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB + 2, pid_m, tiles_m, pid_k, M,
+                     N, HAS_BIAS, SPLIT, SERIAL)
+        _wide_finish(acc3, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB + 3, pid_m, tiles_m, pid_k, M,
+                     N, HAS_BIAS, SPLIT, SERIAL)
 
 
 @_jit
@@ -740,8 +841,8 @@ def _wna16_mma_ldg_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_p
         acc = _mma_tile_ldg(acc, a0, a1, az0, az1, asr, ab, ASM, BF16, MAGIC, SCALE_ACC)
     if PDL:  # the K loop is done: the next kernel may start launching
         gdc_launch_dependents()
-    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n, pid_m, pid_k, M, N, HAS_BIAS, SPLIT,
-                SERIAL)
+    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n * tl.num_programs(1) + pid_m, pid_k,
+                M, N, HAS_BIAS, SPLIT, SERIAL)
 
 
 @_jit
@@ -1155,6 +1256,9 @@ class GemmConfig:
     pre: bool = False  # gluon: the next stage's first tile read into registers before this stage's last wait
     early: bool = True  # gluon under PDL: the first stages' weights loaded before the wait for the previous kernel
     l2pf: int = 0  # gluon under PDL: this many more K tiles of weights prefetched into L2 before that wait
+    wide: bool = False  # W4A16 mma, prefill: _wna16_mma_wide_kernel (words, no act-order; scale_acc False: FOLD)
+    row_blocks: int = 1  # wide: 64-row weight blocks per program (1, 2 or 4), sharing each x tile
+    m_fast: bool = False  # wide: the grid's first axis walks M's tiles (a weight block's programs run together)
 
 
 # decode-sized configurations (H200 sweeps, bench/results/quant-gemm-decode-h200.json)
@@ -1202,6 +1306,13 @@ WNA16_SILU_EPILOGUE = True
 WNA16_MMA_WIDE = {32: GemmConfig(32, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   64: GemmConfig(64, 64, 128, num_warps=4, num_stages=3, serial=SERIAL_SPLIT),
                   128: GemmConfig(128, 64, 128, num_warps=4, num_stages=2, serial=SERIAL_SPLIT)}
+# ... or, where set, this prefill configuration of _wna16_mma_wide_kernel (GemmConfig.wide; block_m capped at the
+# next power of two of M, at least 32). Not yet timed on a GPU, so None: the candidates are quant_gemm.py's
+# "mma wide" labels (--decode-ms 64,256,1024) and pdl_auto's "prefill-*" settings. What it aims at: at 256 rows the
+# kernels above took 369 us per 8B layer against cuBLAS bf16's 188 (H200, bench/results/quant-gemm-mma-h200.json);
+# a 64-row program there moves about 16x more x than codes from L2, which row_blocks divides, and each K tile's
+# wgmma waits for its float32 scaling, which FOLD removes
+WNA16_MMA_PREFILL: GemmConfig | None = None
 # FP8 on codes, up to 16 rows: _w8a8_gemm_kernel with SWAP (the weight tile as wgmma's M side), 4 stages, split-K
 # only up to one program per SM: 80.4 us per 8B layer at M = 1 and 82.4 at M = 16 against 83.6 / 87.1 unswapped
 # (16 x 64 x 128, 6 stages, 2 programs per SM; figures include a 4.4 us timer floor per GEMM; bf16 cuBLAS 127-130;
@@ -1386,6 +1497,8 @@ def wna16_mma_config(m: int) -> GemmConfig:
         return WNA16_MMA
     if DEQUANT_MM_MIN_M is not None and m >= DEQUANT_MM_MIN_M:  # as linear_wna16 (H200: 2355 us per 8B layer
         return GemmConfig(128, 64, 128, dequant_mm=True)       # at M = 2048 in the kernel, 1402 dequantized)
+    if WNA16_MMA_PREFILL is not None:
+        return replace(WNA16_MMA_PREFILL, block_m=min(WNA16_MMA_PREFILL.block_m, max(32, triton.next_power_of_2(m))))
     return WNA16_MMA_WIDE[32 if m <= 32 else 64 if m <= 64 else 128]
 
 
@@ -1444,29 +1557,42 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    words = zeros.dtype == torch.int32 and perm is None
+    wide = cfg.wide and words and _tma_ready(x) and n % (64 * cfg.row_blocks) == 0
+    rb = cfg.row_blocks if wide else 1  # 64-row weight blocks per program
     tiles_n, tiles_m = n // 64, triton.cdiv(m, cfg.block_m)
     k_tiles = k // 128
-    split = _choose_split(cfg, tiles_n * tiles_m, k_tiles, x.device)
+    split = _choose_split(cfg, tiles_n // rb * tiles_m, k_tiles, x.device)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     serial = cfg.serial and split > 1 and tiles_n * tiles_m <= LOCK_SLOTS
     bf16 = x.dtype == torch.bfloat16
     # the packed bf16x2 subtraction needs sm_90; the interpreter and older GPUs run the same arithmetic in Triton
     asm = hopper(x.device)
-    if cfg.ldg and zeros.dtype == torch.int32 and perm is None:
+    tma = not cfg.ldg and cfg.tma and words and _tma_ready(x)
+    if wide or tma:
+        descs = (TensorDescriptor.from_tensor(x, [cfg.block_m, 128]),
+                 TensorDescriptor.from_tensor(qmma.view(-1, 256), [8, 256]),  # a 4 KB tile: 8 rows of 256
+                 TensorDescriptor.from_tensor(zeros.contiguous(), [1, 64]))
+        common = (bias.contiguous() if bias is not None else out, out, part, _locks(x.device) if serial else part,
+                  m, n, k)
+    if wide:
+        grid = (tiles_m, tiles_n // rb, split) if cfg.m_fast else (tiles_n // rb, tiles_m, split)
+        _wna16_mma_wide_kernel[grid](
+            *descs, *common, TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial,
+            BLOCK_M=cfg.block_m, RB=rb, FOLD=not cfg.scale_acc, M_FAST=cfg.m_fast, ASM=asm, BF16=bf16,
+            MAGIC=MMA_MAGIC[x.dtype], num_warps=4, num_stages=cfg.num_stages, **launch_kwargs(x.device))
+    elif cfg.ldg and words:
         _wna16_mma_ldg_kernel[(tiles_n, tiles_m, split)](
             x, qmma, zeros.contiguous(), bias.contiguous() if bias is not None else out, out, part,
             _locks(x.device) if serial else part, m, n, k, x.stride(0), TILES=k_tiles // split,
             HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
             MAGIC=MMA_MAGIC[x.dtype], SCALE_ACC=cfg.scale_acc, num_warps=4, num_stages=1, **launch_kwargs(x.device),
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
-    elif cfg.tma and zeros.dtype == torch.int32 and perm is None and _tma_ready(x):
+    elif tma:
         _wna16_mma_tma_kernel[(tiles_n, tiles_m, split)](
-            TensorDescriptor.from_tensor(x, [cfg.block_m, 128]),
-            TensorDescriptor.from_tensor(qmma.view(-1, 256), [8, 256]),  # a 4 KB tile: 8 rows of 256
-            TensorDescriptor.from_tensor(zeros.contiguous(), [1, 64]), bias.contiguous() if bias is not None else out,
-            out, part, _locks(x.device) if serial else part, m, n, k, TILES=k_tiles // split,
-            HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial, BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16,
-            MAGIC=MMA_MAGIC[x.dtype], num_warps=4, num_stages=cfg.num_stages, **launch_kwargs(x.device))
+            *descs, *common, TILES=k_tiles // split, HAS_BIAS=bias is not None, SPLIT=split, SERIAL=serial,
+            BLOCK_M=cfg.block_m, ASM=asm, BF16=bf16, MAGIC=MMA_MAGIC[x.dtype], num_warps=4,
+            num_stages=cfg.num_stages, **launch_kwargs(x.device))
     else:
         _wna16_mma_kernel[(tiles_n, tiles_m, split)](
             x, qmma, scales.contiguous(), zeros.contiguous(), perm.contiguous() if perm is not None else qmma,
