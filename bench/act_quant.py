@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime.ops  # noqa: E402,F401
 from bench.quant_gemm import graph_us  # noqa: E402
+from runtime.ops import triton_act_quant as taq  # noqa: E402
 from runtime.ops import triton_elementwise as te  # noqa: E402
-from runtime.ops import triton_quant as tq  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -45,12 +45,12 @@ def one_m(m: int, rec) -> None:
         rec(m, "silu_mul_quant", f"split chunk{chunk}",
             graph_us(lambda chunk=chunk: te.silu_and_mul_quant_cuda(gu, None, False, split_rows=m, chunk=chunk)))
     rec(m, "silu_mul_quant", "unfused (silu + quant_rows)",
-        graph_us(lambda: tq.quantize_rows(te.silu_and_mul_cuda(gu), None, FP8)))
+        graph_us(lambda: taq.quantize_rows(te.silu_and_mul_cuda(gu), None, FP8)))
     rec(m, "add_norm", "bf16 fused_add_rms_norm", graph_us(lambda: te.fused_add_rms_norm_cuda(x, r, w, 1e-5)))
     for nw in (8, 16, 32):
         rec(m, "add_norm_quant", f"nw{nw}",
             graph_us(lambda nw=nw: te._norm_launch(x, r, w, 1e-5, nw, quant=te._quant_out(x, 4096, None, False))))
-    rec(m, "quant_rows", "K4096", graph_us(lambda: tq.quantize_rows(x, None, FP8)))
+    rec(m, "quant_rows", "K4096", graph_us(lambda: taq.quantize_rows(x, None, FP8)))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The FP8 decode linears of one 8B layer with their activation quantization inside the GEMM (triton_quant's
+"""The FP8 decode linears of one 8B layer with their activation quantization inside the GEMM (triton_w8a8's
 _fp8_xq_kernel: linear_fp8 and silu_and_mul_linear_fp8 in one launch) against the launches they replace.
 
     python bench/fp8_xq.py --out bench/results/fp8-xq-h200.json
@@ -29,8 +29,9 @@ import torch  # noqa: E402
 import runtime.ops  # noqa: E402,F401
 from compiler.quantize.layout import fp8_weight  # noqa: E402
 from runtime.ops import pdl  # noqa: E402
+from runtime.ops import triton_act_quant as taq  # noqa: E402
 from runtime.ops import triton_elementwise as te  # noqa: E402
-from runtime.ops import triton_quant as tq  # noqa: E402
+from runtime.ops import triton_w8a8 as t8  # noqa: E402
 from runtime.ops.activation import silu_and_mul_ref  # noqa: E402
 from runtime.ops.quant_linear import linear_fp8_ref  # noqa: E402
 
@@ -78,7 +79,7 @@ def main() -> None:
         for _ in range(LAYERS):
             w = fp8_weight(torch.randn(n, k, device=dev) * 0.02, per_channel=True)
             wts.append((w["weight"].contiguous(), w["weight_scale"]))
-        cfg = tq.fp8_config(1, n, k, dev)
+        cfg = t8.fp8_config(1, n, k, dev)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, 2 * k if silu else k, device=dev).bfloat16()
             w0, s0 = wts[0]
@@ -89,15 +90,15 @@ def main() -> None:
                 if silu:
                     q, sx = te.silu_and_mul_quant_cuda(x, None, False)
                 else:
-                    q, sx = tq.quantize_rows(x, None, torch.float8_e4m3fn)
-                return tq._fp8_codes_mm(q, sx, w, s, False, None, x.dtype, config=cfg, path="triton")
+                    q, sx = taq.quantize_rows(x, None, torch.float8_e4m3fn)
+                return t8._fp8_codes_mm(q, sx, w, s, False, None, x.dtype, config=cfg, path="triton")
 
             q0, sx0 = (te.silu_and_mul_quant_cuda(x, None, False) if silu
-                       else tq.quantize_rows(x, None, torch.float8_e4m3fn))
+                       else taq.quantize_rows(x, None, torch.float8_e4m3fn))
 
             def codes(i, q0=q0, sx0=sx0, x=x, wts=wts, cfg=cfg):
                 w, s = wts[i]
-                return tq._fp8_codes_mm(q0, sx0, w, s, False, None, x.dtype, config=cfg, path="triton")
+                return t8._fp8_codes_mm(q0, sx0, w, s, False, None, x.dtype, config=cfg, path="triton")
 
             variants = {"split": (split, None), "codes": (codes, None)}
             for warps in (4, 8):
@@ -106,13 +107,13 @@ def main() -> None:
 
                     def xq(i, xcfg=xcfg, x=x, wts=wts, silu=silu):
                         w, s = wts[i]
-                        return tq.fp8_xq(x, w, s, None, None, silu=silu, config=xcfg)
+                        return t8.fp8_xq(x, w, s, None, None, silu=silu, config=xcfg)
 
                     variants[f"xq w{warps} c{chunk}"] = (xq, chunk)
             want = split(0)
             for name, (fn, chunk) in variants.items():
-                saved = tq.FP8_XQ_CHUNK
-                tq.FP8_XQ_CHUNK = chunk or saved
+                saved = t8.FP8_XQ_CHUNK
+                t8.FP8_XQ_CHUNK = chunk or saved
                 try:
                     got = fn(0)
                     torch.cuda.synchronize()
@@ -124,7 +125,7 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001  (a benchmark never aborts on one variant)
                     row = {"shape": shape, "m": m, "variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 finally:
-                    tq.FP8_XQ_CHUNK = saved
+                    t8.FP8_XQ_CHUNK = saved
                 print(json.dumps(row), flush=True)
                 res["rows"].append(row)
                 if args.out:

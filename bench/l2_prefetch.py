@@ -27,7 +27,8 @@ import triton.language as tl  # noqa: E402
 
 import runtime.ops  # noqa: E402,F401
 from bench.quant_gemm import dumps  # noqa: E402
-from runtime.ops import triton_quant as tq  # noqa: E402
+from runtime.ops import triton_act_quant as taq  # noqa: E402
+from runtime.ops import triton_w8a8 as t8  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 ORDER = list(SHAPES)
@@ -59,7 +60,7 @@ class Layers:
         self.w = [{name: (torch.randint(-100, 100, (n, k), device=dev, dtype=torch.int8).view(torch.float8_e4m3fn),
                           torch.rand(n, 1, device=dev) * 0.01 + 0.001) for name, (n, k) in SHAPES.items()}
                   for _ in range(LAYERS)]
-        self.x = {k: tq.quantize_rows(torch.randn(1, k, device=dev, dtype=torch.bfloat16), None, torch.float8_e4m3fn)
+        self.x = {k: taq.quantize_rows(torch.randn(1, k, device=dev, dtype=torch.bfloat16), None, torch.float8_e4m3fn)
                   for k in (4096, 14336)}
         self.small = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
         self.side = torch.cuda.Stream()
@@ -67,7 +68,7 @@ class Layers:
     def gemm(self, layer: int, name: str):
         w, ws = self.w[layer][name]
         xq, sx = self.x[w.shape[1]]
-        return tq._fp8_codes_mm(xq, sx, w, ws, False, None, torch.bfloat16, path="triton")
+        return t8._fp8_codes_mm(xq, sx, w, ws, False, None, torch.bfloat16, path="triton")
 
     def smalls(self, n: int) -> None:
         for _ in range(n):

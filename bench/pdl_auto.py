@@ -1,6 +1,6 @@
 """A/B of the decode-graph launch settings of one artifact: programmatic dependent launch (runtime/ops/pdl.py) off,
 on for the small decode graphs of a quantized model (``auto``, the default), on every launch, and the FP8 decode
-GEMM's configuration for narrow weights (triton_quant.FP8_DECODE_NARROW) against FP8_DECODE on every shape.
+GEMM's configuration for narrow weights (triton_w8a8.FP8_DECODE_NARROW) against FP8_DECODE on every shape.
 
 Per setting the engine is loaded again (its graphs captured under that setting) and measured: greedy tokens of
 one prompt (the settings that only change launches must agree), async decode tok/s at batch 1 / 4 / 16
@@ -35,7 +35,7 @@ from bench.quant_gemm import dumps  # noqa: E402
 
 
 def _prefill(block_m: int, row_blocks: int, stages: int):
-    from runtime.ops.triton_quant import GemmConfig
+    from runtime.ops.triton_gemm import GemmConfig
 
     return GemmConfig(block_m, 64, 128, num_stages=stages, serial=True, wide=True, row_blocks=row_blocks,
                       scale_acc=False, m_fast=True)
@@ -83,7 +83,7 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             "no-epilogues": (None, False, {"WNA16_SILU_EPILOGUE": False, "WNA16_NORM_EPILOGUE": False}),
             "dyn-attn-serial": (None, False, {"triton_decode.DYNAMIC_SPLITS": True,
                                               "triton_decode.SERIAL_REDUCE": True}),
-            # W4A16 prefill through _wna16_mma_wide_kernel (triton_quant.WNA16_MMA_PREFILL; read prefill_ms_p256 /
+            # W4A16 prefill through _wna16_mma_wide_kernel (triton_wna16_mma.WNA16_MMA_PREFILL; read prefill_ms_p256 /
             # p1000): 2 or 1 64-row blocks per program, the scale in the weight, a weight block's row tiles together
             **{f"prefill-m{bm}r{rb}": (None, False, {"WNA16_MMA_PREFILL": _prefill(bm, rb, st)})
                for bm, rb, st in ((128, 2, 2), (128, 1, 2), (64, 2, 3))}}

@@ -37,7 +37,7 @@ VARIANTS = {
     "int8": {"quantization": {"method": "int8", "calibration": {"num_samples": 8, "seq_len": 128}}},
     "fp8+fp8kv": {"quantization": {"method": "fp8"}, "kv_dtype": "fp8_e4m3"},
     # A/B variants: the FP8 build without the activation quantization fused into the norms (passes), the W4A16
-    # engine with another batch-1 GEMV configuration (kernels: fields of triton_quant.WNA16_GEMV replaced while
+    # engine with another batch-1 GEMV configuration (kernels: fields of triton_wna16.WNA16_GEMV replaced while
     # the engine loads and captures its graphs, restored after)
     "fp8-unfused": {"quantization": {"method": "fp8"}, "passes": {"fuse_act_quant": False}},
     "w4a16-gemv-old": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},  # the GEMV default before
@@ -47,14 +47,14 @@ VARIANTS = {
                    "kernels": {"WNA16_GEMV": {"zsum": True, "waves": 4}}},
     # the 4-bit codes in the tensor-core kernel's layout (passes.wna16_mma: spanda::linear_wna16_mma, wgmma)
     "w4a16-mma": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True}},
-    # ... its pre-TMA decode kernel (triton_quant.WNA16_MMA.tma off: the codes, x and words through cp.async)
+    # ... its pre-TMA decode kernel (triton_wna16_mma.WNA16_MMA.tma off: the codes, x and words through cp.async)
     "w4a16-mma-cpasync": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
                           "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"tma": False}}},
-    # ... with its codes by plain loads straight into registers up to 16 rows (triton_quant.WNA16_MMA.ldg:
+    # ... with its codes by plain loads straight into registers up to 16 rows (triton_wna16_mma.WNA16_MMA.ldg:
     # _wna16_mma_ldg_kernel)
     "w4a16-mma-ldg": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128},
                       "passes": {"wna16_mma": True}, "kernels": {"WNA16_MMA": {"ldg": True, "maxnreg": 128}}},
-    # ... with its codes by plain loads (triton_quant.WNA16_MMA_LDG, 128 registers) up to 4 rows, TMA above
+    # ... with its codes by plain loads (triton_wna16_mma.WNA16_MMA_LDG, 128 registers) up to 4 rows, TMA above
     "w4a16-mma-ldg4": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128}, "passes": {"wna16_mma": True},
                        "kernels": {"WNA16_MMA_LDG_MAX_M": 4}},
     "w4a16-mma+lm": {"quantization": {"method": "rtn", "bits": 4, "group_size": 128, "quantize_lm_head": True},
@@ -92,16 +92,22 @@ VARIANTS = {
 }
 
 
+GEMM_MODULES = ("triton_wna16_mma", "triton_wna16", "triton_w8a8", "triton_act_quant", "triton_gemm")
+
+
 @contextlib.contextmanager
 def kernel_overrides(overrides: dict):
-    """Replace fields of triton_quant's module-level GemmConfigs (a dict of fields) or other module-level settings
-    (a value) for the duration (bench A/B only); "module.NAME" names a setting of another runtime.ops module
-    (for example "triton_decode.SERIAL_REDUCE")."""
+    """Replace fields of the quantized GEMMs' module-level GemmConfigs (a dict of fields) or other module-level
+    settings (a value) for the duration (bench A/B only). A bare NAME is a setting of the first of GEMM_MODULES
+    that has it (each setting the benches name is assigned there, and read there by its launchers); "module.NAME"
+    names a setting of another runtime.ops module (for example "triton_decode.SERIAL_REDUCE")."""
     import importlib
 
     def owner(name: str):
         module, _, attr = name.rpartition(".")
-        return importlib.import_module(f"runtime.ops.{module or 'triton_quant'}"), attr
+        if not module:
+            module = next(m for m in GEMM_MODULES if hasattr(importlib.import_module(f"runtime.ops.{m}"), attr))
+        return importlib.import_module(f"runtime.ops.{module}"), attr
 
     saved = {name: getattr(*owner(name)) for name in overrides}
     try:

@@ -1,4 +1,4 @@
-"""Benchmark of the quantized linear ops' CUDA paths (runtime/ops/triton_quant.py) at Llama-3.1-8B linear shapes
+"""Benchmark of the quantized linear ops' CUDA paths (runtime/ops/triton_quant.py's map) at Llama-3.1-8B linear shapes
 against bf16 cuBLAS and against the library kernels they build on.
 
     python bench/quant_gemm.py --out bench/results/quant-gemm-h100.json [--sweep] [--sweep-budget 150]
@@ -39,10 +39,14 @@ import triton  # noqa: E402
 
 import runtime.ops  # noqa: E402,F401
 from compiler.quantize.layout import fp8_weight, int8_weight  # noqa: E402
-from runtime.ops import triton_quant as tq  # noqa: E402
+from runtime.ops import triton_act_quant as taq  # noqa: E402
+from runtime.ops import triton_gemm as tgm  # noqa: E402
+from runtime.ops import triton_w8a8 as t8  # noqa: E402
+from runtime.ops import triton_wna16 as tw  # noqa: E402
+from runtime.ops import triton_wna16_mma as tm  # noqa: E402
 from runtime.ops.quant_linear import pack_mma_zeros, pack_wna16_mma  # noqa: E402
 
-FP8_SWEEP = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in (
+FP8_SWEEP = [tgm.GemmConfig(16, bn, bk, num_warps=w, num_stages=st) for bn, bk, w, st in (
     (64, 256, 4, 4), (128, 128, 4, 4), (64, 128, 4, 6), (32, 256, 2, 4), (64, 512, 4, 3), (128, 256, 8, 3))]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 # not part of a layer (per-layer sums leave it out unless --shapes names it): the vocabulary projection, which a
@@ -116,23 +120,23 @@ def wna16_weights(k: int, n: int, bits: int):
     return qw, scales, zeros, k * n * bits // 8 + g * n * 3
 
 
-def sweep_configs(m: int) -> list[tq.GemmConfig]:
+def sweep_configs(m: int) -> list[tgm.GemmConfig]:
     if m <= 16:
-        out = [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=3) for bn, bk, w in (
+        out = [tgm.GemmConfig(16, bn, bk, num_warps=w, num_stages=3) for bn, bk, w in (
             (32, 128, 4), (64, 64, 4), (64, 128, 4), (64, 128, 2), (128, 64, 4), (128, 128, 4), (128, 128, 8))]
-        out += [tq.GemmConfig(16, 64, 128, num_stages=4), tq.GemmConfig(16, 64, 128, num_stages=3, reshape=False)]
-        out += [tq.GemmConfig(16, bn, bk, num_warps=w, num_stages=st, magic=True) for bn, bk, w, st in (
+        out += [tgm.GemmConfig(16, 64, 128, num_stages=4), tgm.GemmConfig(16, 64, 128, num_stages=3, reshape=False)]
+        out += [tgm.GemmConfig(16, bn, bk, num_warps=w, num_stages=st, magic=True) for bn, bk, w, st in (
             (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 128, 2, 4))]
-        return out + [tq.GemmConfig(16, 64, 128, num_stages=3, split=s) for s in (1, 2, 4, 8, 16)]
-    return [tq.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st, scale_acc=a)
+        return out + [tgm.GemmConfig(16, 64, 128, num_stages=3, split=s) for s in (1, 2, 4, 8, 16)]
+    return [tgm.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st, scale_acc=a)
             for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
                                       (64, 128, 64, 4, 4), (128, 128, 128, 8, 3))
-            for a in (False, True)] + [tq.GemmConfig(128, 128, 64, dequant_mm=True)]
+            for a in (False, True)] + [tgm.GemmConfig(128, 128, 64, dequant_mm=True)]
 
 
 def decode_candidates(m: int) -> dict[str, list]:
     """--decode: the decode-sized candidates per op, (label, config, fp8 path)."""
-    g = tq.GemmConfig
+    g = tgm.GemmConfig
     w4 = [("default", None, None)]
     if m == 1:
         w4 += [(f"gemv{bm} n{bn} k{bk} w{w} s{st} {'serial' if se else 'reduce'} split{sp or 'auto'}",
@@ -188,7 +192,7 @@ def decode_candidates(m: int) -> dict[str, list]:
             "mma-meta") for wv in (1, 2, 4, 8)]
     w4 += [(f"mma m16 x{wv} ldg fold", g(16, 64, 128, num_warps=4, num_stages=1, serial=True, waves=wv, ldg=True,
                                          scale_acc=False), "mma-meta") for wv in (2, 4)]  # the scale in the weight
-    w4 += [("mma ldg r128", tq.WNA16_MMA_LDG, "mma-meta")]  # ... as WNA16_MMA_LDG: tile pairs, 128 registers
+    w4 += [("mma ldg r128", tm.WNA16_MMA_LDG, "mma-meta")]  # ... as WNA16_MMA_LDG: tile pairs, 128 registers
     if m > 16:  # prefill: _wna16_mma_wide_kernel (row_blocks 64-row blocks per program sharing each x tile; fold:
         # the scale in the weight, chained accumulators; mfast: a weight block's row tiles run together)
         w4 += [(f"mma wide m{bm} r{rb}{' fold' if fold else ''}{' mfast' if mf else ''} s{st}",
@@ -200,10 +204,10 @@ def decode_candidates(m: int) -> dict[str, list]:
                    (64, 2, True, False, 3), (64, 1, True, True, 4), (256, 1, True, True, 2), (32, 4, True, True, 3),
                    (64, 2, False, True, 3))
                if bm <= max(32, 1 << (m - 1).bit_length())]
-        w4 += [("mma wide auto tma", dataclasses.replace(tq.wna16_mma_config(m), tma=True), "mma-meta")]
+        w4 += [("mma wide auto tma", dataclasses.replace(tm.wna16_mma_config(m), tma=True), "mma-meta")]
     w4 += [("mma auto", None, "mma-meta")]  # the launcher's own choice (wna16_mma_config(m)), the words as built
-    w4 += [("mma auto cp.async", dataclasses.replace(tq.WNA16_MMA, tma=False), "mma-meta")] if m <= 16 else []
-    base = tq.wna16_config(16, 4096, 4096, 4)
+    w4 += [("mma auto cp.async", dataclasses.replace(tm.WNA16_MMA, tma=False), "mma-meta")] if m <= 16 else []
+    base = tw.wna16_config(16, 4096, 4096, 4)
     w4 += [(f"dot {lab}", dataclasses.replace(base, **kw), None) for lab, kw in (
         ("serial", dict(serial=True)), ("magic", dict(magic=True)), ("magic serial", dict(magic=True, serial=True)),
         ("magic serial n128", dict(magic=True, serial=True, block_n=128)),
@@ -216,14 +220,14 @@ def decode_candidates(m: int) -> dict[str, list]:
                                                                         block_k=bk, waves=wv), None)
            for bn, bk, wv in ((128, 128, 4), (128, 128, 8), (64, 128, 8), (128, 64, 8), (64, 64, 16))]
     f8 = [("default", None, None),
-          ("triton serial", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True), "triton")]
+          ("triton serial", dataclasses.replace(t8.fp8_config(m, 1, 1), serial=True), "triton")]
     f8 += [(f"triton serial n{bn} k{bk} w{w} s{st}", g(16, bn, bk, num_warps=w, num_stages=st, serial=True), "triton")
            for bn, bk, w, st in ((128, 128, 4, 6), (64, 256, 4, 4), (128, 256, 8, 4), (32, 256, 4, 6), (64, 128, 8, 6),
                                  (64, 128, 4, 8))]
-    f8 += [(f"triton serial x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "triton")
+    f8 += [(f"triton serial x{wv}", dataclasses.replace(t8.fp8_config(m, 1, 1), serial=True, waves=wv), "triton")
            for wv in (1, 3, 4, 6, 8)]  # grids of `waves` programs per SM
     # the GEMM on codes the fused RMSNorm / SiLU kernel made (fuse_act_quant): no quantization launch
-    f8 += [(f"codes x{wv}", dataclasses.replace(tq.fp8_config(m, 1, 1), serial=True, waves=wv), "codes")
+    f8 += [(f"codes x{wv}", dataclasses.replace(t8.fp8_config(m, 1, 1), serial=True, waves=wv), "codes")
            for wv in (1, 2, 4, 8)]
     if m == 1:  # ... through _w8a8_gemv_kernel (one row per program, no tensor cores, K-contiguous tiles)
         f8 += [(f"codes gemv n{bn} k{bk} w{w} x{wv}", g(1, bn, bk, num_warps=w, gemv=True, serial=True, waves=wv),
@@ -264,19 +268,19 @@ def decode_call(op: str, x: torch.Tensor, w: dict, cfg, path):
             w["w4mma"] = pack_wna16_mma(w["w4"][0])
             w["w4words"] = pack_mma_zeros(w["w4"][1], w["w4"][2])
         z = w["w4words"] if path == "mma-meta" else w["w4"][2]
-        return lambda: tq.linear_wna16_mma_cuda(x, w["w4mma"], w["w4"][1], z, None, None, GROUP, config=cfg)
+        return lambda: tm.linear_wna16_mma_cuda(x, w["w4mma"], w["w4"][1], z, None, None, GROUP, config=cfg)
     if op == "w4a16":
-        return lambda: tq.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
+        return lambda: tw.linear_wna16_cuda(x, *w["w4"][:3], None, None, 4, GROUP, config=cfg)
     if op == "int8":  # the GEMM alone, on codes quantized beforehand
-        xq, sx = tq.quantize_rows(x, None, torch.int8)
+        xq, sx = taq.quantize_rows(x, None, torch.int8)
         out = torch.empty(x.shape[0], w["i8"]["weight"].shape[0], dtype=x.dtype, device=x.device)
-        return lambda: tq._int8_codes_mm(xq, sx, w["i8"]["weight"], w["i8"]["weight_scale"], None, out, config=cfg,
+        return lambda: t8._int8_codes_mm(xq, sx, w["i8"]["weight"], w["i8"]["weight_scale"], None, out, config=cfg,
                                          use_int_mm=False)
     if path == "codes":  # the GEMM alone, on codes quantized beforehand (a fused norm/SiLU made them)
-        xq, sx = tq.quantize_rows(x, None, torch.float8_e4m3fn)
-        return lambda: tq._fp8_codes_mm(xq, sx, w["f8"]["weight"], w["f8"]["weight_scale"], False, None, x.dtype,
+        xq, sx = taq.quantize_rows(x, None, torch.float8_e4m3fn)
+        return lambda: t8._fp8_codes_mm(xq, sx, w["f8"]["weight"], w["f8"]["weight_scale"], False, None, x.dtype,
                                         config=cfg, path="triton")
-    return lambda: tq.linear_fp8_cuda(x, w["f8"]["weight"], w["f8"]["weight_scale"], None, None, config=cfg, path=path)
+    return lambda: t8.linear_fp8_cuda(x, w["f8"]["weight"], w["f8"]["weight_scale"], None, None, config=cfg, path=path)
 
 
 def run_decode(args, meta: dict) -> None:
@@ -339,11 +343,11 @@ def dumps(obj: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def int8_sweep_configs(m: int) -> list[tq.GemmConfig]:
+def int8_sweep_configs(m: int) -> list[tgm.GemmConfig]:
     if m <= 16:
-        return [tq.GemmConfig(16, bn, bk, num_warps=4, num_stages=st) for bn, bk, st in (
+        return [tgm.GemmConfig(16, bn, bk, num_warps=4, num_stages=st) for bn, bk, st in (
             (64, 256, 4), (128, 256, 3), (64, 128, 4), (32, 256, 4), (64, 512, 3))]
-    return [tq.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in (
+    return [tgm.GemmConfig(bm, bn, bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in (
         (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3),
         (128, 128, 128, 4, 4), (64, 128, 128, 4, 4))]
 
@@ -394,7 +398,7 @@ def main() -> None:
         wts.clear()
         torch.cuda.empty_cache()
     meta["targets"] = targets(rows)
-    meta["fp8_triton_max_m"], meta["fp8_triton_path"] = tq.FP8_TRITON_MAX_M, tq.FP8_TRITON_PATH
+    meta["fp8_triton_max_m"], meta["fp8_triton_path"] = t8.FP8_TRITON_MAX_M, t8.FP8_TRITON_PATH
     dump()
     if args.out:
         print(args.out.read_text())
@@ -410,8 +414,8 @@ def weights(k: int, n: int) -> dict:
 def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
     m, k = x.shape
     w, w4, w8, f8, i8 = wts["bf16"], wts["w4"], wts["w8"], wts["f8"], wts["i8"]
-    xq8, sx8 = tq.quantize_rows(x, None, torch.float8_e4m3fn)
-    xqi, _ = tq.quantize_rows(x, None, torch.int8)
+    xq8, sx8 = taq.quantize_rows(x, None, torch.float8_e4m3fn)
+    xqi, _ = taq.quantize_rows(x, None, torch.int8)
     sb = f8["weight_scale"].reshape(1, n)
     fp8_b = k * n + 4 * n
     r = dict(shape=name, m=m, k=k, n=n, flop=2 * m * n * k,
@@ -420,40 +424,40 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
     if m == 1:
         r["bf16_dobench_us"] = triton.testing.do_bench(lambda: torch.mm(x, w.t()), return_mode="median") * 1e3
         r["w4a16_dobench_us"] = triton.testing.do_bench(
-            lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP), return_mode="median") * 1e3
-    r["w4a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP))
-    r["w4a16_config"] = str(tq.wna16_config(m, n, k, 4))
+            lambda: tw.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP), return_mode="median") * 1e3
+    r["w4a16_us"] = try_us(lambda: tw.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP))
+    r["w4a16_config"] = str(tw.wna16_config(m, n, k, 4))
     if m <= 16:  # the magic-number unpacker (not the default until timed here)
-        cfg_magic = dataclasses.replace(tq.wna16_config(m, n, k, 4), magic=True)
-        r["w4a16_magic_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg_magic))
-    r["w8a16_us"] = try_us(lambda: tq.linear_wna16_cuda(x, *w8[:3], None, None, 8, GROUP))
-    r["w8a16_config"] = str(tq.wna16_config(m, n, k, 8))
-    r["fp8_us"] = try_us(lambda: tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, None))
-    r["fp8_path"] = "scaled_mm" if tq.FP8_TRITON_MAX_M is None or m > tq.FP8_TRITON_MAX_M else tq.FP8_TRITON_PATH
+        cfg_magic = dataclasses.replace(tw.wna16_config(m, n, k, 4), magic=True)
+        r["w4a16_magic_us"] = try_us(lambda: tw.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg_magic))
+    r["w8a16_us"] = try_us(lambda: tw.linear_wna16_cuda(x, *w8[:3], None, None, 8, GROUP))
+    r["w8a16_config"] = str(tw.wna16_config(m, n, k, 8))
+    r["fp8_us"] = try_us(lambda: t8.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, None))
+    r["fp8_path"] = "scaled_mm" if t8.FP8_TRITON_MAX_M is None or m > t8.FP8_TRITON_MAX_M else t8.FP8_TRITON_PATH
     if m <= 64:  # the decode-sized Triton paths against the op through _scaled_mm (activation quant included)
         for path in ("triton", "triton_upcast", "scaled_mm"):
-            r[f"fp8_{path}_us"] = try_us(lambda path=path: tq.linear_fp8_cuda(
+            r[f"fp8_{path}_us"] = try_us(lambda path=path: t8.linear_fp8_cuda(
                 x, f8["weight"], f8["weight_scale"], None, None, path=path))
         for cfg in FP8_SWEEP:
-            r.setdefault("fp8_triton_sweep", {})[str(cfg)] = try_us(lambda cfg=cfg: tq.linear_fp8_cuda(
+            r.setdefault("fp8_triton_sweep", {})[str(cfg)] = try_us(lambda cfg=cfg: t8.linear_fp8_cuda(
                 x, f8["weight"], f8["weight_scale"], None, None, config=cfg, path="triton"))
-    r["fp8_act_quant_us"] = try_us(lambda: tq.quantize_rows(x, None, torch.float8_e4m3fn))
+    r["fp8_act_quant_us"] = try_us(lambda: taq.quantize_rows(x, None, torch.float8_e4m3fn))
     # linear_w8a8: the op's GEMM on codes a fused norm/SiLU made (fuse_act_quant: qkv, gate_up and down)
-    r["fp8_codes_us"] = try_us(lambda: tq.linear_w8a8_cuda(xq8, sx8, f8["weight"], f8["weight_scale"], None, DTYPE))
+    r["fp8_codes_us"] = try_us(lambda: t8.linear_w8a8_cuda(xq8, sx8, f8["weight"], f8["weight_scale"], None, DTYPE))
     r["scaled_mm_us"] = try_us(lambda: torch._scaled_mm(xq8, f8["weight"].t(), scale_a=sx8, scale_b=sb,
                                                         out_dtype=DTYPE))
-    r["int8_us"] = try_us(lambda: tq.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
+    r["int8_us"] = try_us(lambda: t8.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
                                                       use_int_mm=False))
-    r["int8_config"] = str(tq.int8_config(m, n, k))
+    r["int8_config"] = str(t8.int8_config(m, n, k))
     if m > 16:
-        r["int8_intmm_us"] = try_us(lambda: tq.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
+        r["int8_intmm_us"] = try_us(lambda: t8.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
                                                                 use_int_mm=True))
         r["int_mm_us"] = try_us(lambda: torch._int_mm(xqi, i8["weight"].t()))
     if m >= 1024:
-        cfg = tq.GemmConfig(128, 128, 64, dequant_mm=True)
+        cfg = tgm.GemmConfig(128, 128, 64, dequant_mm=True)
         for bits, ww in ((4, w4), (8, w8)):
             r[f"w{bits}a16_dequant_mm_us"] = try_us(
-                lambda ww=ww, bits=bits: tq.linear_wna16_cuda(x, *ww[:3], None, None, bits, GROUP, config=cfg))
+                lambda ww=ww, bits=bits: tw.linear_wna16_cuda(x, *ww[:3], None, None, bits, GROUP, config=cfg))
     derive(r)
     return r
 
@@ -461,9 +465,9 @@ def measure(name: str, x: torch.Tensor, n: int, wts: dict) -> dict:
 def run_sweep(name: str, x: torch.Tensor, wts: dict, sweep: list, deadline: float) -> None:
     m = x.shape[0]
     w4, i8 = wts["w4"], wts["i8"]
-    jobs = [("w4a16", cfg, lambda cfg=cfg: tq.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg))
+    jobs = [("w4a16", cfg, lambda cfg=cfg: tw.linear_wna16_cuda(x, *w4[:3], None, None, 4, GROUP, config=cfg))
             for cfg in sweep_configs(m)]
-    jobs += [("int8", cfg, lambda cfg=cfg: tq.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
+    jobs += [("int8", cfg, lambda cfg=cfg: t8.linear_int8_cuda(x, i8["weight"], i8["weight_scale"], None, None,
                                                                config=cfg, use_int_mm=False))
              for cfg in int8_sweep_configs(m)]
     for op, cfg, fn in jobs:

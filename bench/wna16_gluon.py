@@ -1,9 +1,10 @@
-"""The Gluon W4A16 decode GEMM (runtime/ops/wna16_gluon.py) against the Triton TMA kernel of runtime/ops/triton_quant.py
-on pack_wna16_mma's layout and pack_mma_zeros' words, per 8B decoder shape: the error against the float32 product of
-the dequantized weight, and the GPU time per call in a CUDA graph with L2 emptied (bench/quant_gemm.graph_us), over
-its configurations (block_m, TPS tiles per stage, stages, split, DEFER, PRE), and a warp-specialized twin defined
-here ("ws": one warp issues the TMA loads, the warpgroup hands stages back through mbarriers; on one H100 slower,
-78.6-79.7 us per 8B layer at one row against 68.0, bench/results/quant-gemm-gluon-ws-h100.json).
+"""The Gluon W4A16 decode GEMM (runtime/ops/wna16_gluon.py) against the Triton TMA kernel of
+runtime/ops/triton_wna16_mma.py on pack_wna16_mma's layout and pack_mma_zeros' words, per 8B decoder shape: the error
+against the float32 product of the dequantized weight, and the GPU time per call in a CUDA graph with L2 emptied
+(bench/quant_gemm.graph_us), over its configurations (block_m, TPS tiles per stage, stages, split, DEFER, PRE), and a
+warp-specialized twin defined here ("ws": one warp issues the TMA loads, the warpgroup hands stages back through
+mbarriers; on one H100 slower, 78.6-79.7 us per 8B layer at one row against 68.0,
+bench/results/quant-gemm-gluon-ws-h100.json).
 
     python bench/wna16_gluon.py --compile            # no GPU: compile for sm_90, print the SASS counts per config
     python bench/wna16_gluon.py --ms 1 --out results.json   # on a Hopper GPU
@@ -178,11 +179,12 @@ def variants(m: int, k_tiles: int, tiles_n: int) -> list[tuple[str, dict]]:
     """(label, launch kwargs) per candidate: block_m (8 for one row, else 16), TPS tiles per stage, stages, split
     (from programs per SM, as the Triton kernels choose it), the scale deferred or not, the next stage's first tile
     loaded early (pre)."""
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_gemm as tgm
+    from runtime.ops import triton_wna16_mma as tm
     bm = 8 if m <= 8 else 16
 
-    def split(waves: int, tps: int) -> int:  # as the launcher chooses it (triton_quant.gluon_split)
-        return tq.gluon_split(tq.GemmConfig(bm, 64, 128, waves=waves, tps=tps), tiles_n, k_tiles, torch.device("cuda"))
+    def split(waves: int, tps: int) -> int:  # as the launcher chooses it (triton_wna16_mma.gluon_split)
+        return tm.gluon_split(tgm.GemmConfig(bm, 64, 128, waves=waves, tps=tps), tiles_n, k_tiles, torch.device("cuda"))
 
     out = []
     for tps, stages, waves, defer, pre in ((1, 4, 2, True, False), (1, 4, 2, True, True), (2, 3, 2, True, False),
@@ -237,7 +239,7 @@ def main() -> None:
         return
 
     from bench.quant_gemm import copy_bandwidth, dumps, graph_us
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_mma as tm
     from runtime.ops.quant_linear import pack_mma_zeros
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -251,15 +253,15 @@ def main() -> None:
         scales = (torch.rand(k // 128, n, device=dev) * 0.01 + 0.001).to(torch.bfloat16)
         zeros = torch.randint(0, 16, (k // 128, n), dtype=torch.uint8, device=dev)
         zw = pack_mma_zeros(scales, zeros)
-        w = tq.wna16_mma_dequantize(qmma, scales, zeros, None, torch.bfloat16).float()
+        w = tm.wna16_mma_dequantize(qmma, scales, zeros, None, torch.bfloat16).float()
         nbytes = qmma.numel() * 2 + zw.numel() * 4
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             ref = x.float() @ w.t()
             scale = ref.abs().max().item()
-            base = tq.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128)
+            base = tm.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128)
             errors[f"{name} m{m} triton"] = (base.float() - ref).abs().max().item() / scale
-            us = graph_us(lambda x=x, q=qmma, s=scales, z=zw: tq.linear_wna16_mma_cuda(x, q, s, z, None, None, 128))
+            us = graph_us(lambda x=x, q=qmma, s=scales, z=zw: tm.linear_wna16_mma_cuda(x, q, s, z, None, None, 128))
             res["rows"].append(dict(shape=name, m=m, label="triton tma (default)", us=us, tb_s=nbytes / us / 1e6))
             for lab, kw in (split_grid if args.splits else variants)(m, k // 128, n // 64):
                 try:

@@ -22,7 +22,9 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from bench.quant_gemm import graph_us  # noqa: E402
-from runtime.ops import triton_quant as tq  # noqa: E402
+from runtime.ops import triton_gemm as tgm  # noqa: E402
+from runtime.ops import triton_wna16_ldg as tldg  # noqa: E402
+from runtime.ops import triton_wna16_mma as tm  # noqa: E402
 from runtime.ops.quant_linear import pack_mma_zeros  # noqa: E402
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}  # N, K
@@ -90,7 +92,7 @@ def compute_only_kernel(x_desc, w_desc, z_desc, out_ptr, N, K, TILES: tl.constex
         words = w_desc.load([(row0 + k0) * 8, 0]).reshape(2, 4, 8, 4, 8)
         zw = z_desc.load([kt, pid_n * 64])
         zr = zw.reshape(4, 2, 8).permute(1, 0, 2).reshape(2, 4, 8, 1, 1)
-        a, sr = tq._mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, True, BF16, MAGIC, True)
+        a, sr = tm._mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, True, BF16, MAGIC, True)
         b = x_desc.load([0, kt * 128])
         acc += tl.dot(a, tl.trans(b)) * sr.to(tl.float32)
     rn = pid_n * 64 + tl.arange(0, 64)
@@ -111,12 +113,12 @@ def compute_regs(x_ptr, qw_ptr, z_ptr, out_ptr, N, K, TILES: tl.constexpr, BLOCK
     oq = tl.arange(0, 128)[:, None]
     woff = oq * 4 + tl.arange(0, 4)[None, :]
     zoff = pid_n * 64 + 16 * (oq // 32) + (oq % 32) // 4
-    w0, w1, z0, z1, sr = tq._mma_load_words_ldg(qw32, z_ptr, z_ptr + rn[:, None], 0, N, woff, zoff)
-    s = tq._word_scale(sr, dt).to(tl.float32)
+    w0, w1, z0, z1, sr = tldg._mma_load_words_ldg(qw32, z_ptr, z_ptr + rn[:, None], 0, N, woff, zoff)
+    s = tm._word_scale(sr, dt).to(tl.float32)
     b = tl.load(x_ptr + rm[None, :] * K + tl.arange(0, 128)[:, None])
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
     for t in range(0, TILES):
-        a = tq._mma_operand_ldg(w0 ^ t, w1 ^ t, z0, z1, True, BF16, MAGIC)
+        a = tldg._mma_operand_ldg(w0 ^ t, w1 ^ t, z0, z1, True, BF16, MAGIC)
         acc += tl.dot(a, b) * s
     tl.store(out_ptr + (pid_k * N + rn)[:, None] * BLOCK_M + rm[None, :], acc)
 
@@ -131,7 +133,7 @@ def time_shape(name: str, n: int, k: int) -> list[dict]:
     wbytes = qmma.numel() * 2
     nbytes = wbytes + zw.numel() * 4
     tiles_n, k_tiles = n // 64, k // 128
-    split = tq._choose_split(tq.WNA16_MMA, tiles_n, k_tiles, torch.device(dev))
+    split = tgm._choose_split(tm.WNA16_MMA, tiles_n, k_tiles, torch.device(dev))
     tiles = k_tiles // split
     grid = (tiles_n, 1, split)
     iout = torch.empty(tiles_n * split, device=dev, dtype=torch.int32)
@@ -143,14 +145,14 @@ def time_shape(name: str, n: int, k: int) -> list[dict]:
     variants = {}
     for m in (1, 16):
         x = x16[:m].contiguous()
-        variants[f"kernel tma m{m}"] = (nbytes, lambda x=x: tq.linear_wna16_mma_cuda(
+        variants[f"kernel tma m{m}"] = (nbytes, lambda x=x: tm.linear_wna16_mma_cuda(
             x, qmma, scales, zw, None, None, 128))
-        cfg = dataclasses.replace(tq.WNA16_MMA, tma=False)
-        variants[f"kernel cp.async m{m}"] = (nbytes, lambda x=x, cfg=cfg: tq.linear_wna16_mma_cuda(
+        cfg = dataclasses.replace(tm.WNA16_MMA, tma=False)
+        variants[f"kernel cp.async m{m}"] = (nbytes, lambda x=x, cfg=cfg: tm.linear_wna16_mma_cuda(
             x, qmma, scales, zw, None, None, 128, config=cfg))
         for wv in (2, 4):
-            cfg = dataclasses.replace(tq.WNA16_MMA, ldg=True, waves=wv)
-            variants[f"kernel ldg x{wv} m{m}"] = (nbytes, lambda x=x, cfg=cfg: tq.linear_wna16_mma_cuda(
+            cfg = dataclasses.replace(tm.WNA16_MMA, ldg=True, waves=wv)
+            variants[f"kernel ldg x{wv} m{m}"] = (nbytes, lambda x=x, cfg=cfg: tm.linear_wna16_mma_cuda(
                 x, qmma, scales, zw, None, None, 128, config=cfg))
     for rws, cols, per in [(8, 256, 1), (16, 128, 1), (32, 64, 1), (16, 256, 2), (32, 128, 2)]:
         d = TensorDescriptor.from_tensor(qmma.view(-1, cols), [rws, cols])

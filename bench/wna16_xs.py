@@ -13,7 +13,7 @@ per 8B layer at M = 1 at best (KT 4, 4 programs per SM) against 74.3. The split-
 shared memory, three CTA barriers and an atomic (sm_90 SASS). down (K = 14336, 28 partials per row block) is
 the worst: 54 against 18 us. The design needs a cheaper cross-program reduction than the serial one.
 
-The loads and per-tile products are triton_quant's (_mma_load_words_ldg, _mma_tile_ldg). The timed run used
+The loads and per-tile products are triton_wna16_ldg's (_mma_load_words_ldg, _mma_tile_ldg). The timed run used
 local copies of them: the same arithmetic (interpreter: the same outputs), 16 / 40 more sm_90 SASS instructions
 of address arithmetic at KT 2 / 4 in this form, which has not been timed.
 
@@ -32,7 +32,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from runtime.ops import triton_quant as tq  # noqa: E402
+from runtime.ops import triton_gemm as tgm  # noqa: E402
+from runtime.ops import triton_wna16_ldg as tldg  # noqa: E402
+from runtime.ops import triton_wna16_mma as tm  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # N, K
 
@@ -65,22 +67,22 @@ def xs_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
             rn = rb * 64 + ra
             zoff = rb * 64 + zl
             srows = z_ptr + rn[:, None]
-            a0, a1, az0, az1, asr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0, N, woff, zoff)
-            c0, c1, cz0, cz1, csr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 1, N, woff, zoff)
+            a0, a1, az0, az1, asr = tldg._mma_load_words_ldg(qw32, z_ptr, srows, kt0, N, woff, zoff)
+            c0, c1, cz0, cz1, csr = tldg._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 1, N, woff, zoff)
             if KT == 4:
-                d0, d1, dz0, dz1, dsr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 2, N, woff, zoff)
-                e0, e1, ez0, ez1, esr = tq._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 3, N, woff, zoff)
-            acc = tl.dot(tq._mma_operand_ldg(a0, a1, az0, az1, ASM, BF16, MAGIC), b0) * tq._word_scale(asr, dt).to(
+                d0, d1, dz0, dz1, dsr = tldg._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 2, N, woff, zoff)
+                e0, e1, ez0, ez1, esr = tldg._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 3, N, woff, zoff)
+            acc = tl.dot(tldg._mma_operand_ldg(a0, a1, az0, az1, ASM, BF16, MAGIC), b0) * tm._word_scale(asr, dt).to(
                 tl.float32)  # the first tile as _mma_tile_ldg computes it, without adding it to zeros
-            acc = tq._mma_tile_ldg(acc, c0, c1, cz0, cz1, csr, b1, ASM, BF16, MAGIC, True)
+            acc = tldg._mma_tile_ldg(acc, c0, c1, cz0, cz1, csr, b1, ASM, BF16, MAGIC, True)
             if KT == 4:
-                acc = tq._mma_tile_ldg(acc, d0, d1, dz0, dz1, dsr, b2, ASM, BF16, MAGIC, True)
-                acc = tq._mma_tile_ldg(acc, e0, e1, ez0, ez1, esr, b3, ASM, BF16, MAGIC, True)
+                acc = tldg._mma_tile_ldg(acc, d0, d1, dz0, dz1, dsr, b2, ASM, BF16, MAGIC, True)
+                acc = tldg._mma_tile_ldg(acc, e0, e1, ez0, ez1, esr, b3, ASM, BF16, MAGIC, True)
             offs = rm[None, :].to(tl.int64) * N + rn[:, None]
             mask = m_mask[None, :] & (rn < N)[:, None]
-            finish, acc = tq._split_k(acc, part_ptr, lock_ptr, rb, pid_k, offs, mask, M, N, SPLIT, True)
+            finish, acc = tgm._split_k(acc, part_ptr, lock_ptr, rb, pid_k, offs, mask, M, N, SPLIT, True)
             if finish:
-                tq._store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
+                tgm._store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
 
 
 def xs_linear(x, qmma, zw, bias=None, kt=4, waves=3, block_m=16, sms=132, asm=True):
@@ -94,14 +96,14 @@ def xs_linear(x, qmma, zw, bias=None, kt=4, waves=3, block_m=16, sms=132, asm=Tr
     locks = torch.zeros(nb, dtype=torch.int32, device=x.device)
     xs_kernel[(p, 1, split)](x, qmma, zw, bias if bias is not None else out, out, part, locks, m, n, k, x.stride(0),
                              nb, p, KT=kt, SPLIT=split, BLOCK_M=block_m, ASM=asm, BF16=x.dtype == torch.bfloat16,
-                             MAGIC=tq.MMA_MAGIC[x.dtype], HAS_BIAS=bias is not None, ITERS=triton.cdiv(nb, p),
+                             MAGIC=tm.MMA_MAGIC[x.dtype], HAS_BIAS=bias is not None, ITERS=triton.cdiv(nb, p),
                              num_warps=4, num_stages=1)
     return out
 
 
 def candidates(x, qmma, scales, zw) -> dict:
     """The default decode kernel and xs_kernel with K runs of 2 or 4 tiles and 2-4 programs per SM."""
-    cands = {"default (tma)": lambda: tq.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128)}
+    cands = {"default (tma)": lambda: tm.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128)}
     for kt in (2, 4):
         for wv in (2, 3, 4):
             cands[f"xs kt{kt} w{wv}"] = lambda kt=kt, wv=wv: xs_linear(x, qmma, zw, kt=kt, waves=wv)

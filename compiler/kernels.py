@@ -35,7 +35,7 @@ def _tuning_shapes(cfg: dict[str, Any], limits: dict[str, Any], dtype: torch.dty
 
 
 # Prompt lengths of the warm-up, besides 1, 2, 7, 16, 33, 100, 257 and the longest: one per band of 64 rows
-# below the quantized GEMMs' cuBLAS threshold (triton_quant.DEQUANT_MM_MIN_M rows). Their launch configuration
+# below the quantized GEMMs' cuBLAS threshold (triton_wna16.DEQUANT_MM_MIN_M rows). Their launch configuration
 # changes with M in 64-row steps there (block_m 32 / 64 / 128, then the split-K count that follows the number of
 # row tiles, a compile-time constant of the kernel): a server's extend steps (16 requests x 16 uncached tokens
 # = 256 rows) otherwise met kernels the build never compiled.
@@ -44,7 +44,7 @@ GEMM_BAND = 64
 
 def warm_up_lengths(limits: dict[str, Any]) -> list[int]:
     """The warm-up's prompt lengths (each prefilled alone, then all together, then extended by one token)."""
-    from runtime.ops.triton_quant import DEQUANT_MM_MIN_M
+    from runtime.ops.triton_wna16 import DEQUANT_MM_MIN_M
 
     top = min(limits["max_seq_len"] - 8, limits["max_num_batched_tokens"] * 2)
     up_to = DEQUANT_MM_MIN_M or top  # None: the GEMMs never hand over to cuBLAS

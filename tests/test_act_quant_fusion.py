@@ -22,8 +22,9 @@ import torch
 import runtime.ops  # noqa: F401
 from compiler.build import build
 from compiler.quantize.layout import fp8_weight, int8_weight
+from runtime.ops import triton_act_quant as taq
 from runtime.ops import triton_elementwise as te
-from runtime.ops import triton_quant as tq
+from runtime.ops import triton_w8a8 as t8
 from runtime.ops.activation import silu_and_mul_ref
 from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.quant_linear import w8a8_codes_ref
@@ -103,14 +104,14 @@ def check_producers(device: str, dtype: torch.dtype, widths, ns, g: torch.Genera
                 key = f"{dtype} w{width} n{n} {'strided ' if strided else ''}{qd} {'static' if static else 'dynamic'}"
                 got = te.rms_norm_quant_cuda(x, w, 1e-5, sc, int8)
                 normed = te.rms_norm_cuda(x, w, 1e-5)
-                same_codes(got, tq.quantize_rows(normed, sc, qd), f"rms_norm_quant {key}")
+                same_codes(got, taq.quantize_rows(normed, sc, qd), f"rms_norm_quant {key}")
                 close_to_reference(*got, rms_norm_ref(x, w, 1e-5), f"rms_norm_quant vs reference {key}", vs_ref)
                 got = te.fused_add_rms_norm_quant_cuda(x, res, w, 1e-5, sc, int8)
                 normed, total = te.fused_add_rms_norm_cuda(x, res, w, 1e-5)
-                same_codes(got, (*tq.quantize_rows(normed, sc, qd), total), f"fused_add_rms_norm_quant {key}")
+                same_codes(got, (*taq.quantize_rows(normed, sc, qd), total), f"fused_add_rms_norm_quant {key}")
                 close_to_reference(got[0], got[1], fused_add_rms_norm_ref(x, res, w, 1e-5)[0],
                                    f"fused_add_rms_norm_quant vs reference {key}", vs_ref)
-                unfused = tq.quantize_rows(te.silu_and_mul_cuda(gu), sc, qd)
+                unfused = taq.quantize_rows(te.silu_and_mul_cuda(gu), sc, qd)
                 # one program per row, and rows split over chunks (two launches; 32 wide: several per row)
                 for split_rows, chunk in ((0, te.SILU_BLOCK), (n, 32)):
                     got = te.silu_and_mul_quant_cuda(gu, sc, int8, split_rows=split_rows, chunk=chunk)
@@ -130,13 +131,13 @@ def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -
             sc = (x.float().abs().amax() / 448 * 0.8).reshape(1) if static else None
             for per_channel in (True, False):
                 wt = {key: t.to(device) for key, t in fp8_weight(w, per_channel=per_channel).items()}
-                xq, sx = tq.quantize_rows(x, sc, torch.float8_e4m3fn)
+                xq, sx = taq.quantize_rows(x, sc, torch.float8_e4m3fn)
                 for b in (bias, None):
-                    want = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, b)
-                    got = tq.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], b, dtype)
+                    want = t8.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, b)
+                    got = t8.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], b, dtype)
                     what = f"linear_w8a8 fp8 m{m} k{k} n{n} static={static} pc={per_channel}"
                     check(got, w8a8_codes_ref(xq, sx, wt["weight"], wt["weight_scale"], b, dtype), what)
-                    if static and not per_channel and tq.FP8_TRITON_MAX_M is not None and m > tq.FP8_TRITON_MAX_M:
+                    if static and not per_channel and t8.FP8_TRITON_MAX_M is not None and m > t8.FP8_TRITON_MAX_M:
                         # linear_fp8 uses _scaled_mm's tensor-wise scaling there, linear_w8a8 (per-row scales
                         # from its producer) the row-wise one: the same product, rounded by another epilogue
                         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=lambda e, w=what: f"{w}: {e}")
@@ -144,9 +145,9 @@ def check_linears(device: str, dtype: torch.dtype, shapes, g: torch.Generator) -
                         same((got,), (want,), what)
             wt = {key: t.to(device) for key, t in int8_weight(w).items()}
             sc8 = (x.float().abs().amax() / 127 * 0.8).reshape(1) if static else None
-            xq, sx = tq.quantize_rows(x, sc8, torch.int8)
-            want = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc8, bias)
-            got = tq.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], bias, dtype)
+            xq, sx = taq.quantize_rows(x, sc8, torch.int8)
+            want = t8.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc8, bias)
+            got = t8.linear_w8a8_cuda(xq, sx, wt["weight"], wt["weight_scale"], bias, dtype)
             check(got, w8a8_codes_ref(xq, sx, wt["weight"], wt["weight_scale"], bias, dtype),
                   f"linear_w8a8 int8 m{m} k{k} n{n} static={static} vs reference")
             same((got,), (want,), f"linear_w8a8 int8 m{m} k{k} n{n} static={static}")

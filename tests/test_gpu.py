@@ -128,7 +128,8 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(which, extra, reque
         launches["pdl" if kw else "plain"] += 1
         return kw
 
-    for mod in ("triton_quant", "triton_elementwise", "triton_decode", "triton_rope_cache"):
+    for mod in ("triton_gemm", "triton_wna16", "triton_wna16_mma", "triton_act_quant", "triton_w8a8",
+                "triton_elementwise", "triton_decode", "triton_rope_cache"):
         monkeypatch.setattr(f"runtime.ops.{mod}.launch_kwargs", counted)
     auto = pdl.AUTO_MAX_BATCH
     if auto < 1 or pdl.ENABLED:

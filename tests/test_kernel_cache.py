@@ -82,9 +82,9 @@ def test_a_build_forgets_the_kernels_the_process_compiled() -> None:
     GPU calibration left in memory (a fresh server would then compile it at load). The GPU end of this is
     tests/test_gpu.py::test_a_second_build_in_one_process_ships_every_kernel_too."""
     from compiler.kernels import forget_compiled_kernels
-    from runtime.ops import triton_attention, triton_quant
+    from runtime.ops import triton_attention, triton_gemm, triton_w8a8
 
-    kernels = [triton_quant._split_reduce_kernel, triton_quant._w8a8_gemm_kernel]
+    kernels = [triton_gemm._split_reduce_kernel, triton_w8a8._w8a8_gemm_kernel]
     kernels += [v for v in vars(triton_attention).values() if isinstance(v, triton.runtime.jit.JITFunction)][:1]
     for k in kernels:  # what a launch leaves (dict.__setitem__: the defaultdict would ask for a GPU driver)
         dict.__setitem__(k.device_caches, 0, ("compiled kernels of device 0",))
@@ -94,22 +94,24 @@ def test_a_build_forgets_the_kernels_the_process_compiled() -> None:
 
 def test_warm_up_prefills_every_gemm_band_below_the_cublas_threshold() -> None:
     """A server meets a quantized GEMM at any number of rows; between 17 rows and the point where the weight is
-    dequantized for cuBLAS (triton_quant.DEQUANT_MM_MIN_M), each launcher picks block_m by M and then split-K by
+    dequantized for cuBLAS (triton_wna16.DEQUANT_MM_MIN_M), each launcher picks block_m by M and then split-K by
     the number of row tiles, both compile-time constants of the kernel. The build's warm-up must prefill at
     least one length in every such (config, row tiles) band, or the server compiles at run time (as it did for
     16 requests extending 16 uncached tokens each: 256 rows, before these lengths)."""
     from compiler.kernels import warm_up_lengths
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_w8a8 as t8
+    from runtime.ops import triton_wna16 as tw
+    from runtime.ops import triton_wna16_mma as tm
 
     lengths = warm_up_lengths(dict(max_seq_len=4096, max_num_batched_tokens=8192))
-    choosers = {"wna16_mma": tq.wna16_mma_config, "wna16 4-bit": lambda m: tq.wna16_config(m, 4096, 4096, 4),
-                "wna16 8-bit": lambda m: tq.wna16_config(m, 4096, 4096, 8), "int8": lambda m: tq.int8_config(m, 1, 1)}
+    choosers = {"wna16_mma": tm.wna16_mma_config, "wna16 4-bit": lambda m: tw.wna16_config(m, 4096, 4096, 4),
+                "wna16 8-bit": lambda m: tw.wna16_config(m, 4096, 4096, 8), "int8": lambda m: t8.int8_config(m, 1, 1)}
     # (FP8 runs its Triton GEMM up to FP8_TRITON_MAX_M = 16 rows only: the decode buckets; then _scaled_mm)
     for name, choose in choosers.items():
         def band(m, choose=choose):
             cfg = choose(m)
             return repr(cfg) if cfg.dequant_mm else (repr(cfg), -(-m // cfg.block_m))
 
-        need = {band(m) for m in range(17, tq.DEQUANT_MM_MIN_M)}
+        need = {band(m) for m in range(17, tw.DEQUANT_MM_MIN_M)}
         missing = need - {band(m) for m in lengths}
         assert not missing, f"{name}: no warm-up length in {sorted(missing)[:3]}"

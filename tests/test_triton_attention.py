@@ -129,13 +129,13 @@ def test_decode_matches_reference(case):
 def test_decode_with_the_serial_merge_matches_reference(case, monkeypatch):
     """The splits merged by the last one to finish (triton_decode.SERIAL_REDUCE), no reduce launch."""
     from runtime.ops import triton_decode as td
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_gemm as tgm
 
     monkeypatch.setattr(td, "SERIAL_REDUCE", True)
     with KernelLaunches(td, "_decode_reduce_kernel") as reduces:
         check(*case, seed=zlib.crc32(repr(case).encode()) + 1)
     assert reduces.n == 0
-    assert not tq._locks(torch.device("cuda")).any(), "a counter left armed"
+    assert not tgm._locks(torch.device("cuda")).any(), "a counter left armed"
 
 
 @pytest.mark.gpu
@@ -162,12 +162,12 @@ def test_decode_with_splits_from_each_context_matches_reference(case, serial, mo
     batches mix such sequences (writing the output themselves) and longer ones, merged by the reduce kernel or
     by the last split to finish."""
     from runtime.ops import triton_decode as td
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_gemm as tgm
 
     monkeypatch.setattr(td, "DYNAMIC_SPLITS", True)
     monkeypatch.setattr(td, "SERIAL_REDUCE", serial)
     check(*case, seed=zlib.crc32(repr(case).encode()) + 2)
-    assert not tq._locks(torch.device("cuda")).any(), "a counter left armed"
+    assert not tgm._locks(torch.device("cuda")).any(), "a counter left armed"
 
 
 @pytest.mark.gpu
@@ -295,8 +295,8 @@ def _interpreter_main() -> None:
         assert not out.isnan().any(), (seq_lens, qls, ser, "unwritten rows")
         err = rel_err(out, ref)
         assert err < 2e-3, (seq_lens, qls, h, hkv, d, page, window, ser, dyn, err)
-    from runtime.ops import triton_quant as tq
-    assert not tq._locks(torch.device("cpu")).any(), "the serial merge left a counter armed"
+    from runtime.ops import triton_gemm as tgm
+    assert not tgm._locks(torch.device("cpu")).any(), "the serial merge left a counter armed"
     _early_loads_under_a_stand_in_for_pdl(interp, cases, ta, td)
     print("interpreter ok")
 

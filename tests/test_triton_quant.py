@@ -1,4 +1,4 @@
-"""Quantized linear fast paths (runtime/ops/triton_quant.py) against the float32 references of quant_linear.py.
+"""Quantized linear fast paths (runtime/ops/triton_quant.py's map) against the float32 references of quant_linear.py.
 
 GPU tests (``pytest -m gpu``): fresh random inputs per case (M in 1, 3, 16, 33, 257 covers split-K decode,
 mid and large tiles; K and N odd multiples of the group size or of 16; 4/8 bits; group sizes 32, 128 and -1;
@@ -24,7 +24,10 @@ import torch
 import runtime.ops  # noqa: F401
 from compiler.quantize.layout import fp8_weight, int8_weight, wna16_tensors
 from compiler.quantize.rtn import quantize_rtn
-from runtime.ops import triton_quant as tq
+from runtime.ops import triton_act_quant as taq
+from runtime.ops import triton_gemm as tgm
+from runtime.ops import triton_w8a8 as t8
+from runtime.ops import triton_wna16 as tw
 from runtime.ops.quant_linear import (
     dequantize_wna16,
     linear_fp8_ref,
@@ -112,22 +115,22 @@ def test_wna16(case, m):
     x = torch.randn(m, k, generator=g).to(dtype).cuda()
     bias = torch.randn(n, generator=g).to(dtype).cuda() if has_bias else None
     ref = linear_wna16_ref(x, qw, s, z, perm, bias, bits, gs)
-    check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs), ref, "linear_wna16_cuda")
+    check(tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs), ref, "linear_wna16_cuda")
     out = spanda.linear_wna16(x, qw, s, z, perm, bias, bits, gs)
     check(out, ref, "spanda.linear_wna16")
-    cfg = dataclasses.replace(tq.wna16_config(m, n, k, bits), magic=True)  # the magic-number unpacker
-    check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "linear_wna16_cuda magic")
+    cfg = dataclasses.replace(tw.wna16_config(m, n, k, bits), magic=True)  # the magic-number unpacker
+    check(tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "linear_wna16_cuda magic")
     for cfg in GEMV_CONFIGS:  # the float32-FMA decode kernel, with and without serial split-K
-        check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {cfg}")
-    assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
+        check(tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {cfg}")
+    assert not tgm._locks(x.device).any(), "serial split-K left its tile counters armed"
 
 
-GEMV_CONFIGS = [tq.GemmConfig(1, 128, 128, split=0, gemv=True, serial=True), tq.GemmConfig(4, 64, 128, gemv=True),
-                tq.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, waves=4),
-                tq.GemmConfig(1, 256, 128, split=3, gemv=True, prefetch=True),
-                tq.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, zsum=True, waves=4),
-                tq.GemmConfig(1, 64, 128, num_warps=2, gemv=True, serial=True, zsum=True),
-                tq.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True)]
+GEMV_CONFIGS = [tgm.GemmConfig(1, 128, 128, split=0, gemv=True, serial=True), tgm.GemmConfig(4, 64, 128, gemv=True),
+                tgm.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, waves=4),
+                tgm.GemmConfig(1, 256, 128, split=3, gemv=True, prefetch=True),
+                tgm.GemmConfig(1, 128, 128, gemv=True, serial=True, prefetch=True, zsum=True, waves=4),
+                tgm.GemmConfig(1, 64, 128, num_warps=2, gemv=True, serial=True, zsum=True),
+                tgm.GemmConfig(2, 256, 256, num_warps=8, split=4, gemv=True, serial=True)]
 
 
 VARIANTS = [dict(scale_acc=a, reshape=r, split=sp) for a in (True, False) for r in (True, False) for sp in (1, 4)]
@@ -149,12 +152,12 @@ def test_wna16_variants(bits, m):
     ref = linear_wna16_ref(x, qw, s, z, perm, bias, bits, gs)
     for bm, bn, bk, w in ((16, 64, 128, 4), (64, 128, 64, 4), (128, 128, 64, 8)):
         for v in VARIANTS:
-            cfg = tq.GemmConfig(bm, bn, bk, num_warps=w, **v)
-            check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {cfg}")
-    cfg = tq.GemmConfig(128, 128, 64, dequant_mm=True)
-    check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "wna16 dequant+mm")
+            cfg = tgm.GemmConfig(bm, bn, bk, num_warps=w, **v)
+            check(tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, f"wna16 {cfg}")
+    cfg = tgm.GemmConfig(128, 128, 64, dequant_mm=True)
+    check(tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "wna16 dequant+mm")
     w_ref = dequantize_wna16(qw, s, z, bits, gs)
-    w = tq.wna16_dequantize(qw, s, z, perm, bits, gs, torch.float32)
+    w = tw.wna16_dequantize(qw, s, z, perm, bits, gs, torch.float32)
     torch.testing.assert_close(w[perm.long()], w_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -188,28 +191,29 @@ def test_fp8(case, m):
     on E4M3 codes or their float16 copies, _scaled_mm, and the op's own choice) within float32-summation error
     of the reference."""
     x, w, ws, in_scale, bias = fp8_case(case, m, gen("fp8", case, m))
-    xq, sx = tq.quantize_rows(x, in_scale, torch.float8_e4m3fn)
+    xq, sx = taq.quantize_rows(x, in_scale, torch.float8_e4m3fn)
     xq_ref, sx_ref = quantize_activation_fp8(x, in_scale)
     assert torch.equal(xq.view(torch.uint8), xq_ref.view(torch.uint8)), "fp8 activation codes differ"
     assert torch.equal(sx, sx_ref.expand(m, 1)), "fp8 activation scales differ"
     ref = linear_fp8_ref(x, w, ws, in_scale, bias)
-    check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias), ref, "linear_fp8_cuda")
+    check(t8.linear_fp8_cuda(x, w, ws, in_scale, bias), ref, "linear_fp8_cuda")
     check(spanda.linear_fp8(x, w, ws, in_scale, bias), ref, "spanda.linear_fp8")
     for path in ("triton", "triton_upcast", "scaled_mm"):
-        check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, path=path), ref, f"linear_fp8_cuda {path}")
+        check(t8.linear_fp8_cuda(x, w, ws, in_scale, bias, path=path), ref, f"linear_fp8_cuda {path}")
     for path in ("triton",):
-        for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(16, 32, 64, split=1),
-                    tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(1, 64, 128, gemv=True, serial=True),
-                    tq.GemmConfig(4, 32, 256, split=2, gemv=True),
-                    tq.GemmConfig(1, 32, 256, num_warps=8, gemv=True, serial=True, waves=8),
-                    tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True),
-                    tq.GemmConfig(16, 128, 256, num_stages=3, swap=True),
-                    tq.GemmConfig(32, 64, 128, split=2, swap=True),
-                    tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True, tma=True),
-                    tq.GemmConfig(16, 64, 128, num_stages=4, waves=1, serial=True, swap=True, tma=True),
-                    tq.GemmConfig(32, 128, 128, split=2, swap=True, tma=True), tq.FP8_DECODE_NARROW):
-            with KernelLaunches(tq, "_w8a8_swap_tma_kernel") as tma:
-                check(tq.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
+        for cfg in (tgm.GemmConfig(16, 64, 128, split=4), tgm.GemmConfig(16, 32, 64, split=1),
+                    tgm.GemmConfig(16, 64, 128, split=4, serial=True),
+                    tgm.GemmConfig(1, 64, 128, gemv=True, serial=True),
+                    tgm.GemmConfig(4, 32, 256, split=2, gemv=True),
+                    tgm.GemmConfig(1, 32, 256, num_warps=8, gemv=True, serial=True, waves=8),
+                    tgm.GemmConfig(16, 64, 128, split=4, serial=True, swap=True),
+                    tgm.GemmConfig(16, 128, 256, num_stages=3, swap=True),
+                    tgm.GemmConfig(32, 64, 128, split=2, swap=True),
+                    tgm.GemmConfig(16, 64, 128, split=4, serial=True, swap=True, tma=True),
+                    tgm.GemmConfig(16, 64, 128, num_stages=4, waves=1, serial=True, swap=True, tma=True),
+                    tgm.GemmConfig(32, 128, 128, split=2, swap=True, tma=True), t8.FP8_DECODE_NARROW):
+            with KernelLaunches(t8, "_w8a8_swap_tma_kernel") as tma:
+                check(t8.linear_fp8_cuda(x, w, ws, in_scale, bias, config=cfg, path=path), ref, f"{path} {cfg}")
             # TMA: the swapped kernel on whole tiles (K and N multiples of the block), else the pointer kernel
             want = cfg.tma and x.shape[1] % cfg.block_k == 0 and w.shape[0] % cfg.block_n == 0
             assert tma.n == int(want), f"{cfg}: the TMA kernel launched {tma.n} times"
@@ -240,25 +244,25 @@ def int8_case(case, m, g):
 @pytest.mark.parametrize("m", MS)
 def test_int8(case, m):
     x, w, ws, in_scale, bias = int8_case(case, m, gen("int8", case, m))
-    xq, sx = tq.quantize_rows(x, in_scale, torch.int8)
+    xq, sx = taq.quantize_rows(x, in_scale, torch.int8)
     xq_ref, sx_ref = quantize_activation_int8(x, in_scale)
     assert torch.equal(xq, xq_ref) and torch.equal(sx, sx_ref.expand(m, 1)), "int8 activation quantization differs"
     ref = linear_int8_ref(x, w, ws, in_scale, bias)
-    check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, use_int_mm=False), ref, "linear_int8_cuda triton")
+    check(t8.linear_int8_cuda(x, w, ws, in_scale, bias, use_int_mm=False), ref, "linear_int8_cuda triton")
     if m > 16:
-        check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, use_int_mm=True), ref, "linear_int8_cuda _int_mm")
+        check(t8.linear_int8_cuda(x, w, ws, in_scale, bias, use_int_mm=True), ref, "linear_int8_cuda _int_mm")
     check(spanda.linear_int8(x, w, ws, in_scale, bias), ref, "spanda.linear_int8")
-    for cfg in (tq.GemmConfig(16, 64, 128, split=4), tq.GemmConfig(64, 64, 64, split=1),
-                tq.GemmConfig(16, 64, 128, split=4, serial=True), tq.GemmConfig(2, 64, 128, gemv=True, serial=True),
-                tq.GemmConfig(1, 16, 256, gemv=True, serial=True, waves=8),
-                tq.GemmConfig(16, 64, 128, split=4, serial=True, swap=True), tq.GemmConfig(16, 128, 128, swap=True)):
-        check(tq.linear_int8_cuda(x, w, ws, in_scale, bias, config=cfg), ref, f"int8 {cfg}")
-    assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
+    for cfg in (tgm.GemmConfig(16, 64, 128, split=4), tgm.GemmConfig(64, 64, 64, split=1),
+                tgm.GemmConfig(16, 64, 128, split=4, serial=True), tgm.GemmConfig(2, 64, 128, gemv=True, serial=True),
+                tgm.GemmConfig(1, 16, 256, gemv=True, serial=True, waves=8),
+                tgm.GemmConfig(16, 64, 128, split=4, serial=True, swap=True), tgm.GemmConfig(16, 128, 128, swap=True)):
+        check(t8.linear_int8_cuda(x, w, ws, in_scale, bias, config=cfg), ref, f"int8 {cfg}")
+    assert not tgm._locks(x.device).any(), "serial split-K left its tile counters armed"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
-@pytest.mark.parametrize("k", [tq.QUANT_BLOCK, tq.QUANT_BLOCK + 100, 14336, 28672])
+@pytest.mark.parametrize("k", [taq.QUANT_BLOCK, taq.QUANT_BLOCK + 100, 14336, 28672])
 def test_quantize_rows_wide(k):
     """Rows up to and wider than test_fp8's (down_proj's inputs: 14,336 at 8B, 28,672 at 70B): read once up to
     QUANT_BLOCK columns, in two passes beyond; codes and scales bit-exact either way, static or dynamic."""
@@ -266,11 +270,11 @@ def test_quantize_rows_wide(k):
     x = (torch.randn(5, k, generator=g) * 3).to(torch.bfloat16).cuda()
     x[2, k // 3] = 900.0  # one outlier sets its row's scale
     for in_scale in (None, torch.tensor([0.03], device="cuda")):
-        xq, sx = tq.quantize_rows(x, in_scale, torch.float8_e4m3fn)
+        xq, sx = taq.quantize_rows(x, in_scale, torch.float8_e4m3fn)
         xq_ref, sx_ref = quantize_activation_fp8(x, in_scale)
         assert torch.equal(xq.view(torch.uint8), xq_ref.view(torch.uint8)), f"fp8 codes differ at K = {k}"
         assert torch.equal(sx, sx_ref.expand(5, 1)), f"fp8 scales differ at K = {k}"
-        xq, sx = tq.quantize_rows(x, None if in_scale is None else in_scale * 0.2, torch.int8)
+        xq, sx = taq.quantize_rows(x, None if in_scale is None else in_scale * 0.2, torch.int8)
         xq_ref, sx_ref = quantize_activation_int8(x, None if in_scale is None else in_scale * 0.2)
         assert torch.equal(xq, xq_ref) and torch.equal(sx, sx_ref.expand(5, 1)), f"int8 differs at K = {k}"
 
@@ -289,17 +293,17 @@ def test_cuda_graph_capture(m):
     bias = torch.randn(n, generator=g).to(dtype).cuda()
     x = torch.randn(m, k, generator=g).to(dtype).cuda()
 
-    serial = tq.GemmConfig(min(m, 4), 64, 128, split=4, gemv=m <= 4, serial=True)
-    serial_fp8 = tq.GemmConfig(16, 64, 128, split=4, serial=True)
-    tma_fp8 = tq.GemmConfig(16, 64, 128, split=2, serial=True, swap=True, tma=True)  # descriptors captured
+    serial = tgm.GemmConfig(min(m, 4), 64, 128, split=4, gemv=m <= 4, serial=True)
+    serial_fp8 = tgm.GemmConfig(16, 64, 128, split=4, serial=True)
+    tma_fp8 = tgm.GemmConfig(16, 64, 128, split=2, serial=True, swap=True, tma=True)  # descriptors captured
 
     def step():
         return (spanda.linear_wna16(x, qw, s, z, perm, bias, 4, 128),
                 spanda.linear_fp8(x, f8["weight"], f8["weight_scale"], None, bias),
                 spanda.linear_int8(x, i8["weight"], i8["weight_scale"], None, bias),
-                tq.linear_wna16_cuda(x, qw, s, z, perm, bias, 4, 128, config=serial),
-                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8),
-                tq.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=tma_fp8))
+                tw.linear_wna16_cuda(x, qw, s, z, perm, bias, 4, 128, config=serial),
+                t8.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=serial_fp8),
+                t8.linear_fp8_cuda(x, f8["weight"], f8["weight_scale"], None, bias, config=tma_fp8))
 
     graph, outs = capture_graph(step)
     for _ in range(2):
@@ -313,7 +317,7 @@ def test_cuda_graph_capture(m):
         for o, r, what in zip(outs, refs, ("wna16", "fp8", "int8", "wna16 serial", "fp8 serial", "fp8 tma"),
                               strict=True):
             check(o, r, f"graph {what}")
-        assert not tq._locks(x.device).any(), "serial split-K left its tile counters armed"
+        assert not tgm._locks(x.device).any(), "serial split-K left its tile counters armed"
 
 
 @pytest.mark.gpu
@@ -343,29 +347,29 @@ def serial_only(cfg):
     def refuse(*args):
         raise AssertionError(f"serial split-K launched the reduce kernel: {cfg}")
 
-    saved, tq._reduce = tq._reduce, refuse
+    saved, tgm._reduce = tgm._reduce, refuse
     try:
         yield
     finally:
-        tq._reduce = saved
+        tgm._reduce = saved
 
 
 def _interpreter_main() -> None:
     """Runs in a subprocess with TRITON_INTERPRET=1: tiny CPU shapes, fp16."""
     dtype = torch.float16
     g = torch.Generator().manual_seed(0)
-    cfgs = [tq.GemmConfig(16, 32, 32, split=1), tq.GemmConfig(16, 32, 64, split=2, scale_acc=False),
-            tq.GemmConfig(32, 16, 32, split=2, reshape=False), tq.GemmConfig(16, 64, 16, split=3,
+    cfgs = [tgm.GemmConfig(16, 32, 32, split=1), tgm.GemmConfig(16, 32, 64, split=2, scale_acc=False),
+            tgm.GemmConfig(32, 16, 32, split=2, reshape=False), tgm.GemmConfig(16, 64, 16, split=3,
                                                                              scale_acc=False, reshape=False),
-            tq.GemmConfig(16, 32, 32, split=2, magic=True), tq.GemmConfig(16, 32, 32, split=1, magic=True,
+            tgm.GemmConfig(16, 32, 32, split=2, magic=True), tgm.GemmConfig(16, 32, 32, split=1, magic=True,
                                                                           scale_acc=False),
-            tq.GemmConfig(16, 32, 32, split=3, serial=True), tq.GemmConfig(1, 32, 32, split=1, gemv=True),
-            tq.GemmConfig(2, 16, 64, split=2, gemv=True), tq.GemmConfig(4, 32, 32, split=3, gemv=True, serial=True),
-            tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, prefetch=True),  # 1, 2 and 3+ K tiles each
-            tq.GemmConfig(2, 16, 32, split=2, gemv=True, prefetch=True),
-            tq.GemmConfig(1, 16, 16, split=1, gemv=True, prefetch=True),
-            tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, zsum=True),
-            tq.GemmConfig(2, 16, 32, split=1, gemv=True, prefetch=True, zsum=True)]
+            tgm.GemmConfig(16, 32, 32, split=3, serial=True), tgm.GemmConfig(1, 32, 32, split=1, gemv=True),
+            tgm.GemmConfig(2, 16, 64, split=2, gemv=True), tgm.GemmConfig(4, 32, 32, split=3, gemv=True, serial=True),
+            tgm.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, prefetch=True),  # 1, 2 and 3+ K tiles each
+            tgm.GemmConfig(2, 16, 32, split=2, gemv=True, prefetch=True),
+            tgm.GemmConfig(1, 16, 16, split=1, gemv=True, prefetch=True),
+            tgm.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True, zsum=True),
+            tgm.GemmConfig(2, 16, 32, split=1, gemv=True, prefetch=True, zsum=True)]
     g_main = g
     for bits, gs, act, has_bias, k, n, m in ((4, 32, False, True, 96, 40, 3), (4, 32, True, False, 96, 40, 17),
                                              (8, 16, True, True, 64, 24, 5), (4, -1, False, True, 72, 20, 2),
@@ -379,21 +383,21 @@ def _interpreter_main() -> None:
         ref = linear_wna16_ref(x, qw, s, z, perm, bias, bits, gs)
         for cfg in cfgs + [None]:
             with serial_only(cfg):
-                out = tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg)
+                out = tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg)
             check(out, ref, f"wna16 {bits} {gs} {cfg}")
-            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
-        w = tq.wna16_dequantize(qw, s, z, perm, bits, gs, torch.float32)
+            assert not tgm._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
+        w = tw.wna16_dequantize(qw, s, z, perm, bits, gs, torch.float32)
         w_ref = dequantize_wna16(qw, s, z, bits, gs)
         assert torch.allclose(w if perm is None else w[perm.long()], w_ref, rtol=1e-6, atol=1e-6), "dequantize"
-        cfg = tq.GemmConfig(16, 16, 16, dequant_mm=True)
-        check(tq.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "wna16 dequant+mm")
+        cfg = tgm.GemmConfig(16, 16, 16, dequant_mm=True)
+        check(tw.linear_wna16_cuda(x, qw, s, z, perm, bias, bits, gs, config=cfg), ref, "wna16 dequant+mm")
     g = g_main
     # one pass (the row held in registers) up to QUANT_BLOCK columns, two passes of QUANT_BLOCK beyond
-    for m, k in ((1, 48), (4, 130), (2, tq.QUANT_BLOCK), (3, 5000)):
+    for m, k in ((1, 48), (4, 130), (2, taq.QUANT_BLOCK), (3, 5000)):
         x = (torch.randn(m, k, generator=g) * 3).to(dtype)
         for static in (False, True):
             sc = torch.tensor([0.02]) if static else None
-            q, s = tq.quantize_rows(x, sc, torch.float8_e4m3fn)
+            q, s = taq.quantize_rows(x, sc, torch.float8_e4m3fn)
             q_ref, s_ref = cuda_quant_ref(x, sc, torch.float8_e4m3fn)
             assert torch.equal(s, s_ref.expand(m, 1)), "fp8 scales"
             # the interpreter's float32 -> e4m3 cast rounds ties away from zero and drops the carry when rounding
@@ -404,11 +408,11 @@ def _interpreter_main() -> None:
             step = torch.clamp(rf.abs() / 8, min=2.0 ** -9)
             assert bool(((qf - rf).abs() <= step).logical_or(carry).all()), "fp8 codes"
             assert (qf == rf).float().mean() > 0.9, "fp8 codes"
-            q, s = tq.quantize_rows(x, sc, torch.int8)
+            q, s = taq.quantize_rows(x, sc, torch.int8)
             q_ref, s_ref = cuda_quant_ref(x, sc, torch.int8)
             assert torch.equal(q, q_ref) and torch.equal(s, s_ref.expand(m, 1)), "int8 quantization"
     ties = (torch.randint(-300, 300, (2, 64), generator=g) * 0.25).to(dtype)  # x / 0.5 hits every .5 tie
-    q, _ = tq.quantize_rows(ties, torch.tensor([0.5]), torch.int8)
+    q, _ = taq.quantize_rows(ties, torch.tensor([0.5]), torch.int8)
     assert torch.equal(q, quantize_activation_int8(ties, torch.tensor([0.5]))[0]), "int8 ties"
     for static, has_bias, k, n, m in ((False, True, 96, 40, 3), (True, False, 100, 30, 20)):
         wt = int8_weight(torch.randn(n, k, generator=g))
@@ -416,15 +420,15 @@ def _interpreter_main() -> None:
         sc = (x.float().abs().amax() / 127 * 0.8).reshape(1) if static else None
         bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
         ref = linear_int8_ref(x, wt["weight"], wt["weight_scale"], sc, bias)
-        for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
-                    tq.GemmConfig(16, 16, 32, split=3, serial=True), tq.GemmConfig(2, 16, 32, split=2, gemv=True),
-                    tq.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True),
-                    tq.GemmConfig(16, 16, 32, split=3, serial=True, swap=True), tq.GemmConfig(16, 32, 32, swap=True),
+        for cfg in (tgm.GemmConfig(16, 16, 32, split=1), tgm.GemmConfig(16, 32, 32, split=2),
+                    tgm.GemmConfig(16, 16, 32, split=3, serial=True), tgm.GemmConfig(2, 16, 32, split=2, gemv=True),
+                    tgm.GemmConfig(1, 32, 32, split=3, gemv=True, serial=True),
+                    tgm.GemmConfig(16, 16, 32, split=3, serial=True, swap=True), tgm.GemmConfig(16, 32, 32, swap=True),
                     None):
             with serial_only(cfg):
-                out = tq.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
+                out = t8.linear_int8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, use_int_mm=False)
             check(out, ref, f"int8 {cfg}")
-            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
+            assert not tgm._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     for static, per_channel, has_bias, k, n, m in ((False, True, True, 96, 48, 3), (True, False, False, 64, 32, 17)):
         wt = fp8_weight(torch.randn(n, k, generator=g) * 0.05, per_channel=per_channel)
         x = (torch.randn(m, k, generator=g) * 2).to(dtype)
@@ -432,34 +436,34 @@ def _interpreter_main() -> None:
         bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
         # the GEMM against the product of the codes this interpreter made (its E4M3 rounding differs from
         # torch's in rare codes, above)
-        xq, sx = tq.quantize_rows(x, sc, torch.float8_e4m3fn)
+        xq, sx = taq.quantize_rows(x, sc, torch.float8_e4m3fn)
         w = wt["weight"].float() * wt["weight_scale"].float().reshape(-1, 1)
         ref = ((xq.float() * sx) @ w.t() + (bias.float() if has_bias else 0)).to(dtype)
         for path in ("triton_upcast", "triton"):
-            for cfg in (tq.GemmConfig(16, 16, 32, split=1), tq.GemmConfig(16, 32, 32, split=2),
-                        tq.GemmConfig(16, 16, 32, split=2, serial=True), tq.GemmConfig(4, 16, 32, split=1, gemv=True),
-                        tq.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True),
-                        tq.GemmConfig(16, 16, 32, split=2, serial=True, swap=True),
-                        tq.GemmConfig(16, 32, 32, swap=True)):
+            for cfg in (tgm.GemmConfig(16, 16, 32, split=1), tgm.GemmConfig(16, 32, 32, split=2),
+                        tgm.GemmConfig(16, 16, 32, split=2, serial=True), tgm.GemmConfig(4, 16, 32, split=1, gemv=True),
+                        tgm.GemmConfig(1, 32, 32, split=2, gemv=True, serial=True),
+                        tgm.GemmConfig(16, 16, 32, split=2, serial=True, swap=True),
+                        tgm.GemmConfig(16, 32, 32, swap=True)):
                 with serial_only(cfg):
-                    out = tq.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
+                    out = t8.linear_fp8_cuda(x, wt["weight"], wt["weight_scale"], sc, bias, config=cfg, path=path)
                 check(out, ref, f"fp8 {path} {cfg}")
     # the swapped FP8 kernel through TMA descriptors (whole tiles: K % 128, N % 64), split-K reduce and serial
     for has_bias, k, n, m in ((True, 256, 128, 3), (False, 384, 192, 17)):
         wt = fp8_weight(torch.randn(n, k, generator=g) * 0.05, per_channel=True)
         x = (torch.randn(m, k, generator=g) * 2).to(dtype)
         bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
-        xq, sx = tq.quantize_rows(x, None, torch.float8_e4m3fn)
+        xq, sx = taq.quantize_rows(x, None, torch.float8_e4m3fn)
         w = wt["weight"].float() * wt["weight_scale"].float().reshape(-1, 1)
         ref = ((xq.float() * sx) @ w.t() + (bias.float() if has_bias else 0)).to(dtype)
-        for cfg in (tq.GemmConfig(16, 64, 128, split=2, swap=True, tma=True),
-                    tq.GemmConfig(16, 64, 128, split=3, serial=True, swap=True, tma=True)):
-            with KernelLaunches(tq, "_w8a8_swap_tma_kernel") as tma, serial_only(cfg):
-                out = tq._fp8_codes_mm(xq, sx, wt["weight"], wt["weight_scale"], False, bias, dtype, config=cfg,
+        for cfg in (tgm.GemmConfig(16, 64, 128, split=2, swap=True, tma=True),
+                    tgm.GemmConfig(16, 64, 128, split=3, serial=True, swap=True, tma=True)):
+            with KernelLaunches(t8, "_w8a8_swap_tma_kernel") as tma, serial_only(cfg):
+                out = t8._fp8_codes_mm(xq, sx, wt["weight"], wt["weight_scale"], False, bias, dtype, config=cfg,
                                        path="triton")
             check(out, ref, f"fp8 tma {cfg}")
             assert tma.n == 1, f"fp8 tma {cfg}: the TMA kernel launched {tma.n} times"
-            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
+            assert not tgm._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     # _fp8_xq_kernel (off by default: FP8_XQ_MAX_M): the same codes and sums as quantize_rows / silu_and_mul_quant
     # and the swapped TMA GEMM with the same config, so the same bits
     from runtime.ops import triton_elementwise as te
@@ -468,14 +472,14 @@ def _interpreter_main() -> None:
         x = (torch.randn(m, 512 if silu else 256, generator=g) * 2).to(dtype)
         bias = torch.randn(128, generator=g).to(dtype)
         sc = torch.tensor([0.01]) if static else None
-        for cfg in (tq.GemmConfig(16, 64, 128, split=1, swap=True, tma=True),
-                    tq.GemmConfig(16, 64, 64, split=2, serial=True, swap=True, tma=True)):
-            got = tq.fp8_xq(x, wt["weight"], wt["weight_scale"], sc, bias, silu=silu, config=cfg)
-            xq, sx = te.silu_and_mul_quant_cuda(x, sc, False) if silu else tq.quantize_rows(x, sc, torch.float8_e4m3fn)
-            want = tq._fp8_codes_mm(xq, sx.expand(m, 1).contiguous(), wt["weight"], wt["weight_scale"], False, bias,
+        for cfg in (tgm.GemmConfig(16, 64, 128, split=1, swap=True, tma=True),
+                    tgm.GemmConfig(16, 64, 64, split=2, serial=True, swap=True, tma=True)):
+            got = t8.fp8_xq(x, wt["weight"], wt["weight_scale"], sc, bias, silu=silu, config=cfg)
+            xq, sx = te.silu_and_mul_quant_cuda(x, sc, False) if silu else taq.quantize_rows(x, sc, torch.float8_e4m3fn)
+            want = t8._fp8_codes_mm(xq, sx.expand(m, 1).contiguous(), wt["weight"], wt["weight_scale"], False, bias,
                                     dtype, config=cfg, path="triton")
             assert torch.equal(got, want), f"fp8 xq silu={silu} static={static} m={m} {cfg}"
-            assert not tq._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
+            assert not tgm._locks(x.device).any(), f"serial split-K left its tile counters armed: {cfg}"
     print("interpreter ok")
 
 

@@ -5,7 +5,7 @@ trivial (the codes read from shared memory land in exactly the registers wgmma's
 moves nothing through shared memory on the way (no STS) while issuing 8 HGMMA per K tile; so does the bench's
 warp-specialized twin (bench/wna16_gluon.py). GPU (``pytest -m
 gpu``): its output against the float32 reference on the same codes (bf16 and fp16, 1 to 16 rows, split-K serial,
-the tile-per-stage, deferred-scale and early-load variants), and through triton_quant.linear_wna16_mma_cuda with
+the tile-per-stage, deferred-scale and early-load variants), and through triton_wna16_mma.linear_wna16_mma_cuda with
 WNA16_MMA_GLUON: launched exactly where it applies (with bias, under PDL, in a CUDA graph), the Triton kernels
 otherwise. The residual add + RMSNorm carried by two GEMMs' epilogues (quant_linear.linear_wna16_mma_add_norm /
 _rms): compiled for sm_90 on the CPU (the K loop unchanged, the loads it adds after the PDL wait), and on the GPU
@@ -114,7 +114,7 @@ def test_matches_the_reference_on_gpu(dtype):
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 def test_launcher_selects_it_where_it_applies(monkeypatch):
     from runtime.ops import pdl
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_mma as tm
     from runtime.ops import wna16_gluon as wg
     from runtime.ops.quant_linear import linear_wna16_ref
     from tests.conftest import KernelLaunches, capture_graph
@@ -127,24 +127,24 @@ def test_launcher_selects_it_where_it_applies(monkeypatch):
     qmma, zw = pack_wna16_mma(qw).cuda(), pack_mma_zeros(scales, zeros).cuda()
     bias = torch.randn(n, generator=g).to(dtype).cuda()
     qw, scales, zeros = qw.cuda(), scales.cuda(), zeros.cuda()
-    monkeypatch.setattr(tq, "WNA16_MMA_GLUON_MAX_M", 16)
+    monkeypatch.setattr(tm, "WNA16_MMA_GLUON_MAX_M", 16)
     with KernelLaunches(wg, "wna16_gluon_kernel") as launched:
         for m, b, use_pdl in ((1, None, False), (5, bias, True), (16, bias, False)):
             monkeypatch.setattr(pdl, "ENABLED", use_pdl)
             x = torch.randn(m, k, generator=g).to(dtype).cuda()
             before = launched.n
-            out = tq.linear_wna16_mma_cuda(x, qmma, scales, zw, None, b, 128)
+            out = tm.linear_wna16_mma_cuda(x, qmma, scales, zw, None, b, 128)
             assert launched.n == before + 1, f"m={m}: the Gluon kernel did not run"
             check(out, linear_wna16_ref(x, qw, scales, zeros, None, b, 4, 128), f"m={m}")
         # rows not 16-byte aligned: TMA cannot read x, so the Triton kernels run instead (same result)
         xs = torch.randn(3, k + 1, generator=g).to(dtype).cuda()[:, 1:]
         before = launched.n
-        out = tq.linear_wna16_mma_cuda(xs, qmma, scales, zw, None, None, 128)
+        out = tm.linear_wna16_mma_cuda(xs, qmma, scales, zw, None, None, 128)
         assert launched.n == before
         check(out, linear_wna16_ref(xs, qw, scales, zeros, None, None, 4, 128), "unaligned")
         # and inside a CUDA graph, replayed on new inputs
         x = torch.randn(1, k, generator=g).to(dtype).cuda()
-        graph, out = capture_graph(lambda: tq.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128))
+        graph, out = capture_graph(lambda: tm.linear_wna16_mma_cuda(x, qmma, scales, zw, None, None, 128))
         x.copy_(torch.randn(1, k, generator=g).to(dtype))
         graph.replay()
         check(out, linear_wna16_ref(x, qw, scales, zeros, None, None, 4, 128), "graph")
@@ -179,7 +179,7 @@ def test_norm_carried_by_the_epilogues_matches_the_unfused_path_on_gpu(dtype, mo
     linear -> residual add -> RMSNorm -> linear, up to 8 rows through the Gluon kernel's epilogues (the norm
     kernel never runs; split-K and a CUDA graph included) and above that in the normed form."""
     from runtime.ops import triton_elementwise as te
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_mma as tm
     from runtime.ops import wna16_gluon as wg
     from runtime.ops.norm import rms_norm_ref
     from runtime.ops.quant_linear import linear_wna16_ref
@@ -215,8 +215,8 @@ def test_norm_carried_by_the_epilogues_matches_the_unfused_path_on_gpu(dtype, mo
             before, norms_before = gluon.n, norms.n
             total, out = pair(x, res)
             ref_total, ref_out = reference(x, res)
-            fused = m <= tq.WNA16_MMA_GLUON_MAX_M
-            assert tq.norm_in_epilogue(m, x.device) == fused
+            fused = m <= tm.WNA16_MMA_GLUON_MAX_M
+            assert tm.norm_in_epilogue(m, x.device) == fused
             assert (gluon.n - before, norms.n - norms_before) == ((2, 0) if fused else (0, 1)), m
             check(total, ref_total, f"residual sum m={m}")
             check(out, ref_out, f"output m={m}")
@@ -230,8 +230,8 @@ def test_norm_carried_by_the_epilogues_matches_the_unfused_path_on_gpu(dtype, mo
         check(total, ref_total, "graph residual sum")
         check(out, ref_out, "graph output")
     # switched off: the normed form (the GEMM, then the norm kernel), the same function
-    monkeypatch.setattr(tq, "WNA16_NORM_EPILOGUE", False)
-    assert not tq.norm_in_epilogue(1, x.device)
+    monkeypatch.setattr(tm, "WNA16_NORM_EPILOGUE", False)
+    assert not tm.norm_in_epilogue(1, x.device)
     with KernelLaunches(te, "_rms_norm_kernel") as norms:
         total, out = pair(x, res)
     assert norms.n == 1
@@ -248,7 +248,7 @@ def test_silu_carried_by_the_epilogue_matches_the_unfused_path_on_gpu(dtype, mon
     in a CUDA graph replayed twice (the pair counters re-armed); above 8 rows, or switched off, the GEMM and the
     silu_and_mul kernel."""
     from runtime.ops import triton_elementwise as te
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_mma as tm
     from runtime.ops import wna16_gluon as wg
     from runtime.ops.activation import silu_and_mul_ref
     from runtime.ops.norm import rms_norm_ref
@@ -274,7 +274,7 @@ def test_silu_carried_by_the_epilogue_matches_the_unfused_path_on_gpu(dtype, mon
                 x = torch.randn(m, k, generator=g).to(dtype).cuda()
                 before = (gluon.n, acts.n)
                 out = silu(x, *w, None, None, 128, None, 0.0)
-                fused = m <= tq.WNA16_MMA_GLUON_MAX_M
+                fused = m <= tm.WNA16_MMA_GLUON_MAX_M
                 assert (gluon.n - before[0], acts.n - before[1]) == ((1, 0) if fused else (0, 1)), (k, n, m)
                 check(out, reference(x, qw, s, z), f"k{k} n{n} m={m}")
         # after the norm's producer: the product scaled by 1 / RMS, then the SiLU-and-multiply
@@ -303,7 +303,7 @@ def test_silu_carried_by_the_epilogue_matches_the_unfused_path_on_gpu(dtype, mon
             x.copy_(torch.randn(2, k1, generator=g).to(dtype))
             graph.replay()
             check(out, pair_reference(), "graph")
-    monkeypatch.setattr(tq, "WNA16_SILU_EPILOGUE", False)
+    monkeypatch.setattr(tm, "WNA16_SILU_EPILOGUE", False)
     with KernelLaunches(te, "_silu_and_mul_kernel") as acts:
         out = pair()
     assert acts.n == 1

@@ -1,4 +1,4 @@
-"""The W4A16 tensor-core kernel on its own weight layout (quant_linear.pack_wna16_mma, triton_quant's
+"""The W4A16 tensor-core kernel on its own weight layout (quant_linear.pack_wna16_mma, triton_wna16_mma's
 _wna16_mma_kernel / linear_wna16_mma_cuda) against the float32 reference linear_wna16_ref on the same codes.
 
 CPU: the layout by hand-placed codes (positions worked out from the documented formula) and random round
@@ -102,16 +102,20 @@ CASES = [  # k, n, group size, act-order, bias
 
 
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_ldg as tldg
+    from runtime.ops import triton_wna16_mma as tm
     from runtime.ops import wna16_gluon as wg
 
-    with (KernelLaunches(tq, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tq, "_wna16_mma_ldg_kernel") as ldg,
-          KernelLaunches(wg, "wna16_gluon_kernel") as glu, KernelLaunches(tq, "_wna16_mma_wide_kernel") as wide):
-        _run_cases(tq, tma, ldg, glu, wide, device, dtype, ms, configs, g, graph)
+    with (KernelLaunches(tm, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tldg, "_wna16_mma_ldg_kernel") as ldg,
+          KernelLaunches(wg, "wna16_gluon_kernel") as glu, KernelLaunches(tm, "_wna16_mma_wide_kernel") as wide):
+        _run_cases(tma, ldg, glu, wide, device, dtype, ms, configs, g, graph)
 
 
-def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches, wide: KernelLaunches, device: str,
+def _run_cases(tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches, wide: KernelLaunches, device: str,
                dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool) -> None:
+    from runtime.ops import triton_gemm as tgm
+    from runtime.ops import triton_wna16_mma as tm
+
     sm90 = device != "cpu" and torch.cuda.get_device_capability()[0] == 9
     for k, n, gs, act, has_bias in CASES:
         qw, s, z, perm = wna16_case(k, n, 4, gs, act, dtype, g)
@@ -128,9 +132,9 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
                     for zeros in (z, pack_mma_zeros(s, z)) if gs != -1 else (z,):  # zero points and scales as words
                         what = f"wna16_mma k{k} n{n} g{gs} act={act} m{m} {cfg} zeros {zeros.dtype} {xx.stride()}"
                         before, before_ldg, before_glu, before_wide = tma.n, ldg.n, glu.n, wide.n
-                        out = tq.linear_wna16_mma_cuda(xx, packed, s, zeros, perm, bias, gs, config=cfg)
+                        out = tm.linear_wna16_mma_cuda(xx, packed, s, zeros, perm, bias, gs, config=cfg)
                         check(out, ref, what)
-                        eff = cfg or tq.wna16_mma_config(m)
+                        eff = cfg or tm.wna16_mma_config(m)
                         aligned = xx.data_ptr() % 16 == 0 and xx.stride(0) * xx.element_size() % 16 == 0
                         # the Gluon kernel: sm_90, up to 16 rows, words, aligned x; else the configuration the
                         # launcher would choose without it
@@ -138,7 +142,7 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
                             and m <= 16
                         assert glu.n - before_glu == int(want_glu), f"{what}: Gluon launched {glu.n - before_glu}"
                         if eff.gluon and not want_glu:
-                            eff = tq._without_gluon(m)
+                            eff = tm._without_gluon(m)
                         words = not eff.dequant_mm and zeros.dtype == torch.int32 and perm is None
                         # the prefill kernel: TMA (aligned x), whole groups of row_blocks 64-row blocks
                         want_wide = words and eff.wide and aligned and not want_glu and n % (64 * eff.row_blocks) == 0
@@ -147,11 +151,11 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
                         assert ldg.n - before_ldg == int(want_ldg), f"{what}: ldg kernel launched {ldg.n - before_ldg}"
                         assert wide.n - before_wide == int(want_wide), f"{what}: prefill kernel: {wide.n - before_wide}"
                         assert tma.n - before == int(want), f"{what}: TMA kernel launched {tma.n - before} times"
-                        assert not tq._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
+                        assert not tgm._locks(x.device).any(), f"{what}: serial split-K left its tile counters armed"
             if graph:  # the zero points as words where they can be: up to 16 rows the TMA kernel, descriptors kept
                 xs = x.contiguous()
                 args = (xs, packed, s, pack_mma_zeros(s, z) if gs != -1 else z, perm, bias, gs)
-                graph_, out = capture_graph(lambda a=args: tq.linear_wna16_mma_cuda(*a))
+                graph_, out = capture_graph(lambda a=args: tm.linear_wna16_mma_cuda(*a))
                 xs.copy_(torch.randn(xs.shape, device=device).to(dtype))
                 graph_.replay()
                 torch.cuda.synchronize()
@@ -160,23 +164,24 @@ def _run_cases(tq, tma: KernelLaunches, ldg: KernelLaunches, glu: KernelLaunches
 
 def _interpreter_main() -> None:
     """Runs in a subprocess with TRITON_INTERPRET=1: tiny CPU shapes, fp16."""
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_gemm as tgm
+    from runtime.ops import triton_wna16_mma as tm
 
     g = torch.Generator().manual_seed(0)
-    cfg = tq.GemmConfig
+    cfg = tgm.GemmConfig
     configs = [cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=2), cfg(32, 64, 128, split=3, serial=True),
                cfg(16, 64, 128, split=4, serial=True), cfg(128, 64, 128, dequant_mm=True), None,
                cfg(16, 64, 128, split=1, tma=True), cfg(32, 64, 128, split=3, serial=True, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, split=3, serial=True, ldg=True),
-               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tq.WNA16_MMA_LDG, tq.WNA16_MMA_GLUON,
+               cfg(16, 64, 128, split=2, ldg=True, scale_acc=False), tm.WNA16_MMA_LDG, tm.WNA16_MMA_GLUON,
                cfg(32, 64, 128, split=1, wide=True),
                cfg(16, 64, 128, split=2, wide=True, row_blocks=2, scale_acc=False),
                cfg(16, 64, 128, split=2, serial=True, wide=True, row_blocks=2, m_fast=True),
                cfg(32, 64, 128, split=3, serial=True, wide=True, row_blocks=4, m_fast=True, scale_acc=False)]
     run_cases("cpu", torch.float16, (1, 5, 17), configs, g)
     # the launcher's own choice with a prefill configuration set: the wide kernel from 17 rows, block_m capped
-    tq.WNA16_MMA_PREFILL = cfg(128, 64, 128, wide=True, row_blocks=2, scale_acc=False, m_fast=True)
-    assert [tq.wna16_mma_config(m).block_m for m in (17, 40, 300)] == [32, 64, 128]
+    tm.WNA16_MMA_PREFILL = cfg(128, 64, 128, wide=True, row_blocks=2, scale_acc=False, m_fast=True)
+    assert [tm.wna16_mma_config(m).block_m for m in (17, 40, 300)] == [32, 64, 128]
     run_cases("cpu", torch.float16, (5, 40), [None], g)
     print("interpreter ok")
 
@@ -197,14 +202,14 @@ def _wide_ptxas(block_m: int, rb: int, fold: bool, stages: int) -> tuple[str, st
     from triton.compiler import ASTSource
 
     from bench.wna16_gluon import sass_of
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_mma as tm
 
-    fn = tq._wna16_mma_wide_kernel
+    fn = tm._wna16_mma_wide_kernel
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 128]>", "w_desc": "tensordesc<i16[8, 256]>",
            "z_desc": "tensordesc<i32[1, 64]>", "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
            "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
     const = dict(TILES=32, HAS_BIAS=False, SPLIT=1, SERIAL=False, BLOCK_M=block_m, RB=rb, FOLD=fold, M_FAST=True,
-                 ASM=True, BF16=True, MAGIC=tq.MMA_MAGIC[torch.bfloat16], PDL=0)
+                 ASM=True, BF16=True, MAGIC=tm.MMA_MAGIC[torch.bfloat16], PDL=0)
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")}
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
@@ -235,18 +240,19 @@ def test_prefill_kernel_keeps_wgmma_asynchronous(block_m, rb):
 @pytest.mark.skipif(NO_GPU, reason=NO_GPU_REASON)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_on_gpu(dtype):
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_gemm as tgm
+    from runtime.ops import triton_wna16_mma as tm
 
     qw = torch.randint(-2**31, 2**31 - 1, (512 // 8, 192), dtype=torch.int32)
     assert torch.equal(pack_wna16_mma(qw.cuda()).cpu(), pack_wna16_mma(qw)), "the layout differs on the GPU"
-    cfg = tq.GemmConfig
+    cfg = tgm.GemmConfig
     configs = [None, cfg(16, 64, 128, split=1), cfg(16, 64, 128, split=3), cfg(32, 64, 128, waves=4, serial=True),
                cfg(64, 64, 128, serial=True), cfg(128, 64, 128, num_stages=2, serial=True),
                cfg(16, 64, 128, waves=4, serial=True), cfg(128, 64, 128, dequant_mm=True),
                cfg(16, 64, 128, split=3, tma=True), cfg(64, 64, 128, serial=True, num_stages=4, tma=True),
                cfg(16, 64, 128, split=1, ldg=True), cfg(16, 64, 128, waves=4, serial=True, ldg=True),
                cfg(32, 64, 128, split=2, ldg=True), cfg(16, 64, 128, serial=True, ldg=True, scale_acc=False),
-               cfg(16, 64, 128, split=3, serial=True, ldg=True, maxnreg=128), tq.WNA16_MMA_GLUON,
+               cfg(16, 64, 128, split=3, serial=True, ldg=True, maxnreg=128), tm.WNA16_MMA_GLUON,
                cfg(8, 64, 128, num_stages=3, split=2, serial=True, gluon=True, tps=2, pre=True),
                cfg(128, 64, 128, num_stages=2, wide=True, row_blocks=2, scale_acc=False, m_fast=True),
                cfg(64, 64, 128, num_stages=3, split=3, serial=True, wide=True),
@@ -257,7 +263,7 @@ def test_kernel_on_gpu(dtype):
 
         pdl.ENABLED = True
         try:
-            run_cases("cuda", dtype, (1, 16, 257), [None, cfg(16, 64, 128, serial=True, ldg=True), tq.WNA16_MMA_GLUON],
+            run_cases("cuda", dtype, (1, 16, 257), [None, cfg(16, 64, 128, serial=True, ldg=True), tm.WNA16_MMA_GLUON],
                       gen("mma-gpu-pdl", dtype), graph=True)
         finally:
             pdl.ENABLED = False
@@ -439,7 +445,7 @@ def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path,
     rounding; the prompt's prefill (more rows than the Gluon kernel takes) runs the normed form. Likewise with
     fuse_silu_epilogue on top (the SiLU-and-multiply in the gate_up GEMM's epilogue)."""
     from runtime import LLM, SamplingParams
-    from runtime.ops import triton_quant as tq
+    from runtime.ops import triton_wna16_mma as tm
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the epilogue form runs on sm_90 only (the Gluon wgmma kernel)")
@@ -448,8 +454,8 @@ def test_norm_epilogue_build_decodes_like_the_unfused_one_on_gpu(ckpt, tmp_path,
               "off": _build(recipe, tmp_path / "off", True),
               "norm+silu": _build(recipe, tmp_path / "silu", True, norm_epilogue=True, silu_epilogue=True)}
     forms = []
-    orig = tq.norm_in_epilogue
-    monkeypatch.setattr(tq, "norm_in_epilogue", lambda m, device: forms.append(orig(m, device)) or forms[-1])
+    orig = tm.norm_in_epilogue
+    monkeypatch.setattr(tm, "norm_in_epilogue", lambda m, device: forms.append(orig(m, device)) or forms[-1])
     runs = {}
     for fused, res in builds.items():
         llm = LLM(res.path, device="cuda")

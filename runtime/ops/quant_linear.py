@@ -27,7 +27,7 @@ model dtype, the output ``[T, N]`` in the same dtype; ``bias`` is ``[N]`` in the
     A residual add and RMSNorm between two linear_wna16_mma carried by the two GEMMs (the build's
     ``fuse_norm_epilogue`` pass, in place of linear_wna16_mma -> fused_add_rms_norm -> linear_wna16_mma). The first
     returns (y + residual, h, ss), the second takes h and ss, in one of two forms that both ops choose by the
-    same rule (``triton_quant.norm_in_epilogue(M, device)``), so the pair always computes the norm:
+    same rule (``triton_wna16_mma.norm_in_epilogue(M, device)``), so the pair always computes the norm:
     *normed*: h = fused_add_rms_norm's normed output, ss unused; the second is a plain linear_wna16_mma.
     *epilogue* (the Hopper decode GEMM, runtime/ops/wna16_gluon.py): the first GEMM's epilogue writes
     h = (y + residual) * norm_weight and ss [N / 64, M] float32, the sums of the squares of y + residual over
@@ -103,7 +103,7 @@ _MMA_PERM = (0, 4, 2, 1, 3, 9, 5, 6, 10, 7, 8)
 
 
 def pack_wna16_mma(qweight: torch.Tensor) -> torch.Tensor:
-    """4-bit qweight [K/8, N] int32 (GPTQ order) -> the layout of triton_quant's W4A16 tensor-core kernel:
+    """4-bit qweight [K/8, N] int32 (GPTQ order) -> the layout of triton_wna16_mma's W4A16 tensor-core kernel:
     int16 [N/64, K/128, 2048], the same bytes. Each 64 x 128 tile of W (rows = output channels) is stored so
     that a plain 16-byte load per thread gives every thread of a warpgroup exactly the weights that the Hopper
     wgmma instruction wants in its registers (the A operand: the kernel computes y^T = W x^T), with no

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from runtime.ops.pdl import capability, launch_kwargs
-from runtime.ops.triton_quant import LOCK_SLOTS, _locks, pdl_enter
+from runtime.ops.triton_gemm import LOCK_SLOTS, _locks, pdl_enter
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ PINNED: dict[tuple, DecodeConfig] = {}
 WIDEN_ASM = True  # an 8-bit cache on sm_89+: _codes_f16 (False: .to(), for A/B timing only)
 MAX_SPLITS = 128  # the reduction loads all splits of a head at once: [S_PAD, D_PAD] float32
 # Up to SERIAL_MAX_SPLITS splits, the last split program of a (sequence, KV head) to finish merges the partials
-# itself (_serial_merge, counted on triton_quant's serial split-K counters) instead of a _decode_reduce_kernel
+# itself (_serial_merge, counted on triton_gemm's serial split-K counters) instead of a _decode_reduce_kernel
 # launch after the split kernel: one kernel fewer per layer and decode step. Off: slower where it was meant to help.
 # 8B W4A16+lm_head engine on one H100 (bench/results/pdl-decode-fusions-8b-h100.json, with that run's GEMM fusions
 # on), GPU time of one decode-graph replay: batch 1 2.640 ms against 2.449 / 2.443 with the reduce launch, batch 2
@@ -320,7 +320,7 @@ def _serial_merge(part_m_ptr, part_l_ptr, part_acc_ptr, lock, out_ptr, row0, spl
     """After a split's partials are stored: count the finished splits of its (sequence, KV head) on ``lock``;
     the last one reads every split's (m, l, acc) back (rows row0 + s * split_stride, bypassing L1), merges them
     as _decode_reduce_kernel does, writes ``out`` and re-arms the counter. The barrier before the acq_rel atomic
-    orders every thread's partial stores before the count (triton_quant._split_k's serial split-K)."""
+    orders every thread's partial stores before the count (triton_gemm._split_k's serial split-K)."""
     tl.debug_barrier()
     done = tl.atomic_add(lock, 1, sem="acq_rel")
     if done == n_used - 1:

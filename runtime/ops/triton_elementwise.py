@@ -28,7 +28,8 @@ from runtime.ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 from runtime.ops.pdl import launch_kwargs
 from runtime.ops.quant_linear import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_activation_rows
 from runtime.ops.rotary import rotary_embedding_ref
-from runtime.ops.triton_quant import act_codes, act_scale, pdl_enter, silu_mul_rounded
+from runtime.ops.triton_act_quant import act_codes, act_scale, silu_mul_rounded
+from runtime.ops.triton_gemm import pdl_enter
 
 try:
     import triton
@@ -96,7 +97,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, in_sc
 def _quant_codes(v, q_ptrs, mask, s_ptrs, rmask, in_scale_ptr, STATIC: tl.constexpr, INT8: tl.constexpr,
                  QMAX: tl.constexpr, FLOOR: tl.constexpr):
     """Rows of v [R, C] (float32 holding model-dtype values; masked entries 0) -> codes and per-row scales by
-    triton_quant's act_scale / act_codes (the arithmetic of its quantize-rows kernel and of the references)."""
+    triton_act_quant's act_scale / act_codes (the arithmetic of its quantize-rows kernel and of the references)."""
     if STATIC:  # only the rows' count matters
         amax = tl.zeros((v.shape[0],), dtype=tl.float32)
     else:

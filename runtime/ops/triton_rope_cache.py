@@ -24,7 +24,7 @@ if AVAILABLE:
 
     from runtime.ops.triton_attention import KV_QUANT_DTYPES, _fast_ok, _quantize_kv, attend, kv_quant_mode
     from runtime.ops.triton_elementwise import _rotate_heads
-    from runtime.ops.triton_quant import pdl_enter
+    from runtime.ops.triton_gemm import pdl_enter
 else:  # CPU-only install: nothing here is launched
     tl = None
 

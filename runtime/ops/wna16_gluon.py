@@ -1,6 +1,6 @@
 """W4A16 decode GEMM written in Gluon (triton.experimental.gluon) on quant_linear.pack_wna16_mma's layout and
 pack_mma_zeros' words: y = x W^T for up to 16 rows of x, the weight as wgmma's register operand (the same layout and
-dequantization as triton_quant._wna16_mma_tma_kernel). What Gluon lets it do that the Triton kernels could not get
+dequantization as triton_wna16_mma._wna16_mma_tma_kernel). What Gluon lets it do that the Triton kernels could not get
 from the compiler:
 
 - TPS K tiles per pipeline stage: one TMA box of TPS x 4 KB codes, one of the tiles' zero-point words and one of x,
@@ -21,7 +21,7 @@ of a gate | up product (SILU); both are correct on the H100 and no faster at bat
 
 On one H100 (bench/results/quant-gemm-gluon-h100.json), per 8B decoder layer with L2 emptied: 68.5 us at one row
 (block_m 8, one tile per stage, 4 stages, PRE) against 78.0 for the Triton TMA kernel; at 16 rows 75.2 against
-75.5. Selected by triton_quant.wna16_mma_config up to WNA16_MMA_GLUON_MAX_M rows (8): the 8B W4A16+lm_head engine's
+75.5. Selected by triton_wna16_mma.wna16_mma_config up to WNA16_MMA_GLUON_MAX_M rows (8): the 8B W4A16+lm_head engine's
 batch-1 decode graph replays in 2.200 ms against 2.494 without it (bf16: 5.964; bench/results/pdl-gluon-*-h100.json).
 """
 from __future__ import annotations
@@ -34,12 +34,12 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # CPU-only install, or a Triton without Gluon: triton_quant never selects this kernel
+except ImportError:  # CPU-only install, or a Triton without Gluon: triton_wna16_mma never selects it
     gluon = None
 AVAILABLE = gluon is not None
 
 if AVAILABLE:
-    from runtime.ops.triton_quant import silu_mul_rounded  # the rounding of every silu_and_mul kernel
+    from runtime.ops.triton_act_quant import silu_mul_rounded  # the rounding of every silu_and_mul kernel
 
     ASM_BF16_TEXT = """{
         .reg .b32 t, u, r0, r1, r2, r3;
@@ -180,7 +180,7 @@ if AVAILABLE:
                  SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr, res_ptr=None, g_ptr=None,
                  xg_ptr=None, ss_ptr=None, r=None, ADD: gl.constexpr = False, RMS: gl.constexpr = False,
                  pair_ptr=None, SILU: gl.constexpr = False):
-        """y^T [64 rows, BLOCK_M] to out (+ bias), through the serial split-K of triton_quant._split_k: the partial
+        """y^T [64 rows, BLOCK_M] to out (+ bias), through the serial split-K of triton_gemm._split_k: the partial
         stored, the tile's finished programs counted on lock_ptr, the last one summing all partials in a fixed
         order and re-arming the counter. The norm carried by the epilogues (_write_final): RMS scales the sum
         by r (a row's 1 / RMS) before the bias; ADD writes the residual sum instead of y. SILU: silu(gate) * up
@@ -331,8 +331,9 @@ if AVAILABLE:
         Under PDL: with EARLY the first stages' codes and zero points are loaded before the wait for the previous
         kernel, and the L2PF tiles after them prefetched into L2; the next kernel may launch once the K loop is done
         (PDL 1, 2) or once the first stages are issued (3: pdl.TRIGGER). ADD / RMS: the producer and the consumer of an
-        RMSNorm carried by the epilogues (_write_final, _row_rscale; triton_quant.linear_wna16_mma_add_norm_cuda).
-        SILU: out is silu(gate) * up of the gate | up product (_silu_pair; triton_quant.linear_wna16_mma_silu_cuda)."""
+        RMSNorm carried by the epilogues (_write_final, _row_rscale; triton_wna16_mma.linear_wna16_mma_add_norm_cuda).
+        SILU: out is silu(gate) * up of the gate | up product (_silu_pair; triton_wna16_mma's
+        linear_wna16_mma_silu_cuda)."""
         ROW_L: gl.constexpr = gl.SliceLayout(1, mma_layout(BLOCK_M))
         NST: gl.constexpr = TILES // TPS
         pid_n, pid_m, pid_k, kt0, wrow0, xrow = program_coords(K, TILES, BLOCK_M)
@@ -416,12 +417,12 @@ if AVAILABLE:
 
     def outputs(x, n: int, split: int) -> tuple:
         """(out [M, N], the split-K partials or out, the tile counters or out)."""
-        from runtime.ops import triton_quant as tq
+        from runtime.ops import triton_gemm as tgm
         m = x.shape[0]
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if split == 1:
             return out, out, out
-        return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), tq._locks(x.device)
+        return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), tgm._locks(x.device)
 
     def linear_wna16_gluon(x, qmma, zw, bias=None, *, tps=2, stages=3, block_m=16, split=1, defer=True, pre=False,
                            pdl=False, early=True, l2pf=0, add=None, rms=None, silu=False):
@@ -433,7 +434,7 @@ if AVAILABLE:
         x W^T times each row's rsqrt(sum / K + eps), then the bias. silu: y is gate | up (N / 2 % 64 == 0); returns
         silu(gate) * up [M, N / 2] (with rms: of the scaled product). pdl: launched with PDL, the level being
         pdl.TRIGGER (False / 0: without)."""
-        from runtime.ops import triton_quant as tq
+        from runtime.ops import triton_gemm as tgm
         m, k = x.shape
         n = qmma.shape[0] * 64
         tiles = k // 128 // split
@@ -442,8 +443,8 @@ if AVAILABLE:
         extra = {"PDL": int(pdl), "launch_pdl": True} if pdl else {}
         if silu:
             slots = counter_slots(n // 64 * triton.cdiv(m, block_m), True)
-            assert n % 128 == 0 and add is None and slots <= tq.LOCK_SLOTS, (n, slots)
-            pair, out, locks = out, torch.empty((m, n // 2), dtype=x.dtype, device=x.device), tq._locks(x.device)
+            assert n % 128 == 0 and add is None and slots <= tgm.LOCK_SLOTS, (n, slots)
+            pair, out, locks = out, torch.empty((m, n // 2), dtype=x.dtype, device=x.device), tgm._locks(x.device)
             extra.update(pair_ptr=pair, SILU=True)
         if add is not None:
             res, g = add
