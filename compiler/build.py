@@ -195,7 +195,7 @@ def _kv_scales(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint, device: str
 
     if recipe.target.kv_dtype not in KV_QUANT_DTYPES:
         return None, None
-    from compiler.quantize.calibrate import checkpoint_calibration
+    from compiler.quantize.calib_data import checkpoint_calibration
 
     ids, sha = checkpoint_calibration(recipe.quantization.calibration, ckpt.path, cfg.vocab_size)
     scales = calibrate_kv_scales(cfg, ckpt.read, ids, recipe.target.kv_dtype, device)

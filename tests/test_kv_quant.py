@@ -171,7 +171,7 @@ class _HFQuantKV:
 def test_calibrated_scales_match_transformers_amax(kv_dtype, checkpoints, tmp_path):
     from compiler.hf_loader import HFCheckpoint
     from compiler.models import parse_hf_config
-    from compiler.quantize.calibrate import load_calibration
+    from compiler.quantize.calib_data import load_calibration
     from compiler.quantize.kv import calibrate_kv_scales
     from tests.conftest import load_hf
 

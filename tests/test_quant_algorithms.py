@@ -1,6 +1,6 @@
-"""Calibration-based quantization (compiler/quantize/calibrate.py): the layer-by-layer forward against
-transformers, GPTQ / AWQ / SmoothQuant against their baselines on synthetic layers, the per-site emission on
-tiny models, calibration data loading, and perplexity on the shipped target model."""
+"""Calibration-based quantization (compiler/quantize/calibrate.py and the modules it uses): the layer-by-layer
+forward against transformers, GPTQ / AWQ / SmoothQuant against their baselines on synthetic layers, the per-site
+emission on tiny models, calibration data loading, and perplexity on the shipped target model."""
 
 from __future__ import annotations
 
@@ -14,24 +14,14 @@ import torch
 from compiler.hf_loader import HFCheckpoint
 from compiler.models.config import parse_hf_config
 from compiler.quantize import layout
-from compiler.quantize.calibrate import (
-    CalibrationError,
-    QuantSpec,
-    Site,
-    awq_clip,
-    awq_search_scales,
-    calibrate_and_quantize,
-    default_sites,
-    dequantize,
-    gptq_quantize,
-    load_calibration,
-    model_nll,
-    perplexity,
-    quantize_groups,
-    site_linear,
-    smoothquant_scales,
-)
+from compiler.quantize.awq import awq_clip, awq_search_scales, smoothquant_scales
+from compiler.quantize.calib_data import load_calibration
+from compiler.quantize.calibrate import calibrate_and_quantize, default_sites
+from compiler.quantize.gptq import gptq_quantize
+from compiler.quantize.groups import dequantize, quantize_groups
+from compiler.quantize.layer_forward import model_nll, perplexity, site_linear
 from compiler.quantize.rtn import quantize_rtn
+from compiler.quantize.spec import CalibrationError, QuantSpec, Site
 from tests.conftest import FAMILIES, load_hf, make_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,7 +342,8 @@ def test_default_calibration_set_follows_the_checkpoint_tokenizer(tmp_path, toke
     are (same ids, same provenance hash); a checkpoint with another tokenizer gets the rows' text tokenized
     by its own tokenizer (a 70B Llama would otherwise calibrate on the ids of another vocabulary)."""
     from artifacts.store import sha256_file
-    from compiler.quantize.calibrate import CalibrationError, checkpoint_calibration
+    from compiler.quantize.calib_data import checkpoint_calibration
+    from compiler.quantize.spec import CalibrationError
     from compiler.recipe import load_recipe
     from runtime.tokenizer import Tokenizer
 

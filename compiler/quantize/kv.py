@@ -6,7 +6,7 @@ the cache dtype holds (448 for fp8 e4m3, 127 for int8), floored so an all-zero l
 The runtime's ops quantize ``x / scale`` on write and dequantize ``x * scale`` on read
 (``runtime.ops.attention.quantize_kv``); values beyond the calibrated range saturate.
 
-The model runs in float32 layer by layer (``compiler.quantize.calibrate``'s decoder layer: one layer's
+The model runs in float32 layer by layer (``compiler.quantize.layer_forward``'s decoder layer: one layer's
 weights and the calibration hidden states ``[N, L, H]`` at a time), with the source weights unquantized.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from compiler.models.config import ModelConfig
-from compiler.quantize.calibrate import _chunks, _cos_sin, _embed, _Layer, _rope
+from compiler.quantize.layer_forward import _chunks, _cos_sin, _embed, _Layer, _rope
 from runtime.ops.attention import KV_QUANT_MAX, KV_SCALE_FLOOR, kv_cache_dtype
 
 log = logging.getLogger("spanda.compiler")
@@ -67,7 +67,7 @@ def calibrate_kv_scales(cfg: ModelConfig, read: Callable[[str], torch.Tensor], i
     """Per layer (k_scale, v_scale) = max(amax / qmax, floor), rounded to float32 (what the ops compute with).
 
     ``read(hf_name)``: the checkpoint's tensors; ``ids [N, L]``: calibration token ids (see
-    ``compiler.quantize.calibrate.load_calibration``); ``kv_dtype``: fp8_e4m3 or int8."""
+    ``compiler.quantize.calib_data.load_calibration``); ``kv_dtype``: fp8_e4m3 or int8."""
     qmax = kv_qmax(kv_dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

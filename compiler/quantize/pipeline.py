@@ -113,7 +113,9 @@ class QuantPipeline:
         norm weights the method rescales replace their plan entries."""
         if not self.q.calibrated:
             return
-        from compiler.quantize.calibrate import QuantSpec, Site, calibrate_and_quantize, checkpoint_calibration
+        from compiler.quantize.calib_data import checkpoint_calibration
+        from compiler.quantize.calibrate import calibrate_and_quantize
+        from compiler.quantize.spec import QuantSpec, Site
 
         c = self.q.calibration
         ids, self.calibration_sha256 = checkpoint_calibration(c, ckpt_dir, self.cfg.vocab_size)
