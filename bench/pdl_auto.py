@@ -66,6 +66,13 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             # have 4) then loads its whole slice of the weights before its wait
             **{f"trigger3-s{st}": (None, False, {"pdl.TRIGGER": 3, "WNA16_MMA_GLUON": {"num_stages": st}})
                for st in (6, 8)},
+            # ... with attention's stretch shortened: once o's and gate_up's weights load during it (the trigger
+            # levels), qkv's end to the merge's end is the step's critical path, where before it was hidden behind
+            # o's own loads (so dyn-attn and serial-attn alone bought nothing, NOTES-wna16 9): one split for a short
+            # context (DYNAMIC_SPLITS), or the splits merged without the reduce launch (SERIAL_REDUCE)
+            **{f"trigger{t}-{name}": (None, False, {"pdl.TRIGGER": t, **flags}) for t in (2, 3) for name, flags in (
+                ("dyn", {"triton_decode.DYNAMIC_SPLITS": True}), ("serial", {"triton_decode.SERIAL_REDUCE": True}),
+                ("dyn-serial", {"triton_decode.DYNAMIC_SPLITS": True, "triton_decode.SERIAL_REDUCE": True}))},
             # attention's splits merged by the last one to finish instead of a reduce launch (triton_decode)
             "serial-attn": (None, False, {"triton_decode.SERIAL_REDUCE": True}),
             # each sequence's attention splits from its own context (triton_decode.DYNAMIC_SPLITS)
