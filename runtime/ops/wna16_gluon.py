@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from runtime.ops import triton_gemm as tgm  # the serial split-K's tile counters
+
 try:
     import triton
     from triton.experimental import gluon
@@ -417,7 +419,6 @@ if AVAILABLE:
 
     def outputs(x, n: int, split: int) -> tuple:
         """(out [M, N], the split-K partials or out, the tile counters or out)."""
-        from runtime.ops import triton_gemm as tgm
         m = x.shape[0]
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if split == 1:
@@ -434,7 +435,6 @@ if AVAILABLE:
         x W^T times each row's rsqrt(sum / K + eps), then the bias. silu: y is gate | up (N / 2 % 64 == 0); returns
         silu(gate) * up [M, N / 2] (with rms: of the scaled product). pdl: launched with PDL, the level being
         pdl.TRIGGER (False / 0: without)."""
-        from runtime.ops import triton_gemm as tgm
         m, k = x.shape
         n = qmma.shape[0] * 64
         tiles = k // 128 // split
