@@ -309,8 +309,9 @@ def _wna16_mma_wide_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, loc
     on: 32 KB a tile at BLOCK_M 128 against a block's 4 KB of codes) crosses from L2 once for RB blocks: at
     M = 256 on an 8B layer a 64-row program moves about 16x more x than codes. FOLD: the group scale in the
     weight ((q - z) * s rounded once, _wna16_mma_dequant_kernel's and so cuBLAS-after-dequantization's
-    numerics), one chained accumulator per block, which lets the wgmma of one block run while the next block
-    dequantizes; otherwise each tile's product is scaled in float32 as in the decode kernels. M_FAST: the grid's
+    numerics), one chained accumulator per block: the K tile's 8 RB wgmma issue back to back with one wait at
+    the tile's end (sm_90 compile), where scaling each product in float32, as the decode kernels do (and this
+    one without FOLD), waits for every block's product before its FMAs. M_FAST: the grid's
     first axis walks the row tiles, so the programs reading one weight block run together and its codes come
     from HBM once (else once per row tile when the weight is larger than L2). Grid (N / (64 RB), tiles of M,
     split), or its first two axes swapped with M_FAST; 4 warps (one warpgroup, RB accumulators [64, BLOCK_M])."""
