@@ -152,14 +152,36 @@ def sass_of(kern) -> str:
         return subprocess.run([str(nvdis), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def triton_sass_sm90(fn, signature: dict, constexprs: dict, **options) -> str:
-    """A Triton kernel compiled for sm_90 without a GPU and disassembled (signature: argument -> type, the
-    constexprs' entries added as "constexpr")."""
+def triton_compile_sm90(fn, signature: dict, constexprs: dict, aligned: tuple[str, ...] = (), **options):
+    """A Triton kernel compiled for sm_90 without a GPU (signature: argument -> type, the constexprs' entries
+    added as "constexpr"; aligned: arguments given the launcher's 16-byte / multiple-of-16 specialization)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-    return sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def triton_sass_sm90(fn, signature: dict, constexprs: dict, **options) -> str:
+    """triton_compile_sm90's kernel disassembled."""
+    return sass_of(triton_compile_sm90(fn, signature, constexprs, **options))
+
+
+def ptxas_report(kern) -> str:
+    """What ptxas -v says of a compiled kernel's PTX for sm_90a: registers, spills, and its performance warnings
+    (C7512 / C7513: wgmma serialized)."""
+    import subprocess
+    import tempfile
+
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kern.asm["ptx"])
+        f.flush()
+        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
+                             text=True, check=True)
+    return res.stdout + res.stderr
 
 
 def compile_only(block_m: int, tps: int, stages: int, split: int, defer: bool, pre: bool = False, tiles: int = 32,

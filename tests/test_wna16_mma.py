@@ -193,33 +193,17 @@ def test_kernel_under_interpreter():
 
 def _wide_ptxas(block_m: int, rb: int, fold: bool, stages: int) -> tuple[str, str]:
     """_wna16_mma_wide_kernel compiled for sm_90 without a GPU (bf16, 32 K tiles): (SASS, ptxas -v's report)."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from bench.wna16_gluon import sass_of
+    from bench.wna16_gluon import ptxas_report, sass_of, triton_compile_sm90
     from runtime.ops import triton_wna16_mma as tm
 
-    fn = tm._wna16_mma_wide_kernel
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 128]>", "w_desc": "tensordesc<i16[8, 256]>",
            "z_desc": "tensordesc<i32[1, 64]>", "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
            "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
     const = dict(TILES=32, HAS_BIAS=False, SPLIT=1, SERIAL=False, BLOCK_M=block_m, RB=rb, FOLD=fold, M_FAST=True,
                  ASM=True, BF16=True, MAGIC=tm.MMA_MAGIC[torch.bfloat16], PDL=0)
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("out_ptr", "part_ptr", "lock_ptr", "N", "K")}
-    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
-    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(kern.asm["ptx"])
-        f.flush()
-        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
-                             text=True, check=True)
-    return sass_of(kern), res.stdout + res.stderr
+    kern = triton_compile_sm90(tm._wna16_mma_wide_kernel, sig, const, ("out_ptr", "part_ptr", "lock_ptr", "N", "K"),
+                               num_warps=4, num_stages=stages)
+    return sass_of(kern), ptxas_report(kern)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its sm_90 compiler, ptxas and nvdisasm ship with it)")
