@@ -25,6 +25,7 @@ from bench.quant_gemm import graph_us  # noqa: E402
 from runtime.ops import triton_gemm as tgm  # noqa: E402
 from runtime.ops import triton_wna16_ldg as tldg  # noqa: E402
 from runtime.ops import triton_wna16_mma as tm  # noqa: E402
+from runtime.ops import triton_wna16_tile as ttile  # noqa: E402
 from runtime.ops.quant_linear import pack_mma_zeros  # noqa: E402
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}  # N, K
@@ -92,7 +93,7 @@ def compute_only_kernel(x_desc, w_desc, z_desc, out_ptr, N, K, TILES: tl.constex
         words = w_desc.load([(row0 + k0) * 8, 0]).reshape(2, 4, 8, 4, 8)
         zw = z_desc.load([kt, pid_n * 64])
         zr = zw.reshape(4, 2, 8).permute(1, 0, 2).reshape(2, 4, 8, 1, 1)
-        a, sr = tm._mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, True, BF16, MAGIC, True)
+        a, sr = ttile._mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, True, BF16, MAGIC, True)
         b = x_desc.load([0, kt * 128])
         acc += tl.dot(a, tl.trans(b)) * sr.to(tl.float32)
     rn = pid_n * 64 + tl.arange(0, 64)
@@ -114,7 +115,7 @@ def compute_regs(x_ptr, qw_ptr, z_ptr, out_ptr, N, K, TILES: tl.constexpr, BLOCK
     woff = oq * 4 + tl.arange(0, 4)[None, :]
     zoff = pid_n * 64 + 16 * (oq // 32) + (oq % 32) // 4
     w0, w1, z0, z1, sr = tldg._mma_load_words_ldg(qw32, z_ptr, z_ptr + rn[:, None], 0, N, woff, zoff)
-    s = tm._word_scale(sr, dt).to(tl.float32)
+    s = ttile._word_scale(sr, dt).to(tl.float32)
     b = tl.load(x_ptr + rm[None, :] * K + tl.arange(0, 128)[:, None])
     acc = tl.zeros((64, BLOCK_M), dtype=tl.float32)
     for t in range(0, TILES):

@@ -35,6 +35,7 @@ import triton.language as tl  # noqa: E402
 from runtime.ops import triton_gemm as tgm  # noqa: E402
 from runtime.ops import triton_wna16_ldg as tldg  # noqa: E402
 from runtime.ops import triton_wna16_mma as tm  # noqa: E402
+from runtime.ops import triton_wna16_tile as ttile  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # N, K
 
@@ -72,7 +73,7 @@ def xs_kernel(x_ptr, qw_ptr, z_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
             if KT == 4:
                 d0, d1, dz0, dz1, dsr = tldg._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 2, N, woff, zoff)
                 e0, e1, ez0, ez1, esr = tldg._mma_load_words_ldg(qw32, z_ptr, srows, kt0 + 3, N, woff, zoff)
-            acc = tl.dot(tldg._mma_operand_ldg(a0, a1, az0, az1, ASM, BF16, MAGIC), b0) * tm._word_scale(asr, dt).to(
+            acc = tl.dot(tldg._mma_operand_ldg(a0, a1, az0, az1, ASM, BF16, MAGIC), b0) * ttile._word_scale(asr, dt).to(
                 tl.float32)  # the first tile as _mma_tile_ldg computes it, without adding it to zeros
             acc = tldg._mma_tile_ldg(acc, c0, c1, cz0, cz1, csr, b1, ASM, BF16, MAGIC, True)
             if KT == 4:

@@ -25,6 +25,7 @@ import runtime.ops  # noqa: F401
 from compiler.build import build
 from compiler.export_hf import export_hf
 from runtime.ops.quant_linear import (
+    MMA_MAGIC,
     linear_wna16_ref,
     pack_mma_zeros,
     pack_wna16_mma,
@@ -102,11 +103,10 @@ CASES = [  # k, n, group size, act-order, bias
 
 
 def run_cases(device: str, dtype: torch.dtype, ms, configs, g: torch.Generator, graph: bool = False) -> None:
-    from runtime.ops import triton_wna16_ldg as tldg
     from runtime.ops import triton_wna16_mma as tm
     from runtime.ops import wna16_gluon as wg
 
-    with (KernelLaunches(tm, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tldg, "_wna16_mma_ldg_kernel") as ldg,
+    with (KernelLaunches(tm, "_wna16_mma_tma_kernel") as tma, KernelLaunches(tm, "_wna16_mma_ldg_kernel") as ldg,
           KernelLaunches(wg, "wna16_gluon_kernel") as glu, KernelLaunches(tm, "_wna16_mma_wide_kernel") as wide):
         _run_cases(tma, ldg, glu, wide, device, dtype, ms, configs, g, graph)
 
@@ -194,14 +194,14 @@ def test_kernel_under_interpreter():
 def _wide_ptxas(block_m: int, rb: int, fold: bool, stages: int) -> tuple[str, str]:
     """_wna16_mma_wide_kernel compiled for sm_90 without a GPU (bf16, 32 K tiles): (SASS, ptxas -v's report)."""
     from bench.wna16_gluon import ptxas_report, sass_of, triton_compile_sm90
-    from runtime.ops import triton_wna16_mma as tm
+    from runtime.ops import triton_wna16_prefill as tp
 
     sig = {"x_desc": f"tensordesc<bf16[{block_m}, 128]>", "w_desc": "tensordesc<i16[8, 256]>",
            "z_desc": "tensordesc<i32[1, 64]>", "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
            "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}
     const = dict(TILES=32, HAS_BIAS=False, SPLIT=1, SERIAL=False, BLOCK_M=block_m, RB=rb, FOLD=fold, M_FAST=True,
-                 ASM=True, BF16=True, MAGIC=tm.MMA_MAGIC[torch.bfloat16], PDL=0)
-    kern = triton_compile_sm90(tm._wna16_mma_wide_kernel, sig, const, ("out_ptr", "part_ptr", "lock_ptr", "N", "K"),
+                 ASM=True, BF16=True, MAGIC=MMA_MAGIC[torch.bfloat16], PDL=0)
+    kern = triton_compile_sm90(tp._wna16_mma_wide_kernel, sig, const, ("out_ptr", "part_ptr", "lock_ptr", "N", "K"),
                                num_warps=4, num_stages=stages)
     return sass_of(kern), ptxas_report(kern)
 

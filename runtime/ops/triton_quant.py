@@ -9,8 +9,9 @@ explicit ``config`` too (tests, benchmark sweeps). The kernels, by module:
   kernel), the PDL entry, the optional Triton import.
 - runtime/ops/triton_wna16.py: linear_wna16 on GPTQ's qweight layout (W4A16 / W8A16; GEMV and tl.dot kernels).
 - runtime/ops/triton_wna16_mma.py: linear_wna16_mma on pack_wna16_mma's layout (W4A16 on wgmma with the weight as
-  the register operand; TMA, Gluon (runtime/ops/wna16_gluon.py) and prefill variants); its plain-load variant
-  in runtime/ops/triton_wna16_ldg.py.
+  the register operand; TMA and Gluon (runtime/ops/wna16_gluon.py) variants); its prefill kernel in
+  triton_wna16_prefill.py, its plain-load variant in triton_wna16_ldg.py, the per-tile arithmetic they all share in
+  triton_wna16_tile.py.
 - runtime/ops/triton_act_quant.py: activation quantization per row (FP8 / INT8 codes and scales).
 - runtime/ops/triton_w8a8.py: linear_fp8 / linear_int8 / linear_w8a8 (Triton split-K GEMMs on codes for decode,
   cuBLAS's _scaled_mm / _int_mm above).

@@ -6,7 +6,7 @@ in the engine, see the kernel's docstring). Launched by triton_wna16_mma.linear_
 from __future__ import annotations
 
 from runtime.ops.triton_gemm import _gemm_program, _jit, gdc_launch_dependents, gdc_wait, tl
-from runtime.ops.triton_wna16_mma import _mma_finish, _mma_nibbles, _word_scale, _word_zz
+from runtime.ops.triton_wna16_tile import _mma_finish, _mma_nibbles, _word_scale, _word_zz
 
 
 @_jit

@@ -7,9 +7,10 @@ it; from DEQUANT_MM_MIN_M rows _wna16_mma_dequant_kernel writes W [N, K] and cuB
 _wna16_mma_tma_kernel, the same arithmetic with the codes, x and the words brought in by TMA. Up to 8 rows on
 sm_90 the Gluon kernel (runtime/ops/wna16_gluon.py), which can also carry the residual add + RMSNorm and
 SiLU-and-multiply in its epilogues (the ``linear_wna16_mma_add_norm`` / ``_rms`` / ``_silu`` ops). For prefill,
-where set (WNA16_MMA_PREFILL, not yet a default), _wna16_mma_wide_kernel: the TMA kernel with several 64-row
-blocks per program sharing each x tile, the scale folded into the weight. The plain-load variant
-(GemmConfig.ldg, off by default) is runtime/ops/triton_wna16_ldg.py.
+where set (WNA16_MMA_PREFILL, not yet a default), _wna16_mma_wide_kernel (runtime/ops/triton_wna16_prefill.py):
+the TMA kernel with several 64-row blocks per program sharing each x tile, the scale folded into the weight. The
+plain-load variant (GemmConfig.ldg, off by default) is runtime/ops/triton_wna16_ldg.py; the per-tile arithmetic
+all of them share (the layout's loads, dequantization, operand and end) runtime/ops/triton_wna16_tile.py.
 """
 
 from __future__ import annotations
@@ -32,119 +33,15 @@ from runtime.ops.triton_gemm import (
     _jit,
     _locks,
     _reduce,
-    _split_k,
-    _store_out,
     _tma_ready,
     gdc_launch_dependents,
     gdc_wait,
     tl,
     triton,
 )
-
-
-@_jit
-def _mma_nibbles(words, zz, i: tl.constexpr, MAGIC: tl.constexpr, ss=1.0):
-    """What _mma_dequant's instructions compute for nibble i (the interpreter and pre-Hopper GPUs run this):
-    (MAGIC + code) - zz, zz = MAGIC + zero point, exact in the model dtype; times ss (float32) if given, the
-    product rounded once."""
-    q = ((words.to(tl.int32) >> (4 * i)) & 0xF).to(tl.float32)
-    return ((q + MAGIC - zz.to(tl.float32)) * ss).to(zz.dtype)
-
-
-@_jit
-def _mma_dequant(words, zz, ss, ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr):
-    """int16 words (4 codes each) -> 4 tensors of q - z in the model dtype, nibble i in the i-th; SCALED: times
-    the row's group scale ss (the model dtype), (q - z) * s rounded once (_wna16_mma_dequant_kernel's weight;
-    ss is not read otherwise). On the GPU one asm block per pair of int16 (one 32-bit register; pack=2): per
-    nibble position a shift, one LOP3 (mask the pair's two codes and OR in the exponent bits of MAGIC: the bf16
-    / fp16 value MAGIC + q) and one packed subtraction of zz = MAGIC + z (HADD2), about 1.4 instructions per
-    weight (SCALED: one packed multiplication more per pair, HMUL2). The exponent bits come from zz itself
-    (MAGIC + z, z < 128, shares them), so they sit in a register and the mask and the OR fuse."""
-    if ASM:
-        SUB: tl.constexpr = "sub.rn.bf16x2" if BF16 else "sub.rn.f16x2"
-        MUL: tl.constexpr = ("mul.rn.bf16x2" if BF16 else "mul.rn.f16x2") if SCALED else "mov.b32"
-        ARG: tl.constexpr = ", $6" if SCALED else ""
-        ASM_TEXT: tl.constexpr = f"""{{
-            .reg .b32 t, u;
-            and.b32 u, $5, 0xFF80FF80;
-            lop3.b32 t, $4, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $0, t{ARG};
-            shr.u32 t, $4, 4;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $1, t{ARG};
-            shr.u32 t, $4, 8;  lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $2, t{ARG};
-            shr.u32 t, $4, 12; lop3.b32 t, t, 0x000F000F, u, 0xEA; {SUB} t, t, $5; {MUL} $3, t{ARG};
-            }}"""
-        if SCALED:
-            o0, o1, o2, o3 = tl.inline_asm_elementwise(asm=ASM_TEXT, constraints="=r,=r,=r,=r,r,r,r",
-                                                       args=[words, zz, ss], dtype=(zz.dtype,) * 4, is_pure=True,
-                                                       pack=2)
-        else:
-            o0, o1, o2, o3 = tl.inline_asm_elementwise(asm=ASM_TEXT, constraints="=r,=r,=r,=r,r,r", args=[words, zz],
-                                                       dtype=(zz.dtype,) * 4, is_pure=True, pack=2)
-    else:
-        sf = ss.to(tl.float32) if SCALED else 1.0
-        o0 = _mma_nibbles(words, zz, 0, MAGIC, sf)
-        o1 = _mma_nibbles(words, zz, 1, MAGIC, sf)
-        o2 = _mma_nibbles(words, zz, 2, MAGIC, sf)
-        o3 = _mma_nibbles(words, zz, 3, MAGIC, sf)
-    return o0, o1, o2, o3
-
-
-@_jit
-def _word_zz(words, dt: tl.constexpr):
-    """MAGIC + z from pack_mma_zeros' words (high half: its bits in the model dtype dt)."""
-    return (words >> 16).to(tl.int16).to(dt, bitcast=True)
-
-
-@_jit
-def _word_scale(words, dt: tl.constexpr):
-    """The group scale from pack_mma_zeros' words (low half: its bits in the model dtype dt)."""
-    return (words & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
-
-
-@_jit
-def _mma_index(pid_n):
-    """Row block pid_n's indices: each word's offset in a 4 KB tile ([2, 4, 8, 4, 8]: pack_wna16_mma's
-    v, w, g, t, r), the weight row of each word ([2, 4, 8, 1, 1]) and the block's 64 rows."""
-    ov = tl.arange(0, 2)[:, None, None, None, None]
-    ow = tl.arange(0, 4)[None, :, None, None, None]
-    og = tl.arange(0, 8)[None, None, :, None, None]
-    ot = tl.arange(0, 4)[None, None, None, :, None]
-    orr = tl.arange(0, 8)[None, None, None, None, :]
-    tile_off = ov * 1024 + ow * 256 + og * 32 + ot * 8 + orr
-    row5 = pid_n * 64 + 16 * ow + 8 * ov + og
-    return tile_off, row5, pid_n * 64 + tl.arange(0, 64)
-
-
-@_jit
-def _mma_load(w_base, z_ptr, s_ptr, kt, N, tile_off, row5, srows, GROUPED: tl.constexpr, META: tl.constexpr):
-    """Tile kt's words and (grouped) its zero points ([2, 4, 8, 1, 1]) and scales (offsets ``srows``), loads
-    issued, nothing waited for; META: both in pack_mma_zeros' words."""
-    words = tl.load(w_base + kt * 2048 + tile_off)
-    zr = words
-    sr = words
-    if GROUPED:
-        zr = tl.load(z_ptr + kt * N + row5)
-        sr = tl.load((z_ptr if META else s_ptr) + kt * N + srows)
-    return words, zr, sr
-
-
-@_jit
-def _mma_operand(words, zr, sr, zz, dt: tl.constexpr, GROUPED: tl.constexpr, SCALED: tl.constexpr,
-                 ASM: tl.constexpr, BF16: tl.constexpr, MAGIC: tl.constexpr, META: tl.constexpr):
-    """A tile's words -> the [64, 128] weight tile (rows: output channels, columns: K) in the model dtype,
-    q - z, or (q - z) * s with SCALED (sr then in the words' row layout); also returns the tile's scales."""
-    if GROUPED and META:
-        zz = tl.broadcast_to(_word_zz(zr, dt), (2, 4, 8, 4, 8))
-        sr = _word_scale(sr, dt)
-    elif GROUPED:
-        zz = tl.broadcast_to((zr.to(tl.float32) + MAGIC).to(dt), (2, 4, 8, 4, 8))
-    ss = zz
-    if SCALED:
-        ss = tl.broadcast_to(sr.to(dt), (2, 4, 8, 4, 8))
-    o0, o1, o2, o3 = _mma_dequant(words, zz, ss, ASM, BF16, MAGIC, SCALED)
-    a = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [v, w, g, t, r, i0, i1]: join appends its axis
-    a = a.reshape(2, 4, 8, 4, 2, 2, 2, 2, 2)  # v, w, g, t, p1, p0, h, i0, i1
-    a = a.permute(1, 0, 2, 4, 5, 8, 7, 3, 6).reshape(64, 128)  # rows (w, v, g), columns (p1, p0, i1, i0, t, h)
-    return a, sr
+from runtime.ops.triton_wna16_ldg import _wna16_mma_ldg_kernel
+from runtime.ops.triton_wna16_prefill import _wna16_mma_wide_kernel
+from runtime.ops.triton_wna16_tile import _mma_finish, _mma_index, _mma_load, _mma_operand
 
 
 @_jit
@@ -168,19 +65,6 @@ def _wna16_mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, GROUP
     if HAS_PERM:
         cols = tl.load(perm_ptr + cols)
     tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + cols[None, :], a)
-
-
-@_jit
-def _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, tile, pid_k, M, N,
-                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
-    """The W4A16 mma kernels' end: y^T [64 rows rn, BLOCK_M rows rm of x] through split-K to out (+ bias);
-    tile: the output tile's index among the launch's (its split-K counter)."""
-    offs = rm[None, :].to(tl.int64) * N + rn[:, None]
-    mask = m_mask[None, :] & (rn < N)[:, None]
-    finish, acc = _split_k(acc, part_ptr, lock_ptr, tile, pid_k, offs, mask, M, N, SPLIT, SERIAL)
-    if finish:
-        _store_out(acc, out_ptr, b_ptr, rn[:, None], (rn < N)[:, None], offs, mask, HAS_BIAS)
-
 
 @_jit(do_not_specialize=["M"])
 def _wna16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm,
@@ -264,106 +148,6 @@ def _wna16_mma_tma_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock
         gdc_launch_dependents()
     _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, rn, m_mask, pid_n * tl.num_programs(1) + pid_m, pid_k,
                 M, N, HAS_BIAS, SPLIT, SERIAL)
-
-
-@_jit
-def _wide_operand(w_desc, z_desc, bj, kt, KT, zz, dt: tl.constexpr, FOLD: tl.constexpr, ASM: tl.constexpr,
-                  BF16: tl.constexpr, MAGIC: tl.constexpr):
-    """The 64-row block bj's K tile kt in _wna16_mma_wide_kernel: its codes and words by TMA, dequantized into
-    the wgmma register operand [64, 128]; FOLD: times the group scale, rounded once. Returns it and the scales."""
-    words = w_desc.load([(bj * KT + kt) * 8, 0]).reshape(2, 4, 8, 4, 8)  # pack_wna16_mma's v, w, g, t, r
-    zw = z_desc.load([kt, bj * 64])  # [1, 64]: row 16 w + 8 v + g of the block
-    zr = zw.reshape(4, 2, 8).permute(1, 0, 2).reshape(2, 4, 8, 1, 1)  # [v, w, g] as _mma_load's zr
-    if FOLD:
-        a, sr = _mma_operand(words, zr, zr, zz, dt, True, True, ASM, BF16, MAGIC, True)
-    else:
-        a, sr = _mma_operand(words, zr, zw.reshape(64, 1), zz, dt, True, False, ASM, BF16, MAGIC, True)
-    return a, sr
-
-
-@_jit
-def _wide_product(acc, a, b, sr, FOLD: tl.constexpr):
-    """acc + a @ b^T: FOLD, into the chained accumulator (the scale is in a); else scaled per row in float32."""
-    if FOLD:
-        acc = tl.dot(a, tl.trans(b), acc)
-    else:
-        acc += tl.dot(a, tl.trans(b)) * sr.to(tl.float32)
-    return acc
-
-
-@_jit
-def _wide_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, bj, pid_m, tiles_m, pid_k, M, N,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr):
-    """_mma_finish for the 64-row block bj of _wna16_mma_wide_kernel (its split-K counter: bj, pid_m)."""
-    _mma_finish(acc, out_ptr, b_ptr, part_ptr, lock_ptr, rm, bj * 64 + tl.arange(0, 64), m_mask,
-                bj * tiles_m + pid_m, pid_k, M, N, HAS_BIAS, SPLIT, SERIAL)
-
-
-@_jit(do_not_specialize=["M"])
-def _wna16_mma_wide_kernel(x_desc, w_desc, z_desc, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, TILES: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SERIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                           RB: tl.constexpr, FOLD: tl.constexpr, M_FAST: tl.constexpr, ASM: tl.constexpr,
-                           BF16: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr = False):
-    """_wna16_mma_tma_kernel for prefill-sized M (GemmConfig.wide): each program multiplies RB (1, 2 or 4)
-    adjacent 64-row weight blocks by one x tile [BLOCK_M, 128] per K tile, so x (the large operand from 32 rows
-    on: 32 KB a tile at BLOCK_M 128 against a block's 4 KB of codes) crosses from L2 once for RB blocks: at
-    M = 256 on an 8B layer a 64-row program moves about 16x more x than codes. FOLD: the group scale in the
-    weight ((q - z) * s rounded once, _wna16_mma_dequant_kernel's and so cuBLAS-after-dequantization's
-    numerics), one chained accumulator per block: the K tile's 8 RB wgmma issue back to back with one wait at
-    the tile's end (sm_90 compile), where scaling each product in float32, as the decode kernels do (and this
-    one without FOLD), waits for every block's product before its FMAs. M_FAST: the grid's
-    first axis walks the row tiles, so the programs reading one weight block run together and its codes come
-    from HBM once (else once per row tile when the weight is larger than L2). Grid (N / (64 RB), tiles of M,
-    split), or its first two axes swapped with M_FAST; 4 warps (one warpgroup, RB accumulators [64, BLOCK_M])."""
-    if PDL:  # programmatic dependent launch (runtime/ops/pdl.py): nothing is touched before this
-        gdc_wait()
-    if M_FAST:
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-    else:
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < M
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    KT = K // 128
-    acc0 = tl.zeros((64, BLOCK_M), dtype=tl.float32)
-    acc1 = acc0
-    acc2 = acc0
-    acc3 = acc0
-    zz = tl.zeros((2, 4, 8, 4, 8), dtype=dt)  # each tile's, in _mma_operand
-    for t in tl.range(0, TILES):
-        kt = pid_k * TILES + t
-        b = x_desc.load([pid_m * BLOCK_M, kt * 128])  # [BLOCK_M, 128]; rows past M arrive as zeros
-        # every block's operand before the first product: ptxas serializes wgmma (C7513) when a register operand
-        # is defined while an earlier wgmma is in flight
-        a0, s0 = _wide_operand(w_desc, z_desc, pid_n * RB, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
-        if RB > 1:
-            a1, s1 = _wide_operand(w_desc, z_desc, pid_n * RB + 1, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
-        if RB > 2:
-            a2, s2 = _wide_operand(w_desc, z_desc, pid_n * RB + 2, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
-            a3, s3 = _wide_operand(w_desc, z_desc, pid_n * RB + 3, kt, KT, zz, dt, FOLD, ASM, BF16, MAGIC)
-        acc0 = _wide_product(acc0, a0, b, s0, FOLD)
-        if RB > 1:
-            acc1 = _wide_product(acc1, a1, b, s1, FOLD)
-        if RB > 2:
-            acc2 = _wide_product(acc2, a2, b, s2, FOLD)
-            acc3 = _wide_product(acc3, a3, b, s3, FOLD)
-    if PDL:  # the K loop is done: the next kernel may start launching
-        gdc_launch_dependents()
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    _wide_finish(acc0, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB, pid_m, tiles_m, pid_k, M, N,
-                 HAS_BIAS, SPLIT, SERIAL)
-    if RB > 1:
-        _wide_finish(acc1, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB + 1, pid_m, tiles_m, pid_k, M,
-                     N, HAS_BIAS, SPLIT, SERIAL)
-    if RB > 2:
-        _wide_finish(acc2, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB + 2, pid_m, tiles_m, pid_k, M,
-                     N, HAS_BIAS, SPLIT, SERIAL)
-        _wide_finish(acc3, out_ptr, b_ptr, part_ptr, lock_ptr, rm, m_mask, pid_n * RB + 3, pid_m, tiles_m, pid_k, M,
-                     N, HAS_BIAS, SPLIT, SERIAL)
-
 
 # the W4A16 tensor-core kernel on pack_wna16_mma's layout (block_m = the wgmma N): 3 stages, 2 programs per SM,
 # zero points as words: 79.5 us per 8B layer at M = 1 (GEMV 89.4), 82.0 at M = 16 (172.9; bf16 cuBLAS 130-132);
@@ -509,8 +293,6 @@ def linear_wna16_mma_cuda(x: torch.Tensor, qmma: torch.Tensor, scales: torch.Ten
             BLOCK_M=cfg.block_m, RB=rb, FOLD=not cfg.scale_acc, M_FAST=cfg.m_fast, ASM=asm, BF16=bf16,
             MAGIC=MMA_MAGIC[x.dtype], num_warps=4, num_stages=cfg.num_stages, **launch_kwargs(x.device))
     elif cfg.ldg and words:
-        from runtime.ops.triton_wna16_ldg import _wna16_mma_ldg_kernel  # it imports this module's helpers
-
         _wna16_mma_ldg_kernel[(tiles_n, tiles_m, split)](
             x, qmma, zeros.contiguous(), bias.contiguous() if bias is not None else out, out, part,
             _locks(x.device) if serial else part, m, n, k, x.stride(0), TILES=k_tiles // split,
