@@ -82,9 +82,9 @@ def test_a_build_forgets_the_kernels_the_process_compiled() -> None:
     GPU calibration left in memory (a fresh server would then compile it at load). The GPU end of this is
     tests/test_gpu.py::test_a_second_build_in_one_process_ships_every_kernel_too."""
     from compiler.kernels import forget_compiled_kernels
-    from runtime.ops import triton_attention, triton_gemm, triton_w8a8
+    from runtime.ops import triton_attention, triton_gemm, triton_w8a8_kernels
 
-    kernels = [triton_gemm._split_reduce_kernel, triton_w8a8._w8a8_gemm_kernel]
+    kernels = [triton_gemm._split_reduce_kernel, triton_w8a8_kernels._w8a8_gemm_kernel]
     kernels += [v for v in vars(triton_attention).values() if isinstance(v, triton.runtime.jit.JITFunction)][:1]
     for k in kernels:  # what a launch leaves (dict.__setitem__: the defaultdict would ask for a GPU driver)
         dict.__setitem__(k.device_caches, 0, ("compiled kernels of device 0",))

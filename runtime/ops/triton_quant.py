@@ -14,7 +14,7 @@ explicit ``config`` too (tests, benchmark sweeps). The kernels, by module:
   triton_wna16_tile.py.
 - runtime/ops/triton_act_quant.py: activation quantization per row (FP8 / INT8 codes and scales).
 - runtime/ops/triton_w8a8.py: linear_fp8 / linear_int8 / linear_w8a8 (Triton split-K GEMMs on codes for decode,
-  cuBLAS's _scaled_mm / _int_mm above).
+  cuBLAS's _scaled_mm / _int_mm above); the kernels themselves in triton_w8a8_kernels.py.
 """
 
 from __future__ import annotations
