@@ -107,7 +107,7 @@ def plan_and_capture(recipe: Recipe, cfg: ModelConfig, quant: QuantPipeline | No
 def _quant_pipeline(recipe: Recipe, cfg: ModelConfig, ckpt: HFCheckpoint, device: str):
     """What quantizes the linears: the recipe's method (computed on ``device``), the checkpoint's own
     quantization, or nothing."""
-    from compiler.quantize.hf_formats import detect
+    from compiler.quantize.hf_detect import detect
 
     sq = detect(ckpt.config)
     if sq is not None:

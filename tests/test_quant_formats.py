@@ -1,5 +1,6 @@
 """Reading quantized Hugging Face checkpoints (GPTQ v1/v2, AWQ GEMM, FP8, compressed-tensors) into the internal
-layouts, and writing compressed-tensors checkpoints (compiler/quantize/hf_formats.py, compiler/export_hf.py).
+layouts, and writing compressed-tensors checkpoints (compiler/quantize/hf_detect.py, hf_formats.py,
+compiler/export_hf.py, export_hf_convert.py).
 
 Every checkpoint here is made by hand from explicit integer codes, zero points and scales; the expected output
 is ``x @ W.T`` with ``W`` dequantized from those codes in this file, independently of the readers.
@@ -12,6 +13,7 @@ import torch
 
 import runtime.ops  # noqa: F401  (registers torch.ops.spanda.*)
 from compiler.quantize import hf_formats as hf
+from compiler.quantize.hf_detect import QuantFormatError, detect, is_quantized_module
 from compiler.quantize.packing import pack_awq, pack_gptq
 
 spanda = torch.ops.spanda
@@ -108,7 +110,7 @@ def gptq_config(fmt: str | None, sym: bool = True, bits: int = 4, gs: int = 16, 
 @pytest.mark.parametrize("bits,gs", [(4, 16), (8, -1)])
 def test_gptq_reads_exactly(fmt, sym, bits, gs):
     ckpt, ref = gptq_ckpt(fmt or "gptq", sym, bits, gs)
-    sq = hf.detect(gptq_config(fmt, sym, bits, gs))
+    sq = detect(gptq_config(fmt, sym, bits, gs))
     assert sq.scheme_for(f"{PFX}.q_proj").checkpoint_format == (fmt or "gptq")
     x = x_in()
     for p, w in ref.items():
@@ -120,8 +122,8 @@ def test_gptq_v1_read_as_v2_is_wrong():
     ckpt, ref = gptq_ckpt("gptq", sym=False)
     p = f"{PFX}.q_proj"
     x = x_in()
-    good = run_site(ckpt, [p], hf.detect(gptq_config("gptq", sym=False)), x)
-    bad = run_site(ckpt, [p], hf.detect(gptq_config("gptq_v2", sym=False)), x)
+    good = run_site(ckpt, [p], detect(gptq_config("gptq", sym=False)), x)
+    bad = run_site(ckpt, [p], detect(gptq_config("gptq_v2", sym=False)), x)
     torch.testing.assert_close(good, x @ ref[p].t(), rtol=1e-5, atol=1e-5)
     assert (bad - good).abs().max() > 0.1
 
@@ -134,7 +136,7 @@ def permuted_g_idx(seed: int, gs: int = 16):
 def test_gptq_act_order_fused_equals_separate():
     shared = permuted_g_idx(3)
     ckpt, ref = gptq_ckpt("gptq", sym=True, g_idx_of=lambda name: shared)
-    sq = hf.detect(gptq_config("gptq", desc_act=True))
+    sq = detect(gptq_config("gptq", desc_act=True))
     prefixes = [f"{PFX}.{n}" for n in OUTS]
     x = x_in()
     op, fused = hf.read_site(ckpt.__getitem__, prefixes, sq, torch.float32)
@@ -150,8 +152,8 @@ def test_gptq_act_order_fused_equals_separate():
 
 def test_gptq_act_order_different_g_idx_refused():
     ckpt, _ = gptq_ckpt("gptq", sym=True, g_idx_of=lambda name: permuted_g_idx(ord(name[0])))
-    sq = hf.detect(gptq_config("gptq", desc_act=True))
-    with pytest.raises(hf.QuantFormatError, match="g_idx"):
+    sq = detect(gptq_config("gptq", desc_act=True))
+    with pytest.raises(QuantFormatError, match="g_idx"):
         hf.read_site(ckpt.__getitem__, [f"{PFX}.{n}" for n in OUTS], sq, torch.float32)
 
 
@@ -166,13 +168,13 @@ def test_awq_gemm_reads_exactly_and_fuses():
         p = f"{PFX}.{name}"
         ckpt |= {f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": s.half()}
         ref[p] = dequant(q, z, s, g)
-    sq = hf.detect({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-                                            "version": "gemm", "modules_to_not_convert": None}})
+    sq = detect({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                         "version": "gemm", "modules_to_not_convert": None}})
     x = x_in()
     prefixes = list(ref)
     y = run_site(ckpt, prefixes, sq, x)
     torch.testing.assert_close(y, torch.cat([x @ ref[p].t() for p in prefixes], 1), rtol=1e-5, atol=1e-5)
-    assert not hf.is_quantized_module("lm_head", sq) and hf.is_quantized_module(prefixes[0], sq)
+    assert not is_quantized_module("lm_head", sq) and is_quantized_module(prefixes[0], sq)
 
 
 # ---------------------------------------------------------------- FP8 (AutoFP8 layout)
@@ -197,8 +199,8 @@ def fp8_ckpt(static: bool, per_tensor: bool = True, weight_key: str = "weight"):
 @pytest.mark.parametrize("static", [True, False])
 def test_fp8_reads_exactly_and_fuses(static):
     ckpt, ref, inputs = fp8_ckpt(static)
-    sq = hf.detect({"quantization_config": {"quant_method": "fp8", "activation_scheme":
-                                            "static" if static else "dynamic", "ignored_layers": ["lm_head"]}})
+    sq = detect({"quantization_config": {"quant_method": "fp8", "activation_scheme":
+                                         "static" if static else "dynamic", "ignored_layers": ["lm_head"]}})
     x = x_in() * 2
     for p, w in ref.items():
         y = run_site(ckpt, [p], sq, x)
@@ -219,7 +221,7 @@ def test_fp8_equal_per_tensor_scales_stay_per_tensor():
     ckpt, _, _ = fp8_ckpt(False)
     for name in OUTS:
         ckpt[f"{PFX}.{name}.weight_scale"] = torch.tensor(0.004)
-    sq = hf.detect({"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}})
+    sq = detect({"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}})
     _, t = hf.read_site(ckpt.__getitem__, [f"{PFX}.{n}" for n in OUTS], sq, torch.float32)
     assert t["weight_scale"].shape == (1,)
 
@@ -262,21 +264,21 @@ def test_ct_pack_quantized_reads_exactly(bits, gs, sym):
     ckpt, ref = ct_packed_ckpt(bits, gs, sym)
     w = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if gs > 0 else "channel",
          "group_size": gs if gs > 0 else None}
-    sq = hf.detect(ct_config("pack-quantized", w))
+    sq = detect(ct_config("pack-quantized", w))
     x = x_in()
     prefixes = list(ref)
     for p in prefixes:
         torch.testing.assert_close(run_site(ckpt, [p], sq, x), x @ ref[p].t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run_site(ckpt, prefixes, sq, x), torch.cat([x @ ref[p].t() for p in prefixes], 1),
                                rtol=1e-5, atol=1e-5)
-    assert not hf.is_quantized_module("lm_head", sq)
+    assert not is_quantized_module("lm_head", sq)
 
 
 def test_ct_pack_quantized_with_g_idx():
     shared = permuted_g_idx(5)
     ckpt, ref = ct_packed_ckpt(4, 16, True, g_idx_of=lambda name: shared)
     w = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 16, "actorder": "group"}
-    sq = hf.detect(ct_config("pack-quantized", w))
+    sq = detect(ct_config("pack-quantized", w))
     x = x_in()
     prefixes = list(ref)
     torch.testing.assert_close(run_site(ckpt, prefixes, sq, x), torch.cat([x @ ref[p].t() for p in prefixes], 1),
@@ -303,7 +305,7 @@ def test_ct_float_quantized(strategy, static):
     w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy}
     ia = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False} if static
           else {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True})
-    sq = hf.detect(ct_config("float-quantized", w, ia))
+    sq = detect(ct_config("float-quantized", w, ia))
     x = x_in() * 2
     for p, wt in ref.items():
         torch.testing.assert_close(run_site(ckpt, [p], sq, x), fp8_act(x, inputs.get(p)) @ wt.t(),
@@ -321,7 +323,7 @@ def test_ct_int_quantized_w8a8():
         ref[p] = (w8.float(), s.reshape(-1))
     w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     ia = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-    sq = hf.detect(ct_config("int-quantized", w, ia))
+    sq = detect(ct_config("int-quantized", w, ia))
     x = x_in()
     sx = x.abs().amax(-1, keepdim=True) / 127
     xq = torch.round(x / sx).clamp(-127, 127)
@@ -350,14 +352,14 @@ def test_ct_int_quantized_w8a8():
      "input_activations"),
 ])
 def test_unsupported_configs_name_the_field(qc, field):
-    with pytest.raises(hf.QuantFormatError, match=field) as e:
-        hf.detect({"quantization_config": qc})
+    with pytest.raises(QuantFormatError, match=field) as e:
+        detect({"quantization_config": qc})
     assert "supported" in str(e.value)
 
 
 def test_unquantized_config():
-    assert hf.detect({"model_type": "llama"}) is None
-    assert not hf.is_quantized_module(f"{PFX}.q_proj", None)
+    assert detect({"model_type": "llama"}) is None
+    assert not is_quantized_module(f"{PFX}.q_proj", None)
 
 
 # ---------------------------------------------------------------- export to compressed-tensors
@@ -485,12 +487,12 @@ def test_export_round_trip_through_our_reader(tmp_path, method):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert (out / "tokenizer.json").exists() and "model.rope_cos_sin" not in ck.weight_map
-    sq = hf.detect(ck.config)
+    sq = detect(ck.config)
     assert (sq is None) == (method == "none")
     if sq is not None:
         qc = cfg["quantization_config"]
         assert qc["ignore"] == ["lm_head"] and qc["config_groups"]["group_0"]["targets"] == ["Linear"]
-        assert not hf.is_quantized_module("lm_head", sq)
+        assert not is_quantized_module("lm_head", sq)
     for name, w in expected.items():
         torch.testing.assert_close(hf.float_weight(ck.read, name, sq, torch.float32), w, rtol=0, atol=0)
     with pytest.raises(FileExistsError):
@@ -566,10 +568,10 @@ def test_exported_checkpoint_logits_agree_in_transformers(tmp_path, method):
     cfg.pop("quantization_config")
     ours = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     ck = HFCheckpoint.open(out)
-    sq = hf.detect(ck.config)
+    sq = detect(ck.config)
     ours.load_state_dict({k: ck.read(k) if ck.has(k) else torch.zeros_like(v) for k, v in ours.state_dict().items()})
     for name, module in ours.named_modules():
-        if hf.is_quantized_module(name, sq) and name.endswith("proj"):
+        if is_quantized_module(name, sq) and name.endswith("proj"):
             op, t = hf.read_site(ck.read, [name], sq, torch.float32)
             params = hf.site_params([name], sq)
             module.forward = lambda x, op=op, t=t, params=params: run_op(

@@ -197,7 +197,7 @@ class PrequantizedPipeline:
         return [s.removesuffix(".weight") for s in source.sources]
 
     def choose_site(self, prefix: str, source) -> LinearScheme | None:
-        from compiler.quantize.hf_formats import QuantFormatError
+        from compiler.quantize.hf_detect import QuantFormatError
 
         parts = self._prefixes(source)
         schemes = [self.sq.scheme_for(p) for p in parts]
