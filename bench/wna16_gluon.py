@@ -29,15 +29,14 @@ from runtime.ops.wna16_gluon import (  # noqa: E402
     _stage,
     _tile_words,
     descriptors,
-    epilogue,
     layouts,
     linear_wna16_gluon,
-    mma_layout,
     outputs,
     program_coords,
     stage_buffers,
     wna16_gluon_kernel,
 )
+from runtime.ops.wna16_gluon_epilogue import epilogue, mma_layout  # noqa: E402
 
 
 @gluon.jit
