@@ -2,7 +2,8 @@
 # One step of bench/NOTES-wna16.md item 13 on a lent GPU (the device tool runs it in the repository root, with the
 # git-ignored wheelhouse .whl/ carried for the packages the device's python lacks):
 #
-#     bash bench/device_session.sh STEP        STEP: trigger | tests-kernels | tests-pdl | timeline SETTING | prefill-gemm | prefill-engine
+#     bash bench/device_session.sh STEP        STEP: trigger-short | trigger | tests-kernels | tests-pdl | timeline SETTING |
+#                                              prefill-gemm | prefill-engine
 #
 # Each step stays under the tool's 10 minutes (its own timeout) and writes its JSON under $OUT. Steps share builds
 # through /tmp/keep while the machine stays warm (trigger builds them; timeline and prefill-engine reuse them).
@@ -19,6 +20,9 @@ fi
 export PYTHONUNBUFFERED=1
 W=w4a16-mma+lm
 case "${1:-}" in
+    trigger-short)  # the first call when failed starts have eaten the budget (each costs about 180 s): under 330 s
+        timeout 330 python3 bench/pdl_auto.py --variants "$W,bf16" --keep /tmp/keep --out "$OUT/pdl-trigger.json" \
+            --plan "$W=auto,trigger3,trigger2,auto" --plan bf16=auto ;;
     trigger)  # where each kernel lets the next one launch, with attention's stretch shortened; bf16 on the same GPU
         timeout 570 python3 bench/pdl_auto.py --variants "$W,bf16" --keep /tmp/keep --out "$OUT/pdl-trigger.json" \
             --plan "$W=auto,trigger2,trigger3,trigger3-s8,trigger3-dyn,trigger3-serial,auto,trigger3" --plan bf16=auto ;;
@@ -37,6 +41,6 @@ case "${1:-}" in
         timeout 570 python3 bench/pdl_auto.py --variants "$W" --keep /tmp/keep --out "$OUT/pdl-prefill.json" \
             --plan "$W=auto,prefill-m128r2,prefill-m128r1,prefill-m64r2" ;;
     *)
-        echo "usage: bash bench/device_session.sh trigger | tests-kernels | tests-pdl | timeline SETTING | prefill-gemm | prefill-engine" >&2
+        echo "usage: bash bench/device_session.sh trigger-short | trigger | tests-kernels | tests-pdl | timeline SETTING | prefill-gemm | prefill-engine" >&2
         exit 2 ;;
 esac

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,20 @@ def test_quant_engine_variant_overrides_exist(variant):
             got = getattr(*_owner(name))
             assert got == (dataclasses.replace(before[name], **want) if isinstance(want, dict) else want), name
     assert _snapshot(names) == before
+
+
+def test_device_session_steps_name_builds_and_settings_that_exist():
+    """bench/device_session.sh, the next GPU session's steps: every build its pdl_auto / profile_decode calls name is a
+    quant_engine variant and every --plan setting a pdl_auto setting (a misspelt one would cost a GPU build)."""
+    script = (Path(pdl_auto.__file__).parent / "device_session.sh").read_text()
+    w = re.search(r"^W=(\S+)$", script, re.M).group(1)
+    script = script.replace("$W", w)
+    variants = [v for arg in re.findall(r'--variants "?([^"\s]+)"?', script) for v in arg.split(",")]
+    plans = re.findall(r'--plan "?([^"\s]+)"?', script)
+    assert variants and plans, "device_session.sh runs no pdl_auto plan"
+    for v in variants + re.findall(r'--variant "?([^"\s]+)"?', script):
+        assert v in quant_engine.VARIANTS, v
+    for plan in plans:
+        variant, _, settings = plan.partition("=")
+        assert variant in variants, plan
+        assert all(s in pdl_auto.SETTINGS for s in settings.split(",")), plan
