@@ -90,6 +90,12 @@ SETTINGS = {"nopdl": (0, False, {}), "auto": (None, False, {}), "all": (0, True,
             "no-epilogues": (None, False, {"WNA16_SILU_EPILOGUE": False, "WNA16_NORM_EPILOGUE": False}),
             "dyn-attn-serial": (None, False, {"triton_decode.DYNAMIC_SPLITS": True,
                                               "triton_decode.SERIAL_REDUCE": True}),
+            # the FP8 decode GEMM in Gluon (runtime/ops/fp8_gluon.py, triton_w8a8.FP8_GLUON): its first stages' weights
+            # loaded before its PDL wait; 6 stages; with the trigger levels (3: it too lets the next kernel launch once
+            # those loads are issued)
+            "fp8-gluon": (None, False, {"FP8_GLUON": True}),
+            "fp8-gluon-s6": (None, False, {"FP8_GLUON": True, "FP8_GLUON_STAGES": 6}),
+            **{f"fp8-gluon-trigger{t}": (None, False, {"FP8_GLUON": True, "pdl.TRIGGER": t}) for t in (2, 3)},
             # W4A16 prefill through _wna16_mma_wide_kernel (triton_wna16_mma.WNA16_MMA_PREFILL; read prefill_ms_p256 /
             # p1000): 2 or 1 64-row blocks per program, the scale in the weight, a weight block's row tiles together
             **{f"prefill-m{bm}r{rb}": (None, False, {"WNA16_MMA_PREFILL": _prefill(bm, rb, st)})

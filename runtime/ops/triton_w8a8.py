@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.ops.pdl import launch_kwargs
+from runtime.ops.pdl import capability, launch_kwargs
 from runtime.ops.quant_linear import FP8_MAX, SCALE_FLOOR, linear_fp8_ref, linear_int8_ref, w8a8_codes_ref
 from runtime.ops.triton_act_quant import quantize_rows
 from runtime.ops.triton_gemm import (
@@ -73,6 +73,12 @@ FP8_TRITON_PATH = "triton"
 # 0.1-0.6 us, the in-loop quantization much more
 FP8_XQ_MAX_M = 0
 FP8_XQ_CHUNK = 4096
+# Where on (sm_90), the FP8 decode GEMM (a swapped config, up to 16 rows, whole tiles of 64 channels) runs
+# runtime/ops/fp8_gluon.py's kernel with FP8_GLUON_STAGES stages: under PDL its first stages' weights load before
+# its wait for the previous kernel, as the Gluon W4A16 kernel's do (3% at batch 1 there). Off: not yet run on a GPU
+# (bench/pdl_auto.py setting fp8-gluon).
+FP8_GLUON = False
+FP8_GLUON_STAGES = 4
 
 
 # (An FP8 GEMV of an earlier time, a [BLOCK_M, BLOCK_K, BLOCK_N] product tile since removed, took 143 us per 8B
@@ -269,10 +275,33 @@ def _int8_codes_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
     return out
 
 
+def _fp8_gluon(xq, w, sx, ws, bias, out, cfg: GemmConfig) -> bool:
+    """_w8a8_gemm on E4M3 codes through runtime/ops/fp8_gluon.py's kernel where FP8_GLUON is on and it applies
+    (sm_90, a swapped config of 64 channels per tile, 1 to 16 rows, whole K tiles, TMA-ready codes, a serial
+    split-K's counters for every tile): True once launched. block_m 8 up to 8 rows, else 16; the split of
+    _choose_split, as the Triton kernel's."""
+    (m, k), n = xq.shape, w.shape[0]
+    if not (capability(xq.device)[0] == 9 and cfg.swap and cfg.block_n == 64 and 0 < m <= 16
+            and n % 64 == 0 and k % cfg.block_k == 0 and _tma_ready(xq) and _tma_ready(w)):
+        return False
+    from runtime.ops import fp8_gluon as fg  # imports Gluon: only when asked for
+
+    tiles_n, k_tiles = n // 64, k // cfg.block_k
+    split = _choose_split(cfg, tiles_n, k_tiles, xq.device)
+    if not fg.AVAILABLE or (split > 1 and tiles_n > LOCK_SLOTS):
+        return False
+    fg.linear_fp8_gluon(xq, sx, w, ws, bias, out, block_m=8 if m <= 8 else 16, block_k=cfg.block_k,
+                        stages=FP8_GLUON_STAGES, split=split, pdl=launch_kwargs(xq.device).get("PDL", 0))
+    return True
+
+
 def _w8a8_gemm(xq, w, sx, ws, bias, out, cfg: GemmConfig, fp8: bool, upcast: bool = False) -> None:
     """out = (xq @ w.T) * sx * ws [+ bias] on codes: _w8a8_gemm_kernel (split-K per ``cfg`` or the heuristic),
-    or _w8a8_gemv_kernel for a ``gemv`` config (one row per program, no tensor cores)."""
+    or _w8a8_gemv_kernel for a ``gemv`` config (one row per program, no tensor cores); FP8 decode through
+    _fp8_gluon where FP8_GLUON is on."""
     (m, k), n = xq.shape, w.shape[0]
+    if fp8 and FP8_GLUON and not (cfg.gemv or upcast) and _fp8_gluon(xq.contiguous(), w, sx, ws, bias, out, cfg):
+        return
     gemv = cfg.gemv and not upcast
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), m if gemv else triton.cdiv(m, cfg.block_m)
     k_tiles = triton.cdiv(k, cfg.block_k)

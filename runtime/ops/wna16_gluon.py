@@ -218,6 +218,16 @@ if AVAILABLE:
                                   is_pure=False, pack=1)
 
     @gluon.jit
+    def pdl_after_weights(PDL: gl.constexpr, EARLY: gl.constexpr):
+        """Under PDL, once a GEMM's first stages of weights are issued: at pdl.TRIGGER 3 the next kernel may start
+        launching now, not after the K loop; with EARLY the wait for the previous kernel is here (without, it came
+        before the weight loads)."""
+        if PDL >= 3:
+            _pdl_launch_dependents()
+        if PDL and EARLY:
+            _pdl_wait()
+
+    @gluon.jit
     def wna16_gluon_kernel(x_desc, w_desc, z_desc, w_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K,
                            TILES: gl.constexpr, TPS: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                            SPLIT: gl.constexpr, BF16: gl.constexpr, DEFER: gl.constexpr, PRE: gl.constexpr,
@@ -251,10 +261,7 @@ if AVAILABLE:
         # EARLY: the first stages' weights (and L2PF more tiles into L2) are read before the wait for the previous
         # kernel; only x, the outputs and the split-K counters depend on it, so the weight stream starts while that
         # kernel still runs
-        if PDL >= 3:  # pdl.TRIGGER 3: the next kernel may start launching now, not after the K loop
-            _pdl_launch_dependents()
-        if PDL and EARLY:
-            _pdl_wait()
+        pdl_after_weights(PDL, EARLY)
         for i in gl.static_range(STAGES):
             if i < NST:
                 _issue_x(x_desc, bars.index(i), x_s.index(i), kt0 + i * TPS, xrow)
