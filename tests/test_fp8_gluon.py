@@ -75,6 +75,43 @@ def test_under_pdl_only_the_weights_are_read_before_the_wait():
     assert "UTMALDG" not in sass[:sass.index("ACQBULK")]
 
 
+def test_the_launcher_routes_only_decode_shapes_on_sm90_to_it(monkeypatch):
+    """triton_w8a8._fp8_gluon's rules (asked by _w8a8_gemm where FP8_GLUON is on), on the CPU with the kernel
+    replaced by a recorder and sm_90 pretended: a swapped 64-channel config, 1 to 16 rows (block_m 8 up to 8), whole
+    K tiles, 16-byte aligned codes; the config's K tile, FP8_GLUON_STAGES and _choose_split's split (as the Triton
+    kernel's) passed on."""
+    from runtime.ops import fp8_gluon as fg
+    from runtime.ops import triton_gemm as tgm
+    from runtime.ops import triton_w8a8 as t8
+
+    calls = []
+    monkeypatch.setattr(fg, "linear_fp8_gluon", lambda *args, **kw: calls.append(kw))
+    monkeypatch.setattr(t8, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(t8, "FP8_GLUON_STAGES", 5)
+    e4m3 = torch.float8_e4m3fn
+
+    def routed(m, n, k, cfg=t8.FP8_DECODE_NARROW, offset=0):
+        calls.clear()
+        xq = torch.zeros(m * k + offset, dtype=torch.uint8)[offset:].view(e4m3).view(m, k)
+        w = torch.zeros(n, k, dtype=e4m3)
+        done = t8._fp8_gluon(xq, w, torch.ones(m, 1), torch.ones(n), None, torch.empty(m, n), cfg)
+        assert done == bool(calls)
+        return calls[0] if calls else None
+
+    kw = routed(1, 1024, 4096)  # o_proj-like: 16 tiles of 64 channels, K tiles of 256
+    split = tgm._choose_split(t8.FP8_DECODE_NARROW, 16, 16, torch.device("cpu"))
+    assert kw == dict(block_m=8, block_k=256, stages=5, split=split, pdl=0) and split > 1
+    assert routed(16, 6144, 4096, t8.FP8_DECODE)["block_m"] == 16
+    assert routed(9, 128, 256, t8.FP8_DECODE)["block_m"] == 16
+    assert routed(17, 1024, 4096) is None  # more rows than one wgmma N
+    assert routed(2, 96, 4096) is None  # not whole 64-channel tiles
+    assert routed(2, 1024, 4000) is None  # not whole K tiles
+    assert routed(2, 1024, 4096, offset=8) is None  # codes not 16-byte aligned for TMA
+    assert routed(2, 1024, 4096, tgm.GemmConfig(16, 64, 128)) is None  # not the swapped layout
+    monkeypatch.setattr(t8, "capability", lambda device: (10, 0))
+    assert routed(1, 1024, 4096) is None  # wgmma is sm_90's
+
+
 def _case(k: int, n: int, m: int, dtype: torch.dtype, g: torch.Generator, bias: bool):
     """(codes [m, k], row scales [m, 1], weight, column scales [n], bias, the float32 reference in dtype) on CUDA."""
     from runtime.ops import triton_act_quant as taq
