@@ -9,7 +9,6 @@ over every position 1..L-1 of every sequence), computed in float32 from the engi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime.engine import LLMEngine
+from runtime.jsonl import jsonl_rows
 
 log = logging.getLogger("spanda.runtime")
 
@@ -56,13 +56,7 @@ def load_eval_data(path: str | Path, encode, max_sequences: int | None = None) -
     if not path.is_file():
         raise EvalDataError(f"{path}: evaluation data file not found")
     seqs: list[list[int]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}:{n}: not valid JSON ({e})") from None
+    for n, row in jsonl_rows(path, EvalDataError):
         if isinstance(row, dict) and isinstance(row.get("token_ids"), list):
             ids = [int(t) for t in row["token_ids"]]
         elif isinstance(row, dict) and isinstance(row.get("text"), str):

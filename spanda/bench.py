@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.jsonl import jsonl_rows
+
 
 @dataclass(frozen=True)
 class BenchRequest:
@@ -59,10 +61,7 @@ def synthetic_workload(num_requests: int = 256, input_len: tuple[int, int] = (64
 
 def load_workload(path: str | Path, encode) -> list[BenchRequest]:
     reqs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in jsonl_rows(path):
         ids = row.get("prompt_token_ids") or encode(row["prompt"])
         if "max_tokens" not in row:
             raise ValueError(f"{path}:{n}: every request needs max_tokens")

@@ -6,7 +6,6 @@ the artifact's provenance records.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from compiler.quantize.spec import CalibrationError
+from runtime.jsonl import jsonl_rows
 
 log = logging.getLogger("spanda.compiler")
 
@@ -46,34 +46,27 @@ def _read_docs(path: Path, encode: Callable[[str], Sequence[int]] | None, tokeni
         raise CalibrationError(f"{path}: calibration data not found")
     if path.suffix.lower() == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CalibrationError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise CalibrationError(f'{path}:{n}: expected {{"token_ids": [...]}} or {{"text": "..."}}')
-                made_by = row.get("tokenizer_sha256")
-                foreign = made_by is not None and tokenizer_sha256 is not None and made_by != tokenizer_sha256
-                if foreign and not isinstance(row.get("text"), str):
-                    raise CalibrationError(
-                        f"{path}:{n}: token_ids were made by the tokenizer with sha256 {made_by[:16]}..., this "
-                        f"checkpoint's tokenizer.json is {tokenizer_sha256[:16]}...; give the row's text, or ids "
-                        "from this tokenizer")
-                if "token_ids" in row and not foreign:
-                    used["token_ids"] = used.get("token_ids", 0) + 1
-                    ids = row["token_ids"]
-                    if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
-                        raise CalibrationError(f"{path}:{n}: token_ids must be a list of non-negative integers")
-                    docs.append(ids)
-                elif isinstance(row.get("text"), str):
-                    used["text"] = used.get("text", 0) + 1
-                    docs.append(enc(row["text"], f"{path}:{n}"))
-                else:
-                    raise CalibrationError(f'{path}:{n}: expected {{"token_ids": [...]}} or {{"text": "..."}}')
+        for n, row in jsonl_rows(path, CalibrationError):
+            if not isinstance(row, dict):
+                raise CalibrationError(f'{path}:{n}: expected {{"token_ids": [...]}} or {{"text": "..."}}')
+            made_by = row.get("tokenizer_sha256")
+            foreign = made_by is not None and tokenizer_sha256 is not None and made_by != tokenizer_sha256
+            if foreign and not isinstance(row.get("text"), str):
+                raise CalibrationError(
+                    f"{path}:{n}: token_ids were made by the tokenizer with sha256 {made_by[:16]}..., this "
+                    f"checkpoint's tokenizer.json is {tokenizer_sha256[:16]}...; give the row's text, or ids "
+                    "from this tokenizer")
+            if "token_ids" in row and not foreign:
+                used["token_ids"] = used.get("token_ids", 0) + 1
+                ids = row["token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
+                    raise CalibrationError(f"{path}:{n}: token_ids must be a list of non-negative integers")
+                docs.append(ids)
+            elif isinstance(row.get("text"), str):
+                used["text"] = used.get("text", 0) + 1
+                docs.append(enc(row["text"], f"{path}:{n}"))
+            else:
+                raise CalibrationError(f'{path}:{n}: expected {{"token_ids": [...]}} or {{"text": "..."}}')
         return docs
     return [enc(path.read_text(encoding="utf-8", errors="replace"), str(path))]
 
